@@ -1,0 +1,78 @@
+"""The Parquet contracts between stages (DESIGN.md, "Stages and their data").
+
+Each stage writes under ``storage.root``:
+
+- ``index/<batch>.parquet``: one row per video to scrape.
+- ``chunks/<video_id>.parquet``: every chunk of one video in one atomically written file, so
+  a video is either fully scraped or absent (never partial).
+- ``tokens/<batch>.parquet``: codec codes and timed text ids per chunk; ``tokens/codec.json``
+  records the codec that made them.
+- ``failures/<stage>/<item_id>.parquet``: one row per failed item with its attempt count.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pyarrow as pa
+
+INDEX = pa.schema(
+    [
+        ("video_id", pa.string()),
+        ("url", pa.string()),
+        ("title", pa.string()),
+        ("channel", pa.string()),
+        ("duration_s", pa.float64()),
+        ("search_term", pa.string()),
+        ("source", pa.string()),  # "youtube" | "local"
+    ]
+)
+
+CAPTION_WORD = pa.struct([("word", pa.string()), ("start_s", pa.float32()), ("end_s", pa.float32())])
+
+CHUNKS = pa.schema(
+    [
+        ("chunk_id", pa.string()),
+        ("video_id", pa.string()),
+        ("start_s", pa.float64()),
+        ("duration_s", pa.float64()),
+        ("sample_rate", pa.int32()),
+        ("audio", pa.binary()),  # FLAC bytes, mono
+        ("speech_ratio", pa.float32()),
+        ("captions", pa.list_(CAPTION_WORD)),  # times relative to the chunk start
+    ]
+)
+
+TOKENS = pa.schema(
+    [
+        ("chunk_id", pa.string()),
+        ("video_id", pa.string()),
+        ("codec", pa.string()),
+        ("n_q", pa.int32()),
+        ("frames", pa.int32()),
+        ("codes", pa.binary()),  # int16 little-endian, shape (n_q, frames), C order
+        ("text_ids", pa.list_(pa.int32())),
+        ("text_starts_s", pa.list_(pa.float32())),  # start time of each text id, chunk-relative
+    ]
+)
+
+FAILURES = pa.schema(
+    [
+        ("item_id", pa.string()),  # video_id (index, scrape) or chunk_id (preprocess)
+        ("video_id", pa.string()),
+        ("stage", pa.string()),
+        ("reason", pa.string()),  # short machine-readable class, e.g. "http_404", "no_speech"
+        ("error", pa.string()),  # the human-readable message
+        ("attempts", pa.int32()),
+    ]
+)
+
+_SAFE = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+def safe_name(item_id: str) -> str:
+    """A file name derived from an id (never from a title): only ``[A-Za-z0-9_.-]``."""
+    name = _SAFE.sub("_", item_id).lstrip(".")
+    if not name:
+        raise ValueError(f"id {item_id!r} gives an empty file name")
+    return name[:200]
