@@ -251,12 +251,17 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(args.config, args.overrides)
 
 
-def parse_cli(argv: Sequence[str] | None = None, description: str = "") -> tuple[Config, Any]:
-    """Parse ``--config``/``--set`` for a job script; exits with the message on a bad config."""
-    parser = add_config_args(argparse.ArgumentParser(description=description))
+def parse_cli(
+    argv: Sequence[str] | None = None,
+    description: str = "",
+    parser: argparse.ArgumentParser | None = None,
+) -> tuple[Config, argparse.Namespace]:
+    """Parse ``--config``/``--set`` (plus a job's own flags, from ``parser``) for a job
+    script; a bad config exits with a message naming the key."""
+    parser = add_config_args(parser or argparse.ArgumentParser(description=description))
     args = parser.parse_args(argv)
     try:
         return config_from_args(args), args
     except ConfigError as exc:
         parser.error(str(exc))
-        raise  # unreachable; parser.error exits
+        raise  # unreachable: parser.error exits

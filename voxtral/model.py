@@ -81,7 +81,9 @@ def write_tiny_mistral(path: str | os.PathLike, vocab_size: int = 512, layers: i
         tie_word_embeddings=False,
     )
     model = MistralForCausalLM(config)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-tiny-", dir=path.parent if path.parent.exists() else None))
+    tmp = Path(
+        tempfile.mkdtemp(prefix=".tmp-tiny-", dir=path.parent if path.parent.exists() else None)
+    )
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)

@@ -1,4 +1,4 @@
-"""Ray at the edges: connect to the cluster this machine belongs to, else start a local one."""
+"""Ray at the edges: join the cluster this machine belongs to, else start a local one."""
 
 from __future__ import annotations
 
@@ -6,18 +6,22 @@ import os
 
 import ray
 
-from voxtral.config import REPO_ROOT
+# The runtime environment every job declares (merged with a `ray job submit` one, which
+# brings the working directory): environment variables tasks and actors need.
+RUNTIME_ENV_VARS = {
+    "RAY_AUTH_MODE": "disabled",
+    "TOKENIZERS_PARALLELISM": "false",
+    "TORCH_EXTENSIONS_DIR": os.path.expanduser("~/.cache/voxtral-torch-ext"),
+}
 
 
 def init_ray(**kwargs) -> None:
-    """``ray.init()`` that joins a running cluster (``RAY_ADDRESS`` or ``ray start``) when
-    there is one and otherwise starts a local Ray; a no-op when already connected."""
+    """``ray.init()``: it joins a running cluster (``RAY_ADDRESS``, ``ray start``, or the job
+    this driver was submitted to) and otherwise starts a local Ray. No-op when connected."""
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    runtime_env = kwargs.pop("runtime_env", None) or {}
-    env_vars = {"PYTHONPATH": str(REPO_ROOT), **runtime_env.get("env_vars", {})}
-    runtime_env = {**runtime_env, "env_vars": env_vars}
-    ray.init(runtime_env=runtime_env, log_to_driver=True, **kwargs)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = True
+    for key, value in RUNTIME_ENV_VARS.items():
+        os.environ.setdefault(key, value)
+    env_vars = {k: os.environ[k] for k in RUNTIME_ENV_VARS}
+    ray.init(runtime_env={"env_vars": env_vars}, **kwargs)
+    ray.data.DataContext.get_current().enable_progress_bars = True

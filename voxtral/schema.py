@@ -28,7 +28,9 @@ INDEX = pa.schema(
     ]
 )
 
-CAPTION_WORD = pa.struct([("word", pa.string()), ("start_s", pa.float32()), ("end_s", pa.float32())])
+CAPTION_WORD = pa.struct(
+    [("word", pa.string()), ("start_s", pa.float32()), ("end_s", pa.float32())]
+)
 
 CHUNKS = pa.schema(
     [

@@ -1,0 +1,30 @@
+"""Every stage in order: index → scrape → preprocess → train → serve.
+
+uv run jobs/everything.py                    # the local profile, ends serving on :8000
+uv run jobs/everything.py --no-serve         # stop after training
+python jobs/everything.py --config configs/youtube-mistral7b.yaml   # on a cluster
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from voxtral.config import parse_cli  # noqa: E402
+from voxtral.pipeline import run_stages, serve  # noqa: E402
+from voxtral.ray_utils import init_ray  # noqa: E402
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--no-serve", action="store_true", help="stop after training")
+    cfg, args = parse_cli(argv, parser=parser)
+    init_ray()
+    run_stages(cfg)
+    if not args.no_serve:
+        serve(cfg, blocking=True)
+
+
+if __name__ == "__main__":
+    main()
