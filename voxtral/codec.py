@@ -14,10 +14,9 @@ from pathlib import Path
 
 import torch
 
-from voxtral.config import CodecConfig
+from voxtral.config import ENCODEC_BANDWIDTH_NQ, CodecConfig
 
 SAMPLE_RATE = 24_000
-ENCODEC_BANDWIDTH_NQ = {1.5: 2, 3.0: 4, 6.0: 8, 12.0: 16, 24.0: 32}
 MIMI_DEFAULT_NQ = 8
 MIMI_HF_ID = "kyutai/mimi"
 
@@ -74,7 +73,18 @@ class Codec(torch.nn.Module):
             raise ValueError(f"codec input must be [B, 1, T], got {tuple(wav.shape)}")
         if not wav.is_floating_point():
             raise ValueError(f"codec input must be float audio, got {wav.dtype}")
-        return wav.to(self.device)
+        param = next(self.parameters())
+        return wav.to(param.device, dtype=param.dtype)
+
+    def _check_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        codes = torch.as_tensor(codes)
+        if codes.ndim != 3 or not 1 <= codes.shape[1] <= self.n_q:
+            raise ValueError(f"codes must be [B, n_q<={self.n_q}, F], got {tuple(codes.shape)}")
+        if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
+            raise ValueError(f"codes must be integers, got {codes.dtype}")
+        if codes.numel() and (codes.min() < 0 or codes.max() >= self.codebook_size):
+            raise ValueError(f"codes must lie in [0, {self.codebook_size})")
+        return codes.to(self.device, dtype=torch.long)  # stored codes are int16
 
     def encode(self, wav: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -100,9 +110,12 @@ class EncodecCodec(Codec):
                 f"codec.n_q {n_q} does not match EnCodec bandwidth {bandwidth} kbps "
                 f"({ENCODEC_BANDWIDTH_NQ[bandwidth]} codebooks)"
             )
-        model = EncodecModel.encodec_model_24khz(pretrained=pretrained is True)
-        if isinstance(pretrained, str):
-            model.load_state_dict(_load_state_dict(pretrained))
+        state = _load_state_dict(pretrained) if isinstance(pretrained, str) else None
+        with torch.random.fork_rng(devices=[]):  # random init: the same codec in every process
+            torch.manual_seed(0)
+            model = EncodecModel.encodec_model_24khz(pretrained=pretrained is True)
+        if state is not None:
+            model.load_state_dict(state)
         model.set_target_bandwidth(bandwidth)
         if pretrained is False:
             layers = model.quantizer.vq.layers
@@ -122,7 +135,7 @@ class EncodecCodec(Codec):
 
     @torch.inference_mode()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        return self.model.decode([(codes.to(self.device), None)])
+        return self.model.decode([(self._check_codes(codes), None)])
 
 
 class MimiCodec(Codec):
@@ -135,10 +148,13 @@ class MimiCodec(Codec):
         if pretrained is True:
             model = MimiModel.from_pretrained(MIMI_HF_ID)
         elif isinstance(pretrained, str):
+            if not Path(pretrained).exists():  # else from_pretrained would try the Hub
+                raise FileNotFoundError(f"codec checkpoint not found: {pretrained}")
             model = MimiModel.from_pretrained(pretrained)
         else:
-            torch.manual_seed(0)
-            model = MimiModel(MimiConfig())
+            with torch.random.fork_rng(devices=[]):  # seeded without touching the caller's RNG
+                torch.manual_seed(0)
+                model = MimiModel(MimiConfig())
             _calibrate_mimi(model)
         n_q = n_q or MIMI_DEFAULT_NQ
         if not 1 <= n_q <= model.config.num_quantizers:
@@ -153,7 +169,7 @@ class MimiCodec(Codec):
 
     @torch.inference_mode()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        return self.model.decode(codes.to(self.device)).audio_values
+        return self.model.decode(self._check_codes(codes)).audio_values
 
 
 @torch.no_grad()
@@ -217,7 +233,7 @@ def load_codec(cfg: CodecConfig, device: str | torch.device = "cpu") -> Codec:
         codec = MimiCodec(cfg.n_q, cfg.pretrained)
     else:  # config validation makes this unreachable; kept for direct callers
         raise ValueError(f"unknown codec {cfg.name!r} (expected 'encodec' or 'mimi')")
-    return codec.to(device)
+    return codec.to(device).eval()
 
 
 def codec_info(cfg: CodecConfig) -> CodecInfo:

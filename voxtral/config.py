@@ -9,16 +9,27 @@ from __future__ import annotations
 
 import argparse
 import os
+import types
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "local.yaml"
 ENV_PREFIX = "VOXTRAL_"
+ENCODEC_BANDWIDTH_NQ = {1.5: 2, 3.0: 4, 6.0: 8, 12.0: 16, 24.0: 32}
+"""EnCodec 24 kHz target bandwidth (kbps) → codebooks."""
+MIMI_MAX_NQ = 32
 
 
 class Section(BaseModel):
@@ -55,8 +66,19 @@ class ScrapeConfig(Section):
     timeout_s: float = Field(60.0, gt=0)
     retries: int = Field(3, ge=0)
     rate_limit: str | None = None
+    """Download rate limit per task in bytes/s, yt-dlp style (``"2M"``); None = unlimited."""
     cookies_file: str | None = None
     proxy: str | None = None
+    format: str = "bestaudio/best"
+    """yt-dlp format selector: the best audio stream as served, never re-encoded."""
+    vad_rate: Literal[8000, 16000] = 8000
+    """Rate silero-vad runs at; 8 kHz costs about half of 16 kHz and finds the same pauses."""
+    vad_threshold: float = Field(0.5, gt=0, lt=1)
+    captions: bool = True
+    """Attach caption words (YouTube automatic captions, ``.vtt`` sidecars of local files)."""
+    tmp_dir: str | None = None
+    """Where downloads wait while they are cut (a disk with room for a few videos per
+    task); None = the system temporary folder. Each task's folder is removed when done."""
 
     @model_validator(mode="after")
     def _chunk_bounds(self) -> ScrapeConfig:
@@ -74,6 +96,24 @@ class CodecConfig(Section):
     pretrained: bool | str = False
     """True loads the published weights, False random init (tests, offline demo), a path a
     local checkpoint."""
+
+    @model_validator(mode="after")
+    def _codebooks(self) -> CodecConfig:
+        if self.name == "encodec":
+            if self.bandwidth not in ENCODEC_BANDWIDTH_NQ:
+                raise ValueError(
+                    f"codec.bandwidth {self.bandwidth} is not an EnCodec bandwidth "
+                    f"({sorted(ENCODEC_BANDWIDTH_NQ)})"
+                )
+            expected = ENCODEC_BANDWIDTH_NQ[self.bandwidth]
+            if self.n_q is not None and self.n_q != expected:
+                raise ValueError(
+                    f"codec.n_q {self.n_q} does not match EnCodec bandwidth {self.bandwidth} "
+                    f"kbps ({expected} codebooks)"
+                )
+        elif self.n_q is not None and self.n_q > MIMI_MAX_NQ:
+            raise ValueError(f"codec.n_q must be in 1..{MIMI_MAX_NQ} for mimi, got {self.n_q}")
+        return self
 
 
 class TokenizerConfig(Section):
@@ -94,37 +134,124 @@ class ModelConfig(Section):
 
 class PreprocessConfig(Section):
     batch_size: int = Field(8, ge=1)
+    """Chunks per codec call (similar lengths are batched together)."""
     min_actors: int = Field(1, ge=1)
     max_actors: int = Field(1, ge=1)
+    """Codec actors: the pool grows from ``min_actors`` to ``max_actors`` with the backlog."""
     num_gpus: float = Field(0.0, ge=0)
+    """GPUs per codec actor; 0 encodes on CPU."""
+    num_cpus: float = Field(1.0, gt=0)
+    """CPUs reserved per codec actor; on CPU also its torch threads (rounded, at least 1)."""
     autocast: bool = False
+    """Try half-precision autocast on GPU; kept only if a probe clip's codes stay identical."""
+    sort_window: int = Field(256, ge=1)
+    """Chunks decoded together and sorted by length, so codec batches waste little padding."""
+    max_pad: float = Field(0.25, ge=0, lt=1)
+    """Most padding a codec batch may hold (share of its samples) before it is split."""
+    write_rows: int = Field(1024, ge=1)
+    """Token rows per ``tokens/*.parquet`` file."""
+    max_attempts: int = Field(3, ge=1)
+    """A chunk that failed this many times is skipped by later runs."""
+
+    @model_validator(mode="after")
+    def _actors(self) -> PreprocessConfig:
+        if self.min_actors > self.max_actors:
+            raise ValueError("preprocess.min_actors must be <= preprocess.max_actors")
+        return self
 
 
 class TrainConfig(Section):
-    run_name: str = "voxtral"
+    run_name: str = Field("voxtral", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    """Names the Ray Train run (checkpoints under ``storage.root/train/<run_name>``) and the
+    export (``storage.root/models/<run_name>``); rerunning the same name resumes it."""
     num_workers: int = Field(1, ge=1)
+    """Ray Train workers: one per GPU (use_gpu) or per process on CPU."""
     use_gpu: bool = False
     zero_stage: int = 2
+    """DeepSpeed ZeRO stage: 2 (shard optimizer + gradients) or 3 (parameters too)."""
     offload_optimizer: bool = False
+    """Optimizer states and the step on the CPU (DeepSpeedCPUAdam, built on first use)."""
     offload_params: bool = False
-    seq_len: int = Field(2048, ge=1)
+    """Parameters on the CPU between uses (ZeRO-3 only)."""
+    seq_len: int = Field(2048, ge=2)
+    """Tokens per packed sequence: ``1 + k * group_len`` (``<bos>`` + whole groups)."""
     micro_batch: int = Field(1, ge=1)
+    """Packed sequences per worker per forward pass."""
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(1e-4, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    """Floor of the cosine decay, as a fraction of ``lr``."""
     weight_decay: float = Field(0.0, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.95)
     warmup_steps: int = Field(100, ge=0)
     max_steps: int = Field(1000, ge=1)
+    """Optimizer steps (each ``micro_batch * grad_accum * num_workers`` sequences)."""
+    stop_after_step: int | None = Field(None, ge=1)
+    """End this invocation after that step with a checkpoint, keeping the schedule of
+    ``max_steps``; rerunning the same run name continues (time-boxed or preemptible jobs)."""
     grad_clip: float = Field(1.0, gt=0)
+    log_every: int = Field(10, ge=1)
+    """Steps between metric reports (each report is a barrier across workers)."""
     eval_every: int = Field(100, ge=1)
     eval_fraction: float = Field(0.1, ge=0, lt=1)
+    """Share of videos held out for eval (by a hash of video_id: no video in both)."""
+    eval_max_batches: int = Field(20, ge=1)
+    """Cap on held-out batches per worker per eval."""
     checkpoint_every: int = Field(200, ge=1)
-    max_failures: int = Field(2, ge=0)
+    keep_checkpoints: int | None = Field(2, ge=1)
+    """Checkpoints kept in storage (oldest deleted); None keeps all."""
+    max_failures: int = Field(2, ge=-1)
+    """Worker failures recovered from the latest checkpoint (-1: no limit)."""
+    shuffle_buffer: int = Field(256, ge=1)
+    """Windows held by each worker's seeded shuffle buffer (1 = file order)."""
+    materialize_mb: int = Field(512, ge=0)
+    """A split whose windows take less than this is read once and held in Ray's object
+    store (small corpora: no re-reading each epoch); a larger one streams from storage."""
     seed: int = 0
     loss_weight_text: float = Field(1.0, ge=0)
     loss_weight_text_pad: float = Field(0.1, ge=0)
     loss_weight_audio_q0: float = Field(1.0, ge=0)
     loss_weight_audio_rest: float = Field(1.0, ge=0)
+    peak_tflops: float | None = Field(None, gt=0)
+    """Peak dense bf16 TFLOP/s of one GPU for MFU; None looks the GPU's name up."""
+    export: bool = True
+    """At the end, consolidate the ZeRO shards into ``storage.root/models/<run_name>``."""
     sample_seconds: float = Field(3.0, ge=0)
+    """Audio generated from a held-out prompt next to the export (0: none)."""
+    prompt_seconds: float = Field(1.0, ge=0)
+
+    @field_validator("zero_stage")
+    @classmethod
+    def _zero_stage(cls, v: int) -> int:
+        if v not in (2, 3):
+            raise ValueError(f"must be 2 or 3 (DeepSpeed ZeRO stage), got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("train.offload_params needs train.zero_stage=3")
+        if not any(
+            (
+                self.loss_weight_text,
+                self.loss_weight_text_pad,
+                self.loss_weight_audio_q0,
+                self.loss_weight_audio_rest,
+            )
+        ):
+            raise ValueError("train.loss_weight_*: at least one stream needs a weight > 0")
+        return self
+
+    def check_layout(self, group_len: int) -> None:
+        """``seq_len`` must be ``<bos>`` + a whole number (>= 1) of groups of the layout."""
+        groups, rest = divmod(self.seq_len - 1, group_len)
+        if rest or groups < 1:
+            near = max(1, round((self.seq_len - 1) / group_len))
+            raise ValueError(
+                f"train.seq_len={self.seq_len} is not 1 + a whole number of groups of "
+                f"{group_len} tokens (<bos> then groups); e.g. {1 + near * group_len} "
+                f"({near} groups)"
+            )
 
 
 class ServeConfig(Section):
@@ -148,6 +275,23 @@ class ServeConfig(Section):
     audio_temperature: float = Field(0.8, ge=0)
     audio_top_k: int = Field(250, ge=0)
     audio_top_p: float = Field(1.0, gt=0, le=1)
+    num_cpus: float = Field(1.0, gt=0)
+    """CPUs reserved per SpeechLM replica (on CPU also its torch threads)."""
+    gateway_replicas: int = Field(1, ge=1)
+    gateway_num_cpus: float = Field(0.5, ge=0)
+    """CPUs per Gateway replica (Opus, VAD and websocket work of its sessions)."""
+    chunk_ms: float = Field(80.0, gt=0)
+    """Model audio per websocket message (rounded to whole groups)."""
+    lead_ms: float = Field(300.0, ge=0)
+    """How far generation may run ahead of real time: bounds the audio in flight, and so
+    what an interrupt throws away."""
+    interrupt_ms: float = Field(200.0, ge=0)
+    """User speech this long over the model's turn interrupts it."""
+    vad_threshold: float = Field(0.5, gt=0, lt=1)
+    max_context_tokens: int = Field(4096, ge=64)
+    """Oldest whole groups are dropped (and the rest prefilled again) past this."""
+    seed: int | None = None
+    """Sampling seed (reproducible conversations in tests); None = random."""
 
 
 class Config(Section):
@@ -187,9 +331,31 @@ def _parse_scalar(text: str) -> Any:
         return text
 
 
+def _is_text_field(section: str, key: str) -> tuple[bool, bool]:
+    """(the field holds only text, it may be None): such values are taken verbatim, so
+    ``serve.token=0123`` stays the string "0123" instead of YAML's int (or octal)."""
+    fields = Config.model_fields[section].annotation.model_fields  # type: ignore[union-attr]
+    ann = fields[key].annotation
+    args = set(get_args(ann)) if get_origin(ann) in (Union, types.UnionType) else {ann}
+    return args - {type(None)} == {str}, type(None) in args
+
+
+def _parse_value(dotted: str, text: str) -> Any:
+    section, _, key = dotted.partition(".")
+    try:
+        is_text, nullable = _is_text_field(section, key)
+    except (KeyError, AttributeError):  # unknown key: _set_path reports it
+        return _parse_scalar(text)
+    if not is_text:
+        return _parse_scalar(text)
+    return None if nullable and text.strip() in ("null", "Null", "NULL", "~") else text
+
+
 def _flatten(data: Mapping[str, Any], origin: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for section, body in data.items():
+        if body is None:  # a section whose keys are all commented out
+            continue
         if not isinstance(body, Mapping):
             raise ConfigError(f"{origin}: section {section!r} must be a mapping")
         for key, value in body.items():
@@ -209,7 +375,10 @@ def load_config(
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
-        data = yaml.safe_load(p.read_text()) or {}
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML: {exc}") from None
         if not isinstance(data, Mapping):
             raise ConfigError(f"{p}: top level must be a mapping of sections")
         for dotted, value in _flatten(data, str(p)).items():
@@ -217,12 +386,13 @@ def load_config(
     for name, raw in sorted(env.items()):
         if name.startswith(ENV_PREFIX) and "__" in name:
             dotted = name[len(ENV_PREFIX) :].lower().replace("__", ".", 1)
-            _set_path(tree, dotted, _parse_scalar(raw), f"environment {name}")
+            _set_path(tree, dotted, _parse_value(dotted, raw), f"environment {name}")
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set expects section.key=value, got {item!r}")
         dotted, raw = item.split("=", 1)
-        _set_path(tree, dotted.strip(), _parse_scalar(raw), "--set")
+        dotted = dotted.strip()
+        _set_path(tree, dotted, _parse_value(dotted, raw), "--set")
     try:
         return Config.model_validate(tree)
     except ValidationError as exc:

@@ -81,17 +81,16 @@ def write_tiny_mistral(path: str | os.PathLike, vocab_size: int = 512, layers: i
         tie_word_embeddings=False,
     )
     model = MistralForCausalLM(config)
-    tmp = Path(
-        tempfile.mkdtemp(prefix=".tmp-tiny-", dir=path.parent if path.parent.exists() else None)
-    )
+    path.parent.mkdir(parents=True, exist_ok=True)  # the rename must stay on one filesystem
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-tiny-", dir=path.parent))
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        path.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.rename(tmp, path)
         except OSError:  # another process won the race: theirs is identical
-            pass
+            if not (path / "config.json").is_file():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
@@ -215,4 +214,5 @@ def load_speech_lm(folder: str | os.PathLike, dtype: torch.dtype = torch.float32
     meta = read_voxtral_json(folder)
     layout = Layout.from_dict(meta["layout"])
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).to(device).eval()
+    model.config.use_cache = True  # an export of a checkpointed run saved it off
     return model, load_text_tokenizer(str(folder)), layout, meta

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any
@@ -29,11 +30,11 @@ class Storage:
         root = str(root)
         if "://" in root:
             self.fs, path = pafs.FileSystem.from_uri(root)
-            self.local = False
         else:
             path = str(Path(root).expanduser().resolve())
             self.fs = pafs.LocalFileSystem()
-            self.local = True
+        # file:// URIs are local disks too: they need write-then-rename to stay atomic
+        self.local = isinstance(self.fs, pafs.LocalFileSystem)
         self.root_uri = root if not self.local else path
         self.base = path.rstrip("/")
 
@@ -48,7 +49,9 @@ class Storage:
         """Full URI (local: plain path) of a relative path."""
         if self.local:
             return self.path(*parts)
-        return self.root_uri.rstrip("/") + "/" + "/".join(p.strip("/") for p in parts if p)
+        root, sep, query = self.root_uri.partition("?")  # options (?region=…) stay at the end
+        rel = "/".join(p.strip("/") for p in parts if p)
+        return root.rstrip("/") + ("/" + rel if rel else "") + sep + query
 
     def makedirs(self, *parts: str) -> str:
         p = self.path(*parts)
@@ -87,6 +90,34 @@ class Storage:
             with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return target
+
+    def put_file(self, rel: str, local_path: str | os.PathLike) -> str:
+        """Atomically place a local file at ``rel``, streaming it (it may be large).
+
+        Local disks: copy beside the target, then rename. Object stores: one upload, which
+        only becomes visible when complete.
+        """
+        target = self.path(rel)
+        parent = target.rsplit("/", 1)[0]
+        self.fs.create_dir(parent, recursive=True)
+        if not self.local:
+            pafs.copy_files(
+                str(local_path),
+                target,
+                source_filesystem=pafs.LocalFileSystem(),
+                destination_filesystem=self.fs,
+            )
+            return target
+        tmp = f"{parent}/{TMP_PREFIX}{uuid.uuid4().hex}-{target.rsplit('/', 1)[1]}"
+        try:
+            shutil.copyfile(local_path, tmp)
+            with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, target)
         finally:

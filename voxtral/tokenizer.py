@@ -208,7 +208,10 @@ def place_text(
     cursor = 0
     order = np.argsort(np.asarray(text_starts_s, dtype=np.float64), kind="stable")
     for i in order:
-        target = max(0, math.floor((float(text_starts_s[i]) - layout.text_lead_s) / layout.group_s))
+        # the epsilon keeps a time on a group boundary in that group despite float rounding
+        # ((0.58 - 0.5) / 0.04 is 1.9999999999999996)
+        lead = (float(text_starts_s[i]) - layout.text_lead_s) / layout.group_s
+        target = max(0, math.floor(lead + 1e-9))
         cursor = max(cursor, target)
         if cursor >= groups:
             break
@@ -322,9 +325,9 @@ def timed_text_ids(tokenizer, words: list[dict]) -> tuple[list[int], list[float]
         text += w["word"]
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, starts, j = [], [], 0
-    for tid, (a, b) in zip(enc["input_ids"], enc["offset_mapping"], strict=True):
-        if b <= a:
-            continue
+    # a zero-width offset is a real token too (byte-level BPE's lone "Ġ" before a word it
+    # cannot merge with): it belongs to the word that follows, never dropped
+    for tid, (a, _b) in zip(enc["input_ids"], enc["offset_mapping"], strict=True):
         while j + 1 < len(spans) and a >= spans[j][1]:
             j += 1
         ids.append(int(tid))

@@ -1,0 +1,192 @@
+"""Training throughput of one worker: the loop's own forward/backward/step under DeepSpeed.
+
+Prints one JSON line: device, params, zero_stage, micro_batch, seq_len,
+tokens_per_s_per_worker, mfu (null on CPU), and a few more figures. No Ray: one process,
+world size 1, so the number is the per-worker compute rate the Ray run multiplies.
+
+    uv run bench/train.py                                  # tiny model, CPU
+    python bench/train.py --device cuda --model 1b         # ~1B random Mistral on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+# ~1B Mistral: 18 layers of d=2048 (GQA 16/8 heads), Mistral's 32768 text vocabulary.
+MISTRAL_1B = dict(
+    vocab_size=32768,
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_hidden_layers=18,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    max_position_embeddings=32768,
+    tie_word_embeddings=False,
+)
+
+
+def _init_single_process(backend: str) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                     MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
+        os.environ.setdefault(k, v)
+    from voxtral.train.loop import init_deepspeed_distributed
+
+    init_deepspeed_distributed(backend == "nccl")
+
+
+def build(args, cfg, device):
+    """(model, layout): the pipeline's tiny model, or a random ~1B Mistral with the speech
+    vocabulary added the same way the pipeline adds it."""
+    from voxtral.codec import codec_info
+    from voxtral.model import add_speech_tokens, build_speech_lm, enable_gradient_checkpointing
+    from voxtral.tokenizer import make_layout
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if args.model == "tiny":
+        model, _, layout = build_speech_lm(cfg, dtype=dtype)
+    else:
+        from transformers import MistralConfig, MistralForCausalLM
+
+        mc = MistralConfig(**MISTRAL_1B)
+        torch.manual_seed(0)
+        with device:
+            model = MistralForCausalLM(mc).to(dtype)
+        layout = make_layout(codec_info(cfg.codec), mc.vocab_size, cfg.tokenizer)
+        add_speech_tokens(model, layout)
+        if args.grad_ckpt:
+            enable_gradient_checkpointing(model)
+    model.config.use_cache = False
+    return model.to(device), layout
+
+
+def batches(layout, seq_len: int, micro_batch: int, seed: int = 0):
+    """Packed batches of random chunks of 10–30 s, laid out and packed as in training."""
+    from voxtral.train.data import collate, pack, row_windows
+
+    rng = np.random.default_rng(seed)
+
+    def windows():
+        while True:
+            seconds = rng.uniform(10, 30)
+            frames = int(seconds * layout.frame_rate)
+            codes = rng.integers(0, layout.vocab.codebook_size, (layout.vocab.n_q, frames))
+            n_text = int(seconds * 3)
+            text = rng.integers(0, layout.vocab.text_size, n_text)
+            starts = np.sort(rng.uniform(0, seconds, n_text))
+            yield from row_windows(layout, codes, text, starts, seq_len)
+
+    rows = pack(windows(), layout, seq_len, layout.vocab.text_pad)
+    while True:
+        yield collate([next(rows) for _ in range(micro_batch)])
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--model", choices=["tiny", "1b"], default=None,
+                   help="default: tiny on CPU, 1b on CUDA")
+    p.add_argument("--zero-stage", type=int, choices=[2, 3], default=2)
+    p.add_argument("--micro-batch", type=int, default=None)
+    p.add_argument("--seq-len", type=int, default=None, help="default: train.seq_len")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--grad-ckpt", action="store_true")
+    p.add_argument("--config", default=None, help="pipeline config (default configs/local.yaml)")
+    args = p.parse_args(argv)
+    args.model = args.model or ("1b" if args.device == "cuda" else "tiny")
+
+    from voxtral.config import DEFAULT_CONFIG, load_config
+
+    os.environ.setdefault("DS_ACCELERATOR", args.device)
+    cfg = load_config(args.config or DEFAULT_CONFIG, env={})
+    seq_len = args.seq_len or cfg.train.seq_len
+    micro = args.micro_batch or cfg.train.micro_batch
+    tc = cfg.train.model_copy(
+        update=dict(zero_stage=args.zero_stage, micro_batch=micro, grad_accum=1, seq_len=seq_len,
+                    use_gpu=args.device == "cuda", offload_optimizer=False,
+                    offload_params=False, warmup_steps=1, max_steps=10**6)
+    )
+    device = torch.device(args.device, 0) if args.device == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    _init_single_process("nccl" if device.type == "cuda" else "gloo")
+
+    import deepspeed
+
+    from voxtral.train.deepspeed_config import (
+        build_optimizer,
+        build_scheduler,
+        deepspeed_config,
+    )
+    from voxtral.train.loop import _forward, _to_device
+    from voxtral.train.loss import stream_weights
+    from voxtral.train.perf import flops_per_token, matmul_params, mfu, peak_flops
+
+    model, layout = build(args, cfg, device)
+    tc.check_layout(layout.group_len)
+    n_params = sum(p.numel() for p in model.parameters())
+    flops_tok = flops_per_token(model.config, matmul_params(model), seq_len)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=build_optimizer(model, tc, device.type == "cuda"),
+        lr_scheduler=lambda opt: build_scheduler(opt, tc),
+        config=deepspeed_config(tc, 1, device.type == "cuda"),
+    )
+    weights = stream_weights(tc).to(device)
+    data = batches(layout, seq_len, micro)
+
+    def step() -> float:
+        batch = _to_device(next(data), device)
+        loss, stats = _forward(engine, batch, weights)
+        engine.backward(loss)
+        engine.step()
+        return stats[1].sum()
+
+    for _ in range(args.warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    tokens = sum(step() for _ in range(args.steps))
+    tokens = float(tokens)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    tps = tokens / dt
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    out = {
+        "device": name,
+        "params": n_params,
+        "zero_stage": args.zero_stage,
+        "micro_batch": micro,
+        "seq_len": seq_len,
+        "tokens_per_s_per_worker": round(tps, 1),
+        "mfu": (round(m, 4) if (m := mfu(tps, flops_tok, peak_flops(name))) is not None
+                else None) if device.type == "cuda" else None,
+        "model": args.model,
+        "grad_checkpointing": bool(args.grad_ckpt) or cfg.model.gradient_checkpointing,
+        "step_time_s": round(dt / args.steps, 4),
+        "peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+        if device.type == "cuda" else None,
+    }
+    print(json.dumps(out), flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    main()

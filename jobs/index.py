@@ -1,0 +1,23 @@
+"""Stage 1: build or extend the index of videos to scrape (``index/`` under storage.root)."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from voxtral.config import parse_cli  # noqa: E402
+from voxtral.index import format_summary, run_index  # noqa: E402
+from voxtral.ray_utils import init_ray  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg, _ = parse_cli(argv, description=__doc__)
+    if cfg.index.source != "local":
+        init_ray()
+    summary = run_index(cfg)
+    print(format_summary(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

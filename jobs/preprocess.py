@@ -1,0 +1,25 @@
+"""Stage 3: chunks → codec codes and timed text ids (``tokens/``), on a Ray actor pool.
+
+uv run jobs/preprocess.py [--config configs/local.yaml] [--set preprocess.num_gpus=1]
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+from voxtral.config import parse_cli
+from voxtral.preprocess import run_preprocess
+from voxtral.ray_utils import init_ray
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    cfg, _ = parse_cli(argv, description="Encode scraped chunks into codec tokens.")
+    init_ray()
+    summary = run_preprocess(cfg)
+    print(json.dumps(summary, sort_keys=True), flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""Stage 4: fine-tune the speech LM on ``tokens/`` with Ray Train + DeepSpeed ZeRO, then
+export it to ``models/<run_name>``. Rerunning the same ``train.run_name`` resumes.
+
+    uv run jobs/train.py [--config configs/local.yaml] [--set train.num_workers=2]
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+from voxtral.config import parse_cli
+from voxtral.ray_utils import init_ray
+from voxtral.train.run import run_train
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    cfg, _ = parse_cli(argv, description="Train the speech LM with Ray Train and DeepSpeed.")
+    init_ray()
+    summary = run_train(cfg)
+    print(json.dumps(summary, sort_keys=True, default=str), flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,351 @@
+"""The Ray Serve application: ``SpeechLM`` (model + codec) and ``Gateway`` (HTTP/websocket).
+
+``build_app(cfg)`` binds both from the pipeline config; ``app_builder`` does the same for
+``serve run`` / ``serve deploy`` (``serve_app/config.yaml``); ``start(cfg, blocking)`` is what
+``jobs/serve.py`` and ``jobs/everything.py`` call.
+
+(No ``from __future__ import annotations`` here: Serve's ingress rewrites the methods, and
+FastAPI must see the real ``WebSocket`` annotation to hand the socket over instead of
+refusing the connection as a bad request.)
+"""
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, WebSocket
+from fastapi.responses import FileResponse, JSONResponse, Response
+from ray import serve
+from ray.serve.config import RequestRouterConfig
+from ray.serve.handle import DeploymentHandle
+
+from serve_app import metrics
+from serve_app import protocol as P
+from serve_app.audio_io import CODECS, make_codec
+from serve_app.session import DuplexSession, SessionSettings
+from voxtral.config import DEFAULT_CONFIG, Config, load_config
+
+log = logging.getLogger("ray.serve.voxtral")
+STATIC = Path(__file__).resolve().parent / "static"
+STATIC_FILES = {p.name for p in STATIC.glob("*") if p.is_file()}
+APP_NAME = "voxtral"
+CLOSE_TOO_BIG, CLOSE_POLICY, CLOSE_TRY_LATER = 1009, 1008, 1013
+
+
+# -- SpeechLM ------------------------------------------------------------------------------
+@serve.deployment(name="SpeechLM")
+class SpeechLM:
+    """The model and the codec on one device, with many conversations (see scheduler)."""
+
+    def __init__(self, cfg: dict, source: dict):
+        from serve_app.scheduler import build_scheduler
+
+        self.sched, self.info = build_scheduler(Config.model_validate(cfg), source)
+        try:
+            self.replica = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # outside Serve (direct construction in a script)
+            self.replica = "local"
+        log.info(
+            "SpeechLM %s loaded %s (%s) on %s",
+            self.replica,
+            source["model"],
+            source["model_source"],
+            self.info["device"],
+        )
+
+    async def open(self, sid: str) -> dict[str, Any]:
+        from serve_app.scheduler import Busy
+
+        try:
+            out = await self.sched.open(sid)
+        except Busy as exc:
+            return {"error": str(exc)}
+        metrics.record("lm_sessions", len(self.sched.convs), replica=self.replica)
+        return {**out, "replica": self.replica}
+
+    async def feed(self, sid: str, pcm: np.ndarray) -> int:
+        return await self.sched.feed(sid, pcm)
+
+    async def end_turn(self, sid: str) -> int:
+        return await self.sched.end_turn(sid)
+
+    async def respond(self, sid: str) -> AsyncIterator[dict[str, Any]]:
+        async for item in self.sched.respond(sid):
+            yield item
+
+    async def interrupt(self, sid: str, heard_s: float) -> dict[str, Any]:
+        return await self.sched.interrupt(sid, heard_s)
+
+    async def restart(self, sid: str) -> None:
+        await self.sched.restart(sid)
+
+    async def close(self, sid: str) -> None:
+        await self.sched.close(sid)
+        metrics.record("lm_sessions", len(self.sched.convs), replica=self.replica)
+
+    def stats(self) -> dict[str, Any]:
+        return {**self.sched.stats(), "replica": self.replica}
+
+    def describe(self) -> dict[str, Any]:
+        return dict(self.info)
+
+    def __del__(self):
+        sched = getattr(self, "sched", None)
+        if sched is not None:
+            sched.shutdown()
+
+
+class HandleLM:
+    """``session.LMClient`` over a SpeechLM handle: one conversation's calls, by session id."""
+
+    def __init__(self, handle: DeploymentHandle, sid: str):
+        self.h, self.sid = handle, sid
+
+    async def open(self) -> dict[str, Any]:
+        out = await self.h.open.remote(self.sid)
+        if "error" in out:
+            raise Busy(out["error"])
+        return out
+
+    async def feed(self, pcm: np.ndarray) -> int:
+        return await self.h.feed.remote(self.sid, pcm)
+
+    async def end_turn(self) -> int:
+        return await self.h.end_turn.remote(self.sid)
+
+    async def respond(self) -> AsyncIterator[dict[str, Any]]:
+        gen = self.h.options(stream=True).respond.remote(self.sid)
+        try:
+            async for item in gen:
+                yield item
+        finally:
+            gen.cancel()
+
+    async def interrupt(self, heard_s: float) -> dict[str, Any]:
+        return await self.h.interrupt.remote(self.sid, heard_s)
+
+    async def restart(self) -> None:
+        await self.h.restart.remote(self.sid)
+
+    async def close(self) -> None:
+        await self.h.close.remote(self.sid)
+
+
+class Busy(RuntimeError):
+    pass
+
+
+# -- Gateway ---------------------------------------------------------------------------------
+api = FastAPI(title="Voxtral", docs_url=None, redoc_url=None)
+
+
+def token_of(ws: WebSocket) -> str | None:
+    """``?token=`` or ``Authorization: Bearer …``."""
+    if "token" in ws.query_params:
+        return ws.query_params["token"]
+    auth = ws.headers.get("authorization", "")
+    return auth[7:].strip() if auth.lower().startswith("bearer ") else None
+
+
+def refusal(ws: WebSocket, token: str | None, origins: list[str]) -> str | None:
+    """Why this connection may not start (None: it may). Checked before any model work."""
+    if token is not None:
+        given = token_of(ws)
+        if given is None or not hmac.compare_digest(given.encode(), token.encode()):
+            return "missing or wrong token"
+    origin = ws.headers.get("origin")
+    if origin is not None and "*" not in origins and origin not in origins:
+        return f"origin {origin} is not allowed"
+    codec = ws.query_params.get("codec", "opus")
+    if codec not in CODECS:
+        return f"unknown codec {codec!r} (expected {', '.join(CODECS)})"
+    return None
+
+
+@serve.deployment(name="Gateway")
+@serve.ingress(api)
+class Gateway:
+    def __init__(self, cfg: dict, lm: DeploymentHandle, source: dict):
+        self.cfg = Config.model_validate(cfg)
+        self.lm = lm
+        self.source = source
+        s = self.cfg.serve
+        self.settings = SessionSettings(
+            end_of_turn_ms=s.end_of_turn_ms,
+            interrupt_ms=s.interrupt_ms,
+            vad_threshold=s.vad_threshold,
+        )
+        self.sessions: dict[str, DuplexSession] = {}
+        self.started = time.time()
+
+    @api.get("/")
+    async def index(self) -> FileResponse:
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+    @api.get("/static/{name}")
+    async def static(self, name: str) -> Response:
+        if name not in STATIC_FILES:
+            return JSONResponse({"error": "not found"}, status_code=404)
+        return FileResponse(STATIC / name, headers={"Cache-Control": "no-cache"})
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, Any]:
+        lm = await self.lm.stats.remote()
+        return {
+            "ok": True,
+            **self.source,
+            "gateway_sessions": len(self.sessions),
+            "lm": lm,
+            "uptime_s": round(time.time() - self.started, 1),
+        }
+
+    @api.websocket("/api/chat")
+    async def chat(self, ws: WebSocket) -> None:
+        s = self.cfg.serve
+        why = refusal(ws, s.token, s.allowed_origins)
+        if why is not None:
+            log.info("refused a connection: %s", why)
+            await ws.close(code=CLOSE_POLICY, reason=why)
+            return
+        await ws.accept()
+        sid = uuid.uuid4().hex
+        codec = make_codec(ws.query_params.get("codec", "opus"))
+        session = DuplexSession(
+            HandleLM(self.lm, sid),
+            ws.send_bytes,
+            codec,
+            self.settings,
+            on_first_audio=lambda ms: metrics.record("first_audio", ms),
+            on_interrupt=lambda: metrics.record("interrupts"),
+        )
+        try:
+            info = await self.lm.describe.remote()
+            await session.start({k: info[k] for k in ("model", "model_source", "device")})
+        except Busy as exc:
+            await ws.send_bytes(P.error(f"server busy: {exc}"))
+            await ws.close(code=CLOSE_TRY_LATER, reason="server busy")
+            return
+        self.sessions[sid] = session
+        metrics.record("sessions_total")
+        metrics.record("sessions", len(self.sessions))
+        reason = "disconnect"
+        ticker = asyncio.create_task(self._tick(ws, session))
+        try:
+            reason = await self._receive(ws, session, ticker)
+        finally:
+            ticker.cancel()
+            await asyncio.gather(ticker, return_exceptions=True)
+            await session.close()
+            self.sessions.pop(sid, None)
+            metrics.record("sessions", len(self.sessions))
+            metrics.record("ended", reason=reason)
+            log.info("session %s ended: %s", sid, reason)
+
+    async def _receive(self, ws: WebSocket, session: DuplexSession, ticker: asyncio.Task) -> str:
+        limit = self.cfg.serve.max_message_bytes
+        receive = asyncio.ensure_future(ws.receive())
+        try:
+            while True:
+                done, _ = await asyncio.wait({receive, ticker}, return_when=asyncio.FIRST_COMPLETED)
+                if ticker in done:  # the ticker closed the session (idle, time limit)
+                    return ticker.result()
+                msg = receive.result()
+                if msg["type"] == "websocket.disconnect":
+                    return "disconnect"
+                data = msg.get("bytes")
+                if data is None:
+                    data = msg.get("text") or ""
+                session.last_received = time.monotonic()
+                if len(data) > limit:
+                    with contextlib.suppress(Exception):
+                        await ws.close(code=CLOSE_TOO_BIG, reason=f"message over {limit} bytes")
+                    return "too_big"
+                await session.on_message(data)
+                receive = asyncio.ensure_future(ws.receive())
+        finally:
+            receive.cancel()
+
+    async def _tick(self, ws: WebSocket, session: DuplexSession) -> str:
+        """Keep-alive pings while listening; idle and session-length limits."""
+        s = self.cfg.serve
+        t0 = time.monotonic()
+        while True:
+            await asyncio.sleep(0.25)
+            now = time.monotonic()
+            if now - session.last_received > s.idle_timeout_s:
+                why, reason = f"idle for {s.idle_timeout_s:g} s", "idle"
+            elif now - t0 > s.max_session_s:
+                why, reason = f"session time limit ({s.max_session_s:g} s)", "time_limit"
+            else:
+                await session.keepalive()
+                continue
+            with contextlib.suppress(Exception):
+                await session.send(P.error(f"closing: {why}"))
+                await ws.close(code=1000, reason=why)
+            return reason
+
+
+# -- building and starting -----------------------------------------------------------------
+def build_app(cfg: Config):
+    """Both deployments bound to the pipeline config (resolves the model folder here, once)."""
+    from serve_app.model_source import resolve_model
+
+    source = resolve_model(cfg).describe()
+    log.info("serving %s (%s)", source["model"], source["model_source"])
+    print(f"voxtral serve: model {source['model']} ({source['model_source']})", flush=True)
+    s = cfg.serve
+    cfg_dict = cfg.model_dump(mode="json")
+    lm = SpeechLM.options(
+        num_replicas=s.num_replicas,
+        max_ongoing_requests=2 * s.max_sessions + 8,
+        ray_actor_options={"num_cpus": s.num_cpus, "num_gpus": s.num_gpus},
+        request_router_config=RequestRouterConfig(
+            request_router_class="serve_app.routing:SessionAffinityRouter"
+        ),
+        health_check_period_s=10,
+    ).bind(cfg_dict, source)
+    return Gateway.options(
+        num_replicas=s.gateway_replicas,
+        max_ongoing_requests=s.max_sessions * s.num_replicas + 16,
+        ray_actor_options={"num_cpus": s.gateway_num_cpus},
+    ).bind(cfg_dict, lm, source)
+
+
+def app_builder(args: dict[str, Any]):
+    """``serve run serve_app.app:app_builder config=configs/local.yaml`` (and config.yaml)."""
+    overrides = args.get("set") or []
+    if isinstance(overrides, str):
+        overrides = [overrides]
+    return build_app(load_config(args.get("config", DEFAULT_CONFIG), overrides))
+
+
+def url_of(cfg: Config) -> str:
+    host = cfg.serve.host
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    return f"http://{shown}:{cfg.serve.port}"
+
+
+def start(cfg: Config, blocking: bool = False) -> str:
+    """Deploy the application on the connected (or a new local) Ray and return its URL;
+    ``blocking`` keeps this process serving until interrupted."""
+    from voxtral.ray_utils import init_ray
+
+    init_ray()
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    serve.run(build_app(cfg), name=APP_NAME, route_prefix="/", blocking=False)
+    url = url_of(cfg)
+    print(f"voxtral serve: open {url} (websocket {url.replace('http', 'ws')}/api/chat)", flush=True)
+    if blocking:
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            serve.delete(APP_NAME)
+    return url

@@ -1,0 +1,134 @@
+"""Which model folder to serve, and the codec that goes with it.
+
+``serve.model`` when set; else the newest export under ``<storage.root>/models/*``; else,
+for ``model.base: tiny``, a tiny random speech LM exported once into
+``<storage.root>/models/tiny-random`` — so ``jobs/serve.py`` works on a fresh checkout.
+Remote roots (``s3://``, ``gs://``) are copied to a local cache on the replica's node.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from voxtral.config import ENCODEC_BANDWIDTH_NQ, CodecConfig, Config
+from voxtral.model import TINY, VOXTRAL_JSON
+from voxtral.storage import Storage
+from voxtral.tokenizer import Layout
+
+TINY_EXPORT = "tiny-random"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    uri: str  # local folder or remote URI of the exported folder
+    kind: str  # "configured", "trained" or "tiny-random"
+
+    def describe(self) -> dict[str, str]:
+        return {"model": self.uri, "model_source": self.kind}
+
+
+def resolve_model(cfg: Config) -> ModelSource:
+    """The folder to serve (writes the tiny random export when that is what it comes to)."""
+    if cfg.serve.model:
+        return ModelSource(cfg.serve.model, "configured")
+    storage = Storage(cfg.storage.root)
+    newest: tuple[float, str] | None = None
+    for name in storage.listdir("models"):
+        if name == TINY_EXPORT:
+            continue
+        info = storage.fs.get_file_info(storage.path("models", name, VOXTRAL_JSON))
+        if info.type.name == "File":
+            mtime = info.mtime.timestamp() if info.mtime else 0.0
+            if newest is None or mtime > newest[0]:
+                newest = (mtime, name)
+    if newest is not None:
+        return ModelSource(storage.uri("models", newest[1]), "trained")
+    if cfg.model.base != TINY:
+        raise FileNotFoundError(
+            f"nothing to serve: serve.model is unset and {storage.uri('models')} holds no "
+            "export; run the train stage first or set serve.model"
+        )
+    if not storage.exists("models", TINY_EXPORT, VOXTRAL_JSON):
+        export_tiny(cfg, storage)
+    return ModelSource(storage.uri("models", TINY_EXPORT), "tiny-random")
+
+
+def export_tiny(cfg: Config, storage: Storage) -> None:
+    """The tiny random speech LM of the local profile, exported like a trained one."""
+    import pyarrow.fs as pafs
+
+    from voxtral.model import build_speech_lm, export_speech_lm
+
+    model, tokenizer, layout = build_speech_lm(cfg)
+    staging = Path(tempfile.mkdtemp(prefix=".tmp-tiny-export-"))
+    try:
+        meta = {"codec_config": cfg.codec.model_dump(), "base": TINY, "source": TINY_EXPORT}
+        export_speech_lm(model, tokenizer, layout, staging, extra=meta)
+        target = storage.path("models", TINY_EXPORT)
+        if storage.local:
+            Path(target).parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(target).parent / f".tmp-{TINY_EXPORT}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(staging, tmp)
+            try:
+                tmp.rename(target)
+            except OSError:  # another process published it first
+                shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            pafs.copy_files(
+                str(staging),
+                target,
+                source_filesystem=pafs.LocalFileSystem(),
+                destination_filesystem=storage.fs,
+            )
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def materialize(uri: str) -> Path:
+    """A local folder holding the model: the folder itself, or a cached copy of a remote one."""
+    if "://" not in uri:
+        p = Path(uri).expanduser()
+        if not (p / VOXTRAL_JSON).is_file():
+            raise FileNotFoundError(f"{uri}: not a Voxtral model folder (no {VOXTRAL_JSON})")
+        return p
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(uri)
+    stamp = fs.get_file_info(f"{path}/{VOXTRAL_JSON}")
+    key = hashlib.sha1(f"{uri}@{stamp.mtime}".encode()).hexdigest()[:16]
+    local = Path(tempfile.gettempdir()) / "voxtral-models" / key
+    if not (local / VOXTRAL_JSON).is_file():
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=local.parent))
+        pafs.copy_files(
+            path, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem()
+        )
+        try:
+            tmp.rename(local)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return local
+
+
+def codec_config_for(meta: dict, layout: Layout, cfg: Config) -> CodecConfig:
+    """The codec that made the model's codes: recorded in ``voxtral.json`` when the export
+    says so, else derived from the layout; weights (pretrained flag) from the serve config."""
+    recorded = meta.get("codec_config") or meta.get("codec")
+    if isinstance(recorded, dict) and recorded.get("name") == layout.codec:
+        base = CodecConfig.model_validate(
+            {k: v for k, v in recorded.items() if k in CodecConfig.model_fields}
+        )
+    elif layout.codec == "encodec":
+        inverse = {n: bw for bw, n in ENCODEC_BANDWIDTH_NQ.items()}
+        if layout.vocab.n_q not in inverse:
+            raise ValueError(f"no EnCodec bandwidth gives {layout.vocab.n_q} codebooks")
+        base = CodecConfig(name="encodec", bandwidth=inverse[layout.vocab.n_q])
+    else:
+        base = CodecConfig(name=layout.codec, n_q=layout.vocab.n_q)
+    pretrained = cfg.codec.pretrained if cfg.codec.name == base.name else base.pretrained
+    return base.model_copy(update={"pretrained": pretrained})

@@ -1,0 +1,310 @@
+"""One conversation's duplex state machine, between the websocket and the model.
+
+The microphone streams in without pause. While nobody speaks the audio only feeds the VAD
+and a short pre-roll buffer. When the user starts, the pre-roll and what follows go to the
+model in small pieces (encoded and prefilled as they arrive, so the end of a turn leaves
+little work). When the VAD hears the user stop, the model's turn is generated and streamed
+chunk by chunk. If the user speaks over it, the turn is cancelled at once, the client is
+told to drop its queued audio, and the model's context is cut back to what was heard.
+
+All model work goes through ``LMClient``; the Ray Serve handle implements it in production
+and a local scheduler in tests, so this module knows nothing about Ray.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from serve_app import protocol as P
+from serve_app.audio_io import SAMPLE_RATE, AudioCodec, AudioInputError
+from serve_app.vad import SileroStream, TurnDetector
+
+log = logging.getLogger("ray.serve.voxtral")
+
+
+class LMClient(Protocol):
+    async def open(self) -> dict[str, Any]: ...
+    async def feed(self, pcm: np.ndarray) -> Any: ...
+    async def end_turn(self) -> Any: ...
+    def respond(self) -> AsyncIterator[dict[str, Any]]: ...
+    async def interrupt(self, heard_s: float) -> dict[str, Any]: ...
+    async def restart(self) -> None: ...
+    async def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    end_of_turn_ms: float = 600.0
+    start_ms: float = 96.0  # speech this long starts a user turn
+    interrupt_ms: float = 200.0  # speech this long over the model interrupts it
+    vad_threshold: float = 0.5
+    preroll_ms: float = 400.0  # audio before the detected onset that belongs to the turn
+    feed_ms: float = 160.0  # user audio is sent to the model in pieces this long
+    keepalive_s: float = 1.0  # Moshi's client drops a connection silent for 10 s
+    playback_delay_s: float = 0.15  # client buffering assumed when estimating what was heard
+
+
+class DuplexSession:
+    LISTENING, THINKING, SPEAKING = "listening", "thinking", "speaking"
+
+    def __init__(
+        self,
+        lm: LMClient,
+        send: Callable[[bytes], Awaitable[None]],
+        codec: AudioCodec,
+        settings: SessionSettings = SessionSettings(),
+        on_first_audio: Callable[[float], None] | None = None,
+        on_interrupt: Callable[[], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.lm, self._send_raw, self.codec, self.s = lm, send, codec, settings
+        self.on_first_audio, self.on_interrupt = on_first_audio, on_interrupt
+        self.clock = clock
+        self.vad = SileroStream()
+        self.turns = TurnDetector(
+            settings.vad_threshold, settings.start_ms, settings.end_of_turn_ms
+        )
+        self.state = self.LISTENING
+        self.user_speaking = False
+        self._preroll: list[np.ndarray] = []
+        self._feed_buf: list[np.ndarray] = []
+        self._ops: asyncio.Queue = asyncio.Queue()
+        self._worker: asyncio.Task | None = None
+        self._speak: asyncio.Task | None = None
+        self._send_lock = asyncio.Lock()
+        self.last_sent = self.last_received = clock()
+        self._barge_at: float | None = None
+        self._turn_end_at: float | None = None
+        self._first_sent_at: float | None = None
+        self._sent_s = 0.0
+        self.closed = False
+        self.turn_index = 0
+
+    # -- output --------------------------------------------------------------------------
+    async def send(self, message: bytes) -> None:
+        if self.closed:
+            return
+        async with self._send_lock:
+            await self._send_raw(message)
+            self.last_sent = self.clock()
+
+    async def event(self, **obj: Any) -> None:
+        await self.send(P.metadata(obj))
+
+    async def _set_state(self, state: str) -> None:
+        if state != self.state:
+            self.state = state
+            await self.event(event="state", state=state)
+
+    # -- lifecycle -----------------------------------------------------------------------
+    async def start(self, info: dict[str, Any]) -> None:
+        await self.lm.open()
+        self._worker = asyncio.create_task(self._work())
+        await self.send(P.handshake())
+        await self.event(event="ready", codec=self.codec.name, sample_rate=SAMPLE_RATE, **info)
+        await self.event(event="state", state=self.state)
+
+    async def close(self) -> None:
+        """Free everything now (the client is gone or the session ended)."""
+        self.closed = True
+        for task in (self._speak, self._worker):
+            if task is not None:
+                task.cancel()
+        for task in (self._speak, self._worker):
+            if task is not None:
+                await asyncio.gather(task, return_exceptions=True)
+        try:
+            await self.lm.close()
+        except Exception:  # the model replica may be gone; nothing left to free then
+            log.debug("close failed", exc_info=True)
+
+    async def keepalive(self) -> None:
+        if self.state != self.SPEAKING and self.clock() - self.last_sent >= self.s.keepalive_s:
+            await self.send(P.ping())
+
+    # -- input ---------------------------------------------------------------------------
+    async def on_message(self, raw: bytes | str) -> None:
+        """One websocket message; protocol and audio errors are answered with 0x05."""
+        try:
+            msg = P.decode(raw)
+            if msg.kind == P.Kind.AUDIO:
+                await self.on_audio(self.codec.decode(msg.payload))
+            elif msg.kind == P.Kind.CONTROL:
+                await self.on_control(P.read_control(msg.payload))
+            elif msg.kind == P.Kind.METADATA:
+                P.read_metadata(msg.payload)  # validated; no client metadata is used yet
+            elif msg.kind == P.Kind.TEXT:
+                P.read_text(msg.payload)  # typed text is not used by this model yet
+            elif msg.kind != P.Kind.PING:
+                raise P.ProtocolError(f"kind 0x{msg.kind:02x} is server → client only")
+        except (P.ProtocolError, AudioInputError) as exc:
+            await self.send(P.error(str(exc)))
+
+    async def on_control(self, code: P.Control) -> None:
+        if code == P.Control.END_TURN and self.state == self.LISTENING:
+            if not self.user_speaking:  # push-to-talk without VAD onset: use the pre-roll
+                self._feed_buf = self._preroll
+                self._preroll = []
+            await self._end_user_turn()
+        elif code == P.Control.RESTART:
+            await self._interrupt(notify=self.state != self.LISTENING)
+            self.user_speaking = False
+            self._feed_buf, self._preroll = [], []
+            self._ops.put_nowait(("restart",))
+            await self.event(event="restart")
+
+    async def on_audio(self, pcm: np.ndarray) -> None:
+        if not len(pcm):
+            return
+        if not np.isfinite(pcm).all():
+            raise AudioInputError("audio contains NaN or infinite samples")
+        events = self.turns.push(self.vad.push(pcm))
+        if self.state == self.LISTENING and self.user_speaking:
+            self._feed_buf.append(pcm)
+        else:
+            self._push_preroll(pcm)
+        for ev in events:
+            if ev.kind == "start":
+                await self._user_started()
+            elif ev.kind == "end" and self.user_speaking:
+                await self._end_user_turn()
+        if self._barge_at is not None and self.turns.speaking:
+            if self.turns.t - self._barge_at >= (self.s.interrupt_ms - self.s.start_ms) / 1000:
+                self._barge_at = None
+                await self._interrupt(notify=True)
+                await self._begin_user_turn()
+        elif not self.turns.speaking:
+            self._barge_at = None
+        buffered = sum(map(len, self._feed_buf))
+        if self.user_speaking and buffered >= self.s.feed_ms / 1000 * SAMPLE_RATE:
+            self._flush_feed()
+
+    def _push_preroll(self, pcm: np.ndarray) -> None:
+        self._preroll.append(pcm)
+        keep = (self.s.preroll_ms + self.s.start_ms) / 1000 * SAMPLE_RATE
+        while len(self._preroll) > 1 and sum(map(len, self._preroll[1:])) >= keep:
+            self._preroll.pop(0)
+
+    async def _user_started(self) -> None:
+        if self.state == self.LISTENING:
+            await self._begin_user_turn()
+        else:  # speech over the model (or while it prepares its answer)
+            self._barge_at = self.turns.t
+
+    async def _begin_user_turn(self) -> None:
+        self.user_speaking = True
+        self._feed_buf, self._preroll = self._preroll, []
+        await self.event(event="user", speaking=True)
+
+    def _flush_feed(self) -> None:
+        if self._feed_buf:
+            pcm = np.concatenate(self._feed_buf)
+            self._feed_buf = []
+            self._ops.put_nowait(("feed", pcm))
+
+    async def _end_user_turn(self) -> None:
+        self._flush_feed()
+        self.user_speaking = False
+        self.turn_index += 1
+        self._turn_end_at = self.clock()
+        self._ops.put_nowait(("end_turn",))
+        self._ops.put_nowait(("respond",))
+        await self.event(event="user", speaking=False)
+        await self._set_state(self.THINKING)
+
+    async def _interrupt(self, notify: bool) -> None:
+        """Stop the model's turn now; the context keeps what the listener heard."""
+        heard = 0.0
+        if self._first_sent_at is not None:
+            played = self.clock() - self._first_sent_at - self.s.playback_delay_s
+            heard = max(0.0, min(self._sent_s, played))
+        speak, self._speak = self._speak, None
+        if speak is not None:
+            speak.cancel()
+        self._drain_ops()
+        self._ops.put_nowait(("interrupt", heard))
+        self._first_sent_at, self._sent_s = None, 0.0
+        if notify:
+            await self.event(event="interrupt", heard_s=round(heard, 3))
+            if self.on_interrupt is not None:
+                self.on_interrupt()
+        await self._set_state(self.LISTENING)
+
+    def _drain_ops(self) -> None:
+        """Drop a turn that was about to start (the user spoke again before it did)."""
+        kept = []
+        while not self._ops.empty():
+            op = self._ops.get_nowait()
+            if op[0] not in ("respond",):
+                kept.append(op)
+        for op in kept:
+            self._ops.put_nowait(op)
+
+    # -- model side ----------------------------------------------------------------------
+    async def _work(self) -> None:
+        """Run model operations one at a time, in order (feed after interrupt, …)."""
+        while True:
+            op = await self._ops.get()
+            try:
+                if op[0] == "feed":
+                    await self.lm.feed(op[1])
+                elif op[0] == "end_turn":
+                    await self.lm.end_turn()
+                elif op[0] == "respond":
+                    self._speak = asyncio.create_task(self._respond())
+                    await asyncio.wait([self._speak])
+                elif op[0] == "interrupt":
+                    await self.lm.interrupt(op[1])
+                elif op[0] == "restart":
+                    await self.lm.restart()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the model side failed for this session only
+                log.exception("model operation %s failed", op[0])
+                await self.send(P.error(f"model error during {op[0]}: {exc}"))
+                await self._set_state(self.LISTENING)
+
+    async def _respond(self) -> None:
+        first = True
+        self._first_sent_at, self._sent_s = None, 0.0
+        async for item in self.lm.respond():
+            if "audio" in item and len(item["audio"]):
+                payload = self.codec.encode(item["audio"])
+                if first:
+                    first = False
+                    await self._first_audio()
+                if payload:
+                    await self.send(P.audio(payload))
+                self._sent_s += len(item["audio"]) / SAMPLE_RATE
+            if item.get("text"):
+                await self.send(P.text(item["text"]))
+            if "end" in item:
+                tail = self.codec.flush()
+                if tail:
+                    await self.send(P.audio(tail))
+                stats = {k: item[k] for k in ("audio_s", "wall_s", "busy_s") if k in item}
+                await self.event(event="turn_end", reason=item["end"], **stats)
+                break
+        if self._speak is asyncio.current_task():
+            self._speak = None
+        await self._set_state(self.LISTENING)
+
+    async def _first_audio(self) -> None:
+        now = self.clock()
+        self._first_sent_at = now
+        latency_ms = (now - self._turn_end_at) * 1000 if self._turn_end_at else 0.0
+        await self._set_state(self.SPEAKING)
+        await self.event(
+            event="first_audio",
+            latency_ms=round(latency_ms, 1),
+            since_speech_ms=round(latency_ms + self.s.end_of_turn_ms, 1),
+        )
+        if self.on_first_audio is not None:
+            self.on_first_audio(latency_ms + self.s.end_of_turn_ms)

@@ -1,0 +1,256 @@
+"""Helpers shared by the serve tests: a speech clip, a protocol client, one running server.
+
+The server is deployed once per test process (the websocket and browser tests share it):
+the tiny random model, CPU, short turns, a token and an origin list so the refusal paths
+are exercised on the same deployment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from serve_app import protocol as P
+from serve_app.audio_io import SAMPLE_RATE, float_to_pcm16, pcm16_to_float
+from voxtral.audio import prepare
+from voxtral.config import REPO_ROOT
+
+TOKEN = "test-token-1234"
+AUDIO_EXTS = (".wav", ".flac", ".ogg", ".opus", ".mp3", ".m4a", ".webm")
+SPEECH_TEXT = "Hello there. How are you doing today? Tell me a story about the sea."
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _decode_file(path: Path) -> tuple[np.ndarray, int]:
+    import av
+
+    with av.open(str(path)) as f:
+        stream = f.streams.audio[0]
+        chunks = [fr.to_ndarray().astype(np.float32) for fr in f.decode(stream)]
+        rate = stream.rate
+    x = np.concatenate([c.reshape(c.shape[0], -1) for c in chunks], axis=1)
+    if x.dtype.kind in "iu":
+        x = x / 32768.0
+    return x.mean(axis=0), rate
+
+
+def speech_clip(folder: Path, seconds: float = 1.6) -> np.ndarray:
+    """Speech at 24 kHz: the start of a clip of the sample corpus when there is one
+    (data/sample), else a sentence synthesized with espeak-ng."""
+    sample = REPO_ROOT / "data" / "sample"
+    files = sorted(p for p in sample.rglob("*") if p.suffix.lower() in AUDIO_EXTS)
+    for path in files:
+        try:
+            x, rate = _decode_file(path)
+        except Exception:
+            continue
+        y = prepare(x, rate, SAMPLE_RATE).numpy()
+        start = int(np.argmax(np.abs(y) > 0.05 * np.abs(y).max()))  # skip leading silence
+        y = y[start : start + int(seconds * SAMPLE_RATE)]
+        if len(y) >= seconds * SAMPLE_RATE * 0.9:
+            return (0.5 * y / max(1e-6, np.abs(y).max())).astype(np.float32)
+    espeak = shutil.which("espeak-ng")
+    if espeak is None:
+        raise RuntimeError("no data/sample audio and no espeak-ng to synthesize speech")
+    wav = folder / "speech.wav"
+    subprocess.run([espeak, "-s", "170", "-w", str(wav), SPEECH_TEXT], check=True)
+    import soundfile as sf
+
+    x, rate = sf.read(wav, dtype="float32")
+    y = prepare(x, rate, SAMPLE_RATE).numpy()[: int(seconds * SAMPLE_RATE)]
+    return (0.5 * y / max(1e-6, np.abs(y).max())).astype(np.float32)
+
+
+@dataclass
+class Received:
+    t: float
+    kind: int
+    payload: bytes
+
+
+@dataclass
+class ChatClient:
+    """A protocol client that records every message with its arrival time."""
+
+    ws: object
+    codec: str
+    messages: list[Received] = field(default_factory=list)
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
+    close_code: int | None = None
+    t0: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        import sphn
+
+        self._writer = sphn.OpusStreamWriter(SAMPLE_RATE) if self.codec == "opus" else None
+        self._reader = sphn.OpusStreamReader(SAMPLE_RATE) if self.codec == "opus" else None
+        self._pending = np.zeros(0, dtype=np.float32)
+        self.audio_samples = 0
+        self._task = asyncio.ensure_future(self._recv())
+
+    async def _recv(self) -> None:
+        from websockets.exceptions import ConnectionClosed
+
+        try:
+            async for m in self.ws:
+                data = m if isinstance(m, bytes) else m.encode()
+                item = Received(time.monotonic(), data[0], data[1:])
+                if item.kind == P.Kind.AUDIO:
+                    item.samples = len(self.decode_audio(item.payload))  # type: ignore[attr-defined]
+                    self.audio_samples += item.samples  # type: ignore[attr-defined]
+                self.messages.append(item)
+        except ConnectionClosed:
+            pass
+        finally:
+            self.close_code = self.ws.close_code
+            self.closed.set()
+
+    def decode_audio(self, payload: bytes) -> np.ndarray:
+        if self._reader is None:
+            return pcm16_to_float(payload)
+        pcm = self._reader.append_bytes(payload)
+        return np.zeros(0) if pcm is None else np.asarray(pcm)
+
+    def encode_audio(self, pcm: np.ndarray) -> bytes:
+        if self._writer is None:
+            return float_to_pcm16(pcm)
+        self._pending = np.concatenate([self._pending, pcm.astype(np.float32)])
+        out = []
+        while len(self._pending) >= 960:
+            out.append(self._writer.append_pcm(self._pending[:960]))
+            self._pending = self._pending[960:]
+        return b"".join(out)
+
+    async def send_audio(self, pcm: np.ndarray, chunk: int = 1920, realtime: float = 1.0,
+                         until=None) -> None:
+        """Stream ``pcm`` in ``chunk``-sample messages, paced at ``realtime`` × real time
+        (0: as fast as possible); stops early when ``until()`` becomes true."""
+        start = time.monotonic()
+        for i in range(0, len(pcm), chunk):
+            if until is not None and until():
+                return
+            payload = self.encode_audio(pcm[i : i + chunk])
+            if payload:
+                await self.ws.send(P.audio(payload))
+            if realtime:
+                due = start + (i + chunk) / SAMPLE_RATE / realtime
+                await asyncio.sleep(max(0.0, due - time.monotonic()))
+            else:
+                await asyncio.sleep(0)
+
+    def events(self, name: str | None = None) -> list[dict]:
+        out = []
+        for m in self.messages:
+            if m.kind == P.Kind.METADATA:
+                ev = json.loads(m.payload)
+                if name is None or ev.get("event") == name:
+                    ev["_t"] = m.t
+                    out.append(ev)
+        return out
+
+    def of_kind(self, kind: int) -> list[Received]:
+        return [m for m in self.messages if m.kind == kind]
+
+    async def wait_for(self, predicate, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return True
+            if self.closed.is_set():
+                return predicate()
+            await asyncio.sleep(0.02)
+        return predicate()
+
+
+async def connect(url: str, codec: str = "pcm16", token: str | None = TOKEN, **kwargs):
+    import websockets
+
+    q = f"?codec={codec}" + (f"&token={token}" if token else "")
+    ws = await websockets.connect(url.replace("http", "ws") + "/api/chat" + q,
+                                  max_size=None, **kwargs)
+    return ChatClient(ws, codec)
+
+
+# -- one server per test process -----------------------------------------------------------
+_SERVER: dict[str, object] = {}
+
+
+def serve_overrides(root: Path, port: int) -> list[str]:
+    origins = json.dumps([f"http://127.0.0.1:{port}", f"http://localhost:{port}"])
+    return [
+        f"storage.root={root}",
+        f"serve.port={port}",
+        f"serve.token={TOKEN}",
+        f"serve.allowed_origins={origins}",
+        "serve.max_turn_s=2.5",
+        "serve.end_of_turn_ms=300",
+        "serve.max_message_bytes=65536",
+        "serve.idle_timeout_s=8",
+        "serve.max_sessions=12",
+        "serve.seed=0",
+        "serve.num_cpus=1",
+        "serve.gateway_num_cpus=0.5",
+    ]
+
+
+def shared_root(tmp_path_factory) -> Path:
+    """One storage root per test process, so the tiny export is written once."""
+    if "root" not in _SERVER:
+        _SERVER["root"] = tmp_path_factory.mktemp("serve-run")
+    return _SERVER["root"]  # type: ignore[return-value]
+
+
+def local_serve_config(root: Path, port: int = 8000, extra: list[str] = ()):
+    from voxtral.config import DEFAULT_CONFIG, load_config
+
+    return load_config(DEFAULT_CONFIG, [*serve_overrides(root, port), *extra], env={})
+
+
+def server_url(root: Path) -> str:
+    """Deploy the application once (tiny model, CPU) and return its base URL."""
+    if "url" not in _SERVER:
+        from serve_app.app import start
+        from voxtral.config import DEFAULT_CONFIG, load_config
+
+        port = free_port()
+        cfg = load_config(DEFAULT_CONFIG, serve_overrides(root, port), env={})
+        _SERVER["url"] = start(cfg)
+        _SERVER["cfg"] = cfg
+        wait_healthy(_SERVER["url"])  # type: ignore[arg-type]
+    return _SERVER["url"]  # type: ignore[return-value]
+
+
+def wait_healthy(url: str, timeout: float = 180.0) -> dict:
+    import requests
+
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            r = requests.get(url + "/healthz", timeout=10)
+            if r.status_code == 200:
+                return r.json()
+            last = r.status_code
+        except Exception as exc:  # not up yet
+            last = exc
+        time.sleep(0.5)
+    raise TimeoutError(f"{url}/healthz not healthy: {last}")
+
+
+def healthz(url: str) -> dict:
+    import requests
+
+    return requests.get(url + "/healthz", timeout=20).json()

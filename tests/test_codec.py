@@ -1,0 +1,187 @@
+"""Codecs (random init, the tests' and offline demo's path): shapes, ranges, encode → decode
+of a real speech clip, bad input, and local checkpoints."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from _speech import codec, speech_clip
+
+from voxtral.audio import prepare
+from voxtral.codec import EncodecCodec, codec_info, load_codec
+from voxtral.config import CodecConfig
+
+EXPECTED = {
+    # name: (n_q, codebook_size, sample_rate, frame_rate, hop)
+    "encodec": (2, 1024, 24_000, 75.0, 320),
+    "mimi": (8, 2048, 24_000, 12.5, 1920),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(EXPECTED))
+def any_codec(request):
+    return codec(request.param)
+
+
+@pytest.fixture(scope="module")
+def speech() -> torch.Tensor:
+    """The speech clip at 24 kHz, mono float32 ``[T]``."""
+    wav, sr = speech_clip()
+    return prepare(wav, sr, 24_000)
+
+
+@pytest.fixture(scope="module")
+def speech_codes(any_codec, speech) -> torch.Tensor:
+    return any_codec.encode(speech[None, None])
+
+
+def test_codec_numbers(any_codec):
+    n_q, k, sr, fr, hop = EXPECTED[any_codec.name]
+    assert (any_codec.n_q, any_codec.codebook_size) == (n_q, k)
+    assert (any_codec.sample_rate, any_codec.frame_rate, any_codec.info.hop) == (sr, fr, hop)
+    # the numbers known without building the codec agree with the built one
+    assert codec_info(CodecConfig(name=any_codec.name)) == any_codec.info
+    assert any_codec.device == torch.device("cpu")
+    assert not any_codec.training and not any_codec.model.training
+
+
+def test_encode_speech(any_codec, speech, speech_codes):
+    codes = speech_codes
+    n_q, k = any_codec.n_q, any_codec.codebook_size
+    frames = math.ceil(speech.shape[0] / any_codec.info.hop)
+    assert codes.shape == (1, n_q, frames) == (1, n_q, any_codec.info.frames(speech.shape[0]))
+    assert not codes.is_floating_point()
+    assert int(codes.min()) >= 0 and int(codes.max()) < k
+    # calibrated random codebooks: speech uses many different codes in every codebook
+    for q in range(n_q):
+        assert len(torch.unique(codes[0, q])) >= 8, f"codebook {q} collapsed"
+    assert torch.equal(any_codec.encode(speech[None, None]), codes)  # deterministic
+    # silence and speech do not share codes
+    silence = any_codec.encode(torch.zeros(1, 1, speech.shape[0]))
+    assert not torch.equal(silence, codes)
+
+
+def test_decode_length_and_rate(any_codec, speech, speech_codes):
+    wav = any_codec.decode(speech_codes)
+    hop = any_codec.info.hop
+    frames = speech_codes.shape[-1]
+    assert wav.shape == (1, 1, frames * hop)
+    assert wav.dtype == torch.float32 and torch.isfinite(wav).all()
+    assert float(wav.std()) > 0
+    # the decoded clip lasts as long as the input, to within one frame, at the codec's rate
+    assert 0 <= wav.shape[-1] - speech.shape[0] < hop
+    assert abs(wav.shape[-1] / any_codec.sample_rate - speech.shape[0] / 24_000) < 1 / 12.5
+
+
+def test_batch(any_codec, speech, speech_codes):
+    batch = torch.stack([speech, speech.flip(0) * 0.5])[:, None]
+    codes = any_codec.encode(batch)
+    assert codes.shape == (2, *speech_codes.shape[1:])
+    if any_codec.name == "encodec":  # fully convolutional: batching changes nothing
+        assert torch.equal(codes[:1], speech_codes)
+    assert not torch.equal(codes[0], codes[1])
+    assert any_codec.decode(codes).shape == (2, 1, codes.shape[-1] * any_codec.info.hop)
+
+
+def test_input_dtypes_and_stored_codes(any_codec, speech, speech_codes):
+    short = speech[:24_000][None, None]
+    ref = any_codec.encode(short)
+    assert torch.equal(any_codec.encode(short.double()), ref)  # cast to the codec's dtype
+    assert any_codec.encode(short.half()).shape == ref.shape
+    # codes as stored in tokens/ (int16) decode like int64 ones
+    wav = any_codec.decode(ref)
+    assert torch.equal(any_codec.decode(ref.to(torch.int16)), wav)
+    # fewer codebooks than n_q still decode (coarser audio, same length)
+    assert any_codec.decode(ref[:, :1]).shape == wav.shape
+
+
+@pytest.mark.parametrize("shape", [(24_000,), (1, 24_000), (1, 2, 24_000), (1, 1, 1, 24_000)])
+def test_encode_rejects_wrong_shape(any_codec, shape):
+    with pytest.raises(ValueError, match=r"\[B, 1, T\]"):
+        any_codec.encode(torch.zeros(shape))
+
+
+def test_encode_rejects_integer_audio(any_codec):
+    with pytest.raises(ValueError, match="float audio"):
+        any_codec.encode(torch.zeros(1, 1, 2400, dtype=torch.int16))
+
+
+def test_decode_rejects_bad_codes(any_codec, speech_codes):
+    codes = speech_codes[..., :5]
+    with pytest.raises(ValueError, match="codes must be"):
+        any_codec.decode(codes[0])  # no batch axis
+    with pytest.raises(ValueError, match="codes must be"):
+        any_codec.decode(torch.cat([codes, codes], dim=1))  # more codebooks than n_q
+    with pytest.raises(ValueError, match=r"codes must lie in \[0, "):
+        any_codec.decode(codes + any_codec.codebook_size)
+    with pytest.raises(ValueError, match=r"codes must lie in \[0, "):
+        any_codec.decode(codes - 1000)
+    with pytest.raises(ValueError, match="integers"):
+        any_codec.decode(codes.float())
+
+
+def test_unknown_codec_name():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="name"):
+        CodecConfig(name="soundstream")
+    bad = CodecConfig.model_construct(name="soundstream", bandwidth=1.5, n_q=None)
+    with pytest.raises(ValueError, match="unknown codec 'soundstream'"):
+        load_codec(bad)
+    with pytest.raises(ValueError, match="unknown codec 'soundstream'"):
+        codec_info(bad)
+
+
+def test_bad_bandwidth_or_n_q():
+    with pytest.raises(ValueError, match="codec.bandwidth 2.0 is not an EnCodec bandwidth"):
+        EncodecCodec(2.0, None, False)
+    with pytest.raises(ValueError, match="codec.n_q 4 does not match"):
+        EncodecCodec(1.5, 4, False)
+    with pytest.raises(ValueError, match="codec.bandwidth"):
+        codec_info(CodecConfig.model_construct(name="encodec", bandwidth=2.0, n_q=None))
+    for bw, n_q in [(3.0, 4), (6.0, 8), (24.0, 32)]:
+        assert codec_info(CodecConfig(bandwidth=bw)).n_q == n_q
+
+
+@pytest.mark.parametrize("name", ["encodec", "mimi"])
+def test_missing_pretrained_path(tmp_path, name):
+    missing = tmp_path / "no-such-checkpoint"
+    with pytest.raises(FileNotFoundError, match="codec checkpoint not found"):
+        load_codec(CodecConfig(name=name, pretrained=str(missing)))
+
+
+def test_random_init_is_the_same_in_every_process(speech):
+    """Preprocess and serve build their codecs in different processes: random init must not
+    depend on (nor disturb) the global RNG, or their codes would mean different sounds."""
+    torch.manual_seed(1234)
+    state = torch.get_rng_state()
+    fresh = load_codec(CodecConfig(name="encodec"))
+    assert torch.equal(torch.get_rng_state(), state)
+    clip = speech[None, None, :48_000]
+    assert torch.equal(fresh.encode(clip), codec("encodec").encode(clip))
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_local_checkpoint(tmp_path, speech, suffix):
+    """``pretrained: <path>`` loads that state dict (here: the random codec with its decoder's
+    last layer scaled, so loading visibly changes the output and keeps the codes)."""
+    ref = codec("encodec")
+    state = {k: v.clone() for k, v in ref.model.state_dict().items()}
+    last = [k for k in state if k.startswith("decoder.") and k.endswith(".bias")][-1]
+    assert last == "decoder.model.15.conv.conv.bias"  # the output conv: adds to every sample
+    state[last] += 0.25
+    path = tmp_path / f"encodec{suffix}"
+    if suffix == ".pt":
+        torch.save(state, path)
+    else:
+        from safetensors.torch import save_file
+
+        save_file(state, path)
+    loaded = load_codec(CodecConfig(name="encodec", pretrained=str(path)))
+    clip = speech[None, None, :24_000]
+    codes = loaded.encode(clip)
+    assert torch.equal(codes, ref.encode(clip))
+    diff = (loaded.decode(codes) - ref.decode(codes)).abs().mean()
+    assert float(diff) == pytest.approx(0.25, rel=1e-3)

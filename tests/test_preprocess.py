@@ -1,0 +1,452 @@
+"""Preprocess: chunks → tokens on the sample corpus, through the real Ray Data plan."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import io
+import math
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import soundfile as sf
+import torch
+
+from voxtral import failures, schema
+from voxtral.audio import flac_encode
+from voxtral.codec import codec_info, load_codec
+from voxtral.config import DEFAULT_CONFIG, REPO_ROOT, Config, load_config
+from voxtral.model import base_text_size, layout_for, load_text_tokenizer, resolve_base
+from voxtral.preprocess import (
+    CODEC_JSON,
+    CodecMismatchError,
+    as_pcm16,
+    check_codec_compatible,
+    codes_from_bytes,
+    codes_to_bytes,
+    decode_batch,
+    decode_chunk,
+    encode_alone,
+    encode_rows,
+    plan_batches,
+    run_preprocess,
+    text_track,
+)
+from voxtral.storage import Storage
+from voxtral.tokenizer import encode_ids
+
+CORRUPT_ID = "corrupt-chunk"
+WORDS = "so what do you think about that well we talked about this last week".split()
+
+
+# -- corpus ------------------------------------------------------------------------------
+def speech_like(seconds: float, sr: int, seed: int) -> tuple[np.ndarray, list[dict]]:
+    """Syllables of a harmonic voice with gliding pitch, separated by short gaps and pauses,
+    and caption words timed on groups of syllables."""
+    rng = np.random.default_rng(seed)
+    out = np.zeros(int(seconds * sr), np.float32)
+    words, t = [], 0.1
+    while t < seconds - 0.4:
+        start = t
+        for _ in range(int(rng.integers(1, 4))):
+            dur = float(rng.uniform(0.08, 0.25))
+            n = int(dur * sr)
+            a = int(t * sr)
+            if a + n > out.size:
+                break
+            tt = np.arange(n) / sr
+            f0 = rng.uniform(90, 220) * (1 + 0.1 * np.sin(2 * np.pi * rng.uniform(1, 4) * tt))
+            phase = 2 * np.pi * np.cumsum(f0) / sr
+            formant = rng.uniform(300, 900)
+            voice = sum(
+                np.sin(k * phase) * np.exp(-(((k * f0) - formant) ** 2) / 2e5) for k in range(1, 12)
+            )
+            env = np.sin(np.pi * np.arange(n) / n) ** 2
+            out[a : a + n] += (0.3 * voice * env + rng.normal(0, 0.01, n)).astype(np.float32)
+            t += dur + float(rng.uniform(0.02, 0.06))
+        words.append({"word": str(rng.choice(WORDS)), "start_s": start, "end_s": t})
+        t += float(rng.uniform(0.05, 0.3)) + (0.6 if rng.random() < 0.1 else 0.0)
+    return np.clip(out, -1, 1), words
+
+
+def chunk_row(chunk_id: str, video_id: str, wav: np.ndarray, sr: int, captions, start_s=0.0):
+    return {
+        "chunk_id": chunk_id,
+        "video_id": video_id,
+        "start_s": start_s,
+        "duration_s": len(wav) / sr,
+        "sample_rate": sr,
+        "audio": flac_encode(wav, sr),
+        "speech_ratio": 0.8,
+        "captions": captions,
+    }
+
+
+def write_video(storage: Storage, video_id: str, rows: list[dict]) -> None:
+    storage.write_table(
+        f"chunks/{schema.safe_name(video_id)}.parquet",
+        pa.Table.from_pylist(rows, schema=schema.CHUNKS),
+    )
+
+
+def synth_corpus(storage: Storage, n_videos: int = 5, seed: int = 0) -> None:
+    """Stand-in for the scrape stage's output: one file per video, chunks of 2–7 s (any
+    sample count, so the last frame is usually partial), one at 16 kHz, one uncaptioned."""
+    rng = np.random.default_rng(seed)
+    for v in range(n_videos):
+        rows, start = [], 0.0
+        for c in range(int(rng.integers(1, 4))):
+            sr = 16_000 if (v, c) == (1, 0) else 24_000
+            wav, words = speech_like(float(rng.uniform(2, 7)), sr, seed=100 * v + c)
+            rows.append(chunk_row(f"v{v}-c{c}", f"v{v}", wav, sr, None if v == 2 else words, start))
+            start += len(wav) / sr
+        write_video(storage, f"v{v}", rows)
+
+
+def scrape_corpus(cfg: Config) -> bool:
+    """Run the real index + scrape stages on the bundled sample, when they exist."""
+    try:
+        run_index = importlib.import_module("voxtral.index").run_index
+        run_scrape = importlib.import_module("voxtral.scrape").run_scrape
+    except (ImportError, AttributeError):
+        return False
+    if not (REPO_ROOT / cfg.index.local_dir).is_dir():
+        return False
+    run_index(cfg)
+    run_scrape(cfg)
+    return bool(Storage(cfg.storage.root).parquet_files("chunks"))
+
+
+def add_corrupt_row(storage: Storage) -> None:
+    """A truncated FLAC appended to the first video's chunk file."""
+    path = storage.parquet_files("chunks")[0]
+    rel = path[len(storage.base) + 1 :]
+    table = storage.read_table(rel)
+    good = table.to_pylist()[0]
+    bad = {**good, "chunk_id": CORRUPT_ID, "audio": good["audio"][: len(good["audio"]) // 3]}
+    bad["audio"] = bad["audio"][:40] + b"\x00" * 64 + bad["audio"][104:]
+    storage.write_table(rel, pa.Table.from_pylist([*table.to_pylist(), bad], schema=schema.CHUNKS))
+
+
+def chunk_table(storage: Storage) -> pa.Table:
+    return storage.read_table("chunks")
+
+
+def by_chunk(storage: Storage, column: str) -> dict:
+    """chunk_id → one column of the chunks rows."""
+    table = chunk_table(storage)
+    return dict(zip(table["chunk_id"].to_pylist(), table[column].to_pylist(), strict=True))
+
+
+def token_rows(storage: Storage) -> list[dict]:
+    table = storage.read_table("tokens")
+    return [] if table is None else table.to_pylist()
+
+
+@pytest.fixture(scope="module")
+def cfg(tmp_path_factory) -> Config:
+    root = tmp_path_factory.mktemp("preprocess") / "run"
+    return load_config(DEFAULT_CONFIG, [f"storage.root={root}"], env={})
+
+
+@pytest.fixture(scope="module")
+def corpus(cfg, ray_session) -> dict:
+    storage = Storage(cfg.storage.root)
+    scraped = scrape_corpus(cfg)
+    if not scraped:
+        synth_corpus(storage)
+    add_corrupt_row(storage)
+    summary = run_preprocess(cfg)
+    return {"storage": storage, "summary": summary, "scraped": scraped}
+
+
+@pytest.fixture(scope="module")
+def codec(cfg):
+    return load_codec(cfg.codec)
+
+
+@pytest.fixture
+def one_thread():
+    """Reference encodings with one torch thread, as the 1-CPU workers run: the thread
+    count changes float rounding, which is not what these tests are about."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def text_tokenizer(cfg):
+    return load_text_tokenizer(resolve_base(cfg.model))
+
+
+# -- the stage on the corpus ---------------------------------------------------------------
+def test_every_chunk_has_one_token_row(corpus):
+    storage, summary = corpus["storage"], corpus["summary"]
+    chunks = chunk_table(storage)
+    good = sorted(set(chunks["chunk_id"].to_pylist()) - {CORRUPT_ID})
+    rows = token_rows(storage)
+    assert sorted(r["chunk_id"] for r in rows) == good
+    assert summary["chunks"] == len(good) and summary["failures"] == 1
+    assert summary["failures_by_reason"] == {"corrupt_flac": 1}
+    seconds = sum(chunks["duration_s"].to_pylist()[i] for i in range(len(chunks)))
+    assert summary["audio_hours"] == pytest.approx(
+        (
+            seconds
+            - chunks.filter(pa.compute.equal(chunks["chunk_id"], CORRUPT_ID))["duration_s"][
+                0
+            ].as_py()
+        )
+        / 3600,
+        rel=1e-3,
+    )
+    assert summary["xrt"] > 0
+    video_of = dict(
+        zip(chunks["chunk_id"].to_pylist(), chunks["video_id"].to_pylist(), strict=True)
+    )
+    assert all(r["video_id"] == video_of[r["chunk_id"]] for r in rows)
+
+
+def test_codes_shapes_frames_and_codebook_range(corpus, cfg):
+    storage = corpus["storage"]
+    info = codec_info(cfg.codec)
+    durations = dict(
+        zip(*(chunk_table(storage)[k].to_pylist() for k in ("chunk_id", "duration_s")), strict=True)
+    )
+    for r in token_rows(storage):
+        assert (r["codec"], r["n_q"]) == (info.name, info.n_q)
+        samples = round(durations[r["chunk_id"]] * info.sample_rate)
+        assert r["frames"] == math.ceil(samples / info.hop)
+        assert r["frames"] == math.ceil(durations[r["chunk_id"]] * info.frame_rate - 1e-6)
+        assert len(r["codes"]) == 2 * info.n_q * r["frames"]
+        codes = codes_from_bytes(r["codes"], r["n_q"], r["frames"])
+        assert codes.min() >= 0 and codes.max() < info.codebook_size
+        assert len(np.unique(codes[0])) > 1  # real codes, not a constant
+
+
+def test_batched_codes_equal_encoding_each_chunk_alone(corpus, cfg, codec, one_thread):
+    storage = corpus["storage"]
+    audio = by_chunk(storage, "audio")
+    hop = codec.info.hop
+    for r in token_rows(storage):
+        wav = decode_chunk(audio[r["chunk_id"]], codec.sample_rate)
+        stored = codes_from_bytes(r["codes"], r["n_q"], r["frames"])
+        np.testing.assert_array_equal(stored, encode_alone(codec, wav), err_msg=r["chunk_id"])
+        # The codec called on the raw chunk agrees on every whole frame (its own padding of
+        # a partial last frame is the one difference, see voxtral.preprocess).
+        raw = codec.encode(torch.from_numpy(wav)[None, None])[0].numpy()
+        whole = len(wav) // hop
+        np.testing.assert_array_equal(stored[:, :whole], raw[:, :whole])
+
+
+def test_text_ids_in_base_vocab_and_time_ordered(corpus, cfg, text_tokenizer):
+    storage = corpus["storage"]
+    vocab = base_text_size(resolve_base(cfg.model))
+    captions = by_chunk(storage, "captions")
+    with_text = 0
+    for r in token_rows(storage):
+        ids, starts = r["text_ids"], r["text_starts_s"]
+        assert len(ids) == len(starts)
+        words = captions[r["chunk_id"]] or []
+        if not words:
+            assert ids == []
+            continue
+        with_text += 1
+        assert all(0 <= i < vocab for i in ids)
+        assert starts == sorted(starts)
+        assert starts[0] >= 0 and starts[-1] <= max(w["end_s"] for w in words) + 1e-3
+        spoken = " ".join(w["word"] for w in sorted(words, key=lambda w: w["start_s"]))
+        assert text_tokenizer.decode(ids).split() == spoken.split()
+    assert with_text > 0
+
+
+def test_corrupt_row_lands_in_failures(corpus):
+    rows = failures.read_failures(corpus["storage"], "preprocess")
+    assert [(r["item_id"], r["stage"], r["reason"]) for r in rows] == [
+        (CORRUPT_ID, "preprocess", "corrupt_flac")
+    ]
+    assert "FLAC" in rows[0]["error"]
+
+
+def test_tokens_fit_the_multimodal_layout(corpus, cfg):
+    layout = layout_for(cfg)
+    check_codec_compatible(corpus["storage"], layout)
+    r = token_rows(corpus["storage"])[0]
+    ids = encode_ids(
+        layout,
+        codes_from_bytes(r["codes"], r["n_q"], r["frames"]),
+        np.asarray(r["text_ids"]),
+        np.asarray(r["text_starts_s"]),
+    )
+    assert len(ids) == 1 + (r["frames"] // layout.frames_per_group) * layout.group_len
+
+
+def test_rerun_adds_nothing(corpus, cfg, capsys):
+    storage = corpus["storage"]
+    before_files = storage.listdir("tokens")
+    before = token_rows(storage)
+    spec = importlib.util.spec_from_file_location(
+        "job_preprocess", REPO_ROOT / "jobs/preprocess.py"
+    )
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+
+    summary = job.main(
+        ["--config", str(DEFAULT_CONFIG), "--set", f"storage.root={cfg.storage.root}"]
+    )
+    assert "preprocess summary" in capsys.readouterr().out
+    assert summary["chunks"] == 0 and summary["already_done"] == len(before)
+    assert storage.listdir("tokens") == before_files
+    assert token_rows(storage) == before
+    # the corrupt chunk is retried (it is a failure, not done) and still fails, once
+    assert summary["failures"] == 1
+    assert failures.attempts(storage, "preprocess") == {CORRUPT_ID: 2}
+
+
+def test_mismatched_codec_is_refused(corpus, cfg):
+    storage = corpus["storage"]
+    record = check_codec_compatible(storage, cfg.codec)
+    assert record["name"] == "encodec" and record["n_q"] == codec_info(cfg.codec).n_q
+    mimi = cfg.codec.model_copy(update={"name": "mimi"})
+    with pytest.raises(CodecMismatchError, match="encodec.*mimi"):
+        check_codec_compatible(storage, codec_info(mimi))
+    other_layout = layout_for(cfg.model_copy(update={"codec": mimi}))
+    with pytest.raises(CodecMismatchError, match="n_q"):
+        check_codec_compatible(storage, other_layout)
+    with pytest.raises(CodecMismatchError, match="weights"):
+        check_codec_compatible(storage, cfg.codec.model_copy(update={"pretrained": True}))
+    # preprocess itself refuses to add mimi tokens to encodec ones, before any work
+    with pytest.raises(CodecMismatchError):
+        run_preprocess(cfg.model_copy(update={"codec": mimi}))
+    with pytest.raises(FileNotFoundError, match="run preprocess first"):
+        check_codec_compatible(Storage(storage.base + "-empty"), cfg.codec)
+
+
+# -- mimi --------------------------------------------------------------------------------
+def test_mimi_tokens(tmp_path, ray_session, one_thread):
+    cfg = load_config(
+        DEFAULT_CONFIG,
+        [f"storage.root={tmp_path / 'run'}", "codec.name=mimi", "tokenizer.group_ms=80"],
+        env={},
+    )
+    storage = Storage(cfg.storage.root)
+    rows = []
+    for c, seconds in enumerate((2.3, 3.1, 1.7)):
+        wav, words = speech_like(seconds, 24_000, seed=c)
+        rows.append(chunk_row(f"m-c{c}", "m", wav, 24_000, words))
+    write_video(storage, "m", rows)
+    summary = run_preprocess(cfg)
+    assert summary["chunks"] == 3 and summary["n_q"] == 8
+    assert storage.read_json(CODEC_JSON)["name"] == "mimi"
+    codec = load_codec(cfg.codec)
+    by_id = {r["chunk_id"]: r for r in rows}
+    for r in token_rows(storage):
+        wav = decode_chunk(by_id[r["chunk_id"]]["audio"], 24_000)
+        assert r["frames"] == math.ceil(len(wav) / 1920)
+        stored = codes_from_bytes(r["codes"], 8, r["frames"])
+        assert stored.min() >= 0 and stored.max() < 2048
+        alone = encode_alone(codec, wav)
+        # Mimi's transformer rounds differently over a padded batch: codebook 0 matches,
+        # deeper (random-init, near-tie) codebooks mostly do (see voxtral.preprocess).
+        np.testing.assert_array_equal(stored[0], alone[0])
+        assert (stored == alone).mean() > 0.8
+
+
+# -- pure functions ------------------------------------------------------------------------
+def test_plan_batches_bounds_size_and_padding():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(10_000, 700_000, size=200).tolist()
+    groups = plan_batches(lengths, max_batch=8, max_pad=0.2)
+    assert sorted(i for g in groups for i in g) == list(range(200))
+    for g in groups:
+        assert len(g) <= 8
+        longest = max(lengths[i] for i in g)
+        assert lengths[g[0]] == longest
+        assert 1 - sum(lengths[i] for i in g) / (len(g) * longest) <= 0.2 + 1e-9
+    assert len(groups) < 60  # sorted grouping packs most groups full
+    assert plan_batches([5, 5, 5], max_batch=2, max_pad=0.0) == [[0, 1], [2]]
+    assert plan_batches([], 4, 0.1) == []
+
+
+class FlakyCodec:
+    """A codec that rejects any batch holding a chunk of exactly ``bad_len`` samples."""
+
+    def __init__(self, bad_len: int):
+        import torch
+
+        from voxtral.codec import CodecInfo
+
+        self.info = CodecInfo("fake", 2, 16, 8000, 100.0)
+        self.bad_len, self.device, self.torch = bad_len, torch.device("cpu"), torch
+
+    def encode(self, wav):
+        nonzero = (wav[:, 0] != 0).int()
+        lengths = wav.shape[-1] - nonzero.flip(-1).argmax(-1)
+        if (lengths == self.bad_len).any():
+            raise RuntimeError("codec rejects this chunk")
+        frames = wav.shape[-1] // self.info.hop
+        return self.torch.arange(frames).remainder(16).repeat(wav.shape[0], 2, 1)
+
+
+def test_codec_rejection_isolates_the_chunk():
+    wavs = [np.ones(n, np.float32) for n in (800, 805, 400, 790)]
+    out = encode_rows(FlakyCodec(bad_len=805), wavs, max_batch=4, max_pad=0.9)
+    assert isinstance(out[1], RuntimeError)
+    assert [o.shape for i, o in enumerate(out) if i != 1] == [(2, 10), (2, 5), (2, 10)]
+
+
+def test_decode_batch_marks_bad_rows_and_sorts_by_length():
+    sr = 24_000
+    rows = [
+        chunk_row("short", "v", speech_like(1.0, sr, 1)[0], sr, None),
+        chunk_row("long", "v", speech_like(2.0, sr, 2)[0], sr, [{"word": " hi ", "start_s": 0.2}]),
+        chunk_row("empty", "v", np.zeros(0, np.float32), sr, None),
+        chunk_row("skip-me", "v", speech_like(1.0, sr, 3)[0], sr, None),
+        {**chunk_row("junk", "v", np.zeros(10, np.float32), sr, None), "audio": b"not flac"},
+    ]
+    out = decode_batch(
+        pa.Table.from_pylist(rows, schema=schema.CHUNKS),
+        sample_rate=sr,
+        base="tiny",
+        skip=frozenset({"skip-me"}),
+    ).to_pylist()
+    assert [r["chunk_id"] for r in out][:2] == ["long", "short"]
+    reasons = {r["chunk_id"]: r["reason"] for r in out}
+    assert reasons == {"long": None, "short": None, "empty": "bad_audio", "junk": "corrupt_flac"}
+    assert out[0]["pcm16"] and len(out[0]["pcm"]) == 2 * out[0]["samples"]
+    assert out[0]["text_ids"] and out[0]["text_starts_s"] == [0.2] * len(out[0]["text_ids"])
+
+
+def test_pcm16_transport_is_exact_and_resampled_audio_stays_float():
+    x = (np.arange(-5, 5, dtype=np.float32) * 1000) / 32768
+    assert np.array_equal(as_pcm16(x).astype(np.float32) / 32768, x)
+    assert as_pcm16(x + np.float32(1e-7)) is None
+    buf = io.BytesIO()
+    sf.write(buf, speech_like(1.0, 16_000, 0)[0], 16_000, format="FLAC", subtype="PCM_16")
+    wav = decode_chunk(buf.getvalue(), 24_000)
+    assert len(wav) == 24_000 and as_pcm16(wav) is None
+
+
+def test_codes_bytes_roundtrip():
+    codes = np.random.default_rng(0).integers(0, 2048, size=(8, 37)).astype(np.int64)
+    data = codes_to_bytes(codes)
+    assert len(data) == 8 * 37 * 2
+    np.testing.assert_array_equal(codes_from_bytes(data, 8, 37), codes)
+    with pytest.raises(ValueError):
+        codes_from_bytes(data, 8, 36)
+
+
+def test_text_track_orders_words_and_handles_no_captions(text_tokenizer):
+    assert text_track(text_tokenizer, None) == ([], [])
+    assert text_track(text_tokenizer, []) == ([], [])
+    words = [
+        {"word": "week", "start_s": 1.5, "end_s": 1.8},
+        {"word": "last", "start_s": 1.0, "end_s": 1.4},
+        {"word": "  ", "start_s": 0.5, "end_s": 0.6},
+    ]
+    ids, starts = text_track(text_tokenizer, words)
+    assert starts == sorted(starts) and starts[0] == 1.0
+    assert text_tokenizer.decode(ids).split() == ["last", "week"]

@@ -1,0 +1,600 @@
+"""Scrape: real files over a loopback HTTP server, through the real Ray Data plan.
+
+Good files (WAV, MP3, Ogg/Opus, M4A/AAC; mono and stereo; 8 to 48 kHz) must yield chunks
+that cover their speech, decode from FLAC at the codec rate and match the source audio;
+every bad one (404, 403, too slow, cut off, half a file, zero bytes, text, garbage, an hour
+of silence) exactly one failure row with the right reason. Reruns add nothing; fixing the
+server completes what failed; a node removed mid-scrape loses nothing and duplicates nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from _scrape_media import Route, copy_sample, encode, loop_speech, sample_speech, serve, silent_hour
+
+from voxtral import failures
+from voxtral.audio import (
+    CorruptAudioError,
+    NotAudioError,
+    StreamResampler,
+    decode_stream,
+    flac_decode,
+    resample,
+)
+from voxtral.captions import CaptionIndex, parse_vtt
+from voxtral.chunking import FRAME_S, ChunkPlanner, StreamVAD, hysteresis
+from voxtral.config import Config, load_config
+from voxtral.download import ScrapeFailure, check_url, classify
+from voxtral.index import index_local, write_rows
+from voxtral.scrape import (
+    chunks_rel,
+    cut_audio,
+    run_scrape,
+    scrape_video,
+    target_sample_rate,
+)
+from voxtral.storage import Storage
+
+SR = 24000
+MIN_S, MAX_S = 5.0, 12.0
+PAD_S = 0.25
+
+# name → (sample dialogue, seconds, rate, codec, container, stereo, bit rate)
+GOOD = {
+    "wav16k_stereo.wav": ("podcast_en", 30, 16000, "pcm_s16le", "wav", True, None),
+    "mp3_44k_stereo.mp3": ("interview_en", 30, 44100, "libmp3lame", "mp3", True, 64000),
+    "opus48k_mono.ogg": ("charla_es", 28, 48000, "libopus", "ogg", False, 32000),
+    "aac8k_mono.m4a": ("debat_fr", 28, 8000, "aac", "mp4", False, 24000),
+}
+FLAKY = "flaky22k_mono.mp3"  # 503 until the server is fixed
+EXPECTED_FAILURES = {
+    "missing.mp3": "http_404",
+    "forbidden.m4a": "http_403",
+    "slow.ogg": "timeout",
+    "cut.mp3": "truncated",
+    "half.wav": "truncated",
+    "zero.mp3": "empty",
+    "notes.mp3": "not_audio",
+    "garbage.m4a": "corrupt",
+    "silence.mp3": "no_speech",
+}
+
+
+def video_id(name: str) -> str:
+    return "v-" + name.replace(".", "-")
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory) -> dict:
+    d = tmp_path_factory.mktemp("media")
+    speech, files = {}, {}
+    for name, (stem, secs, rate, codec, fmt, stereo, br) in GOOD.items():
+        speech[name] = sample_speech(stem, secs)
+        files[name] = encode(d / name, speech[name].audio, rate, codec, fmt, stereo, br)
+    speech[FLAKY] = sample_speech("callin_de", 25)
+    files[FLAKY] = encode(d / FLAKY, speech[FLAKY].audio, 22050, "libmp3lame", "mp3")
+    full = d / "full.wav"
+    encode(full, speech["wav16k_stereo.wav"].audio, 16000, "pcm_s16le", "wav", True)
+    data = full.read_bytes()
+    (d / "half.wav").write_bytes(data[: len(data) // 2])  # the header still says 30 s
+    (d / "zero.mp3").write_bytes(b"")
+    (d / "notes.mp3").write_text("These are my notes for the show.\nNot audio at all.\n" * 40)
+    (d / "garbage.m4a").write_bytes(np.random.default_rng(0).bytes(50_000))
+    silent_hour(d / "silence.mp3")
+    return {"dir": d, "speech": speech, "files": files}
+
+
+@pytest.fixture(scope="module")
+def server(media):
+    d = media["dir"]
+    routes = {name: Route("file", d / name) for name in GOOD}
+    routes |= {
+        FLAKY: Route("flaky", d / FLAKY),
+        "missing.mp3": Route("status", status=404),
+        "forbidden.m4a": Route("status", status=403),
+        "slow.ogg": Route("slow", d / "opus48k_mono.ogg", delay_s=4.0),
+        "cut.mp3": Route("cut", d / "mp3_44k_stereo.mp3"),
+        "half.wav": Route("file", d / "half.wav"),
+        "zero.mp3": Route("file", d / "zero.mp3"),
+        "notes.mp3": Route("file", d / "notes.mp3"),
+        "garbage.m4a": Route("file", d / "garbage.m4a"),
+        "silence.mp3": Route("file", d / "silence.mp3"),
+    }
+    srv = serve(routes)
+    yield srv
+    srv.close()
+
+
+def make_cfg(root: Path, *overrides: str) -> Config:
+    return load_config(
+        None,
+        [
+            f"storage.root={root / 'run'}",
+            f"scrape.tmp_dir={root / 'tmp'}",
+            f"scrape.min_chunk_s={MIN_S}",
+            f"scrape.max_chunk_s={MAX_S}",
+            "scrape.timeout_s=1.5",
+            "scrape.retries=0",
+            "scrape.max_attempts=3",
+            "scrape.concurrency=4",
+            *overrides,
+        ],
+        env={},
+    )
+
+
+def index_rows(server, media) -> list[dict]:
+    rows = []
+    for name in [*GOOD, FLAKY, *EXPECTED_FAILURES]:
+        if name in media["speech"]:
+            duration = media["speech"][name].seconds
+        elif name == "half.wav":
+            duration = media["speech"]["wav16k_stereo.wav"].seconds
+        elif name == "silence.mp3":
+            duration = 3600.0
+        else:
+            duration = 0.0
+        rows.append(
+            {
+                "video_id": video_id(name),
+                "url": server.url(name),
+                "title": f"{name}; rm -rf / && echo $(whoami)",  # never used for anything
+                "channel": "loopback",
+                "duration_s": duration,
+                "search_term": "test",
+                "source": "youtube",
+            }
+        )
+    return rows
+
+
+def chunk_files(storage: Storage) -> dict[str, float]:
+    return {n: os.path.getmtime(storage.path("chunks", n)) for n in storage.listdir("chunks")}
+
+
+@pytest.fixture(scope="module")
+def passes(tmp_path_factory, server, media, ray_session) -> dict:
+    """Four runs: first, unchanged rerun, after fixing the server, out of attempts."""
+    root = tmp_path_factory.mktemp("scrape")
+    cfg = make_cfg(root)
+    storage = Storage(cfg.storage.root)
+    write_rows(storage, index_rows(server, media))
+    out = {"cfg": cfg, "storage": storage}
+    out["first"] = run_scrape(cfg)
+    out["chunks_first"] = storage.read_table("chunks")
+    out["files_first"] = chunk_files(storage)
+    out["failures_first"] = failures.read_failures(storage, "scrape")
+    out["second"] = run_scrape(cfg)
+    out["files_second"] = chunk_files(storage)
+    out["failures_second"] = failures.read_failures(storage, "scrape")
+    server.fixed = True
+    try:
+        out["third"] = run_scrape(cfg)
+    finally:
+        server.fixed = False
+    out["failures_third"] = failures.read_failures(storage, "scrape")
+    out["fourth"] = run_scrape(cfg)
+    return out
+
+
+# -- the stage, end to end ------------------------------------------------------------------------
+
+
+def test_good_files_become_chunks_that_cover_their_speech(passes, media):
+    first, table = passes["first"], passes["chunks_first"]
+    assert first["done"] == len(GOOD), first
+    rows = table.to_pylist()
+    for name in GOOD:
+        speech = media["speech"][name]
+        mine = sorted(
+            (r for r in rows if r["video_id"] == video_id(name)), key=lambda r: r["start_s"]
+        )
+        assert mine, name
+        for r in mine:
+            assert MIN_S - FRAME_S <= r["duration_s"] <= MAX_S + 1e-6, (name, r["duration_s"])
+            assert r["sample_rate"] == SR and r["speech_ratio"] >= 0.3
+            assert r["captions"] == []  # plain HTTP files have no captions
+        spans = [(r["start_s"], r["start_s"] + r["duration_s"]) for r in mine]
+        assert all(a[1] <= b[0] + 1e-9 for a, b in zip(spans, spans[1:], strict=False))
+        # every spoken clause lies inside exactly one chunk: cuts fall in pauses
+        for a, b in speech.cues:
+            holders = [s for s in spans if s[0] - 0.06 <= a and b <= s[1] + 0.06]
+            assert len(holders) == 1, (name, (a, b), spans)
+        # and the chunks add up to the speech plus its pauses, not to the silence around
+        total = sum(r["duration_s"] for r in mine)
+        span = speech.cues[-1][1] - speech.cues[0][0]
+        assert speech.speech_s <= total <= span + 2 * PAD_S + 0.2, (name, total, span)
+
+
+def test_chunk_audio_decodes_at_the_codec_rate_and_matches_the_source(passes, media):
+    table = passes["chunks_first"]
+    for name in GOOD:
+        src = np.concatenate(list(decode_stream(str(media["files"][name]), SR)))
+        for r in table.to_pylist():
+            if r["video_id"] != video_id(name):
+                continue
+            wav, sr = flac_decode(r["audio"])
+            assert sr == SR == target_sample_rate(passes["cfg"])
+            a = round(r["start_s"] * SR)
+            assert len(wav) == round(r["duration_s"] * SR)
+            np.testing.assert_allclose(wav, np.clip(src[a : a + len(wav)], -1, 1), atol=2e-4)
+
+
+def test_every_bad_file_is_one_failure_row_with_its_reason(passes):
+    first = passes["first"]
+    rows = passes["failures_first"]
+    got = {r["item_id"]: r for r in rows}
+    expected = {video_id(n): reason for n, reason in EXPECTED_FAILURES.items()}
+    expected[video_id(FLAKY)] = "http_503"
+    assert len(rows) == len(got) == len(expected)
+    assert {k: r["reason"] for k, r in got.items()} == expected
+    assert all(r["attempts"] == 1 and r["stage"] == "scrape" and r["error"] for r in rows)
+    assert first["failed"] == len(expected)
+    assert sum(first["failed_by_reason"].values()) == len(expected)
+    storage = passes["storage"]
+    for vid in expected:
+        assert not storage.exists(chunks_rel(vid))
+
+
+def test_rerun_adds_nothing_and_counts_the_retries(passes):
+    second = passes["second"]
+    assert second["done"] == 0 and second["done_before"] == len(GOOD)
+    assert passes["files_second"] == passes["files_first"]  # not even rewritten
+    assert {r["item_id"]: r["attempts"] for r in passes["failures_second"]} == {
+        r["item_id"]: 2 for r in passes["failures_first"]
+    }
+
+
+def test_second_pass_after_fixing_the_server_completes_the_failure(passes, media):
+    third, storage = passes["third"], passes["storage"]
+    assert third["done"] == 1 and third["failed"] == len(EXPECTED_FAILURES)
+    assert storage.exists(chunks_rel(video_id(FLAKY)))
+    left = {r["item_id"]: r["attempts"] for r in passes["failures_third"]}
+    assert left == {video_id(n): 3 for n in EXPECTED_FAILURES}
+    chunks = storage.read_table("chunks")
+    ids = chunks.column("chunk_id").to_pylist()
+    assert len(ids) == len(set(ids))
+    flaky = [r for r in chunks.to_pylist() if r["video_id"] == video_id(FLAKY)]
+    assert sum(r["duration_s"] for r in flaky) >= media["speech"][FLAKY].speech_s
+
+
+def test_out_of_attempts_is_left_alone(passes):
+    fourth = passes["fourth"]
+    assert fourth["attempted"] == 0
+    assert fourth["out_of_attempts"] == len(EXPECTED_FAILURES)
+    assert fourth["done_before"] == len(GOOD) + 1
+
+
+def test_temporary_folders_are_removed(passes):
+    tmp = Path(passes["cfg"].scrape.tmp_dir)
+    assert tmp.is_dir() and list(tmp.iterdir()) == []
+    chunks = Path(passes["storage"].path("chunks"))
+    assert all(p.suffix == ".parquet" and not p.name.startswith(".") for p in chunks.iterdir())
+
+
+def test_local_corpus_captions_fall_in_the_right_chunk(tmp_path, ray_session):
+    """The local source end to end: index the sample corpus, scrape it, check captions."""
+    corpus = copy_sample(tmp_path / "corpus")
+    cfg = make_cfg(tmp_path, f"index.local_dir={corpus}", "index.source=local")
+    from voxtral.index import run_index
+
+    assert run_index(cfg)["new"] == 5
+    summary = run_scrape(cfg)
+    assert summary["done"] == 5 and summary["failed"] == 0, summary
+    index = {r["video_id"]: r for r in Storage(cfg.storage.root).read_table("index").to_pylist()}
+    table = Storage(cfg.storage.root).read_table("chunks").to_pylist()
+    for vid, row in index.items():
+        path = Path(unquote(urlparse(row["url"]).path))
+        words = parse_vtt(path.with_suffix(".vtt").read_text(encoding="utf-8"))
+        mine = [r for r in table if r["video_id"] == vid]
+        assert mine
+        n_inside = 0
+        for r in mine:
+            start, end = r["start_s"], r["start_s"] + r["duration_s"]
+            inside = [w for w in words if start <= (w.start_s + w.end_s) / 2 < end]
+            n_inside += len(inside)
+            assert [c["word"] for c in r["captions"]] == [w.word for w in inside]
+            for c, w in zip(r["captions"], inside, strict=True):
+                assert 0 <= c["start_s"] <= c["end_s"] <= r["duration_s"] + 1e-3
+                assert abs(c["start_s"] + start - w.start_s) < 2e-3
+        # the cuts are in pauses, so almost every word lands in some chunk
+        assert n_inside >= 0.95 * len(words), (vid, n_inside, len(words))
+
+
+def test_a_killed_task_leaves_nothing_and_the_rerun_completes(tmp_path, ray_session):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    long = loop_speech(["podcast_en", "interview_en"], 240)
+    encode(corpus / "long.ogg", long.audio, 48000, "libopus", "ogg", bit_rate=24000)
+    cfg = make_cfg(tmp_path, f"index.local_dir={corpus}", "index.source=local")
+    (row,) = index_local(cfg.index)
+    storage = Storage(cfg.storage.root)
+    code = (
+        "import sys, json; from voxtral.config import Config; from voxtral.scrape import "
+        "scrape_video; cfg = Config.model_validate_json(sys.argv[1]); "
+        "scrape_video(json.loads(sys.argv[2]), cfg)"
+    )
+    import json
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, cfg.model_dump_json(), json.dumps(row)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    tmp = Path(cfg.scrape.tmp_dir)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list(tmp.glob("*/media.*")):
+        assert proc.poll() is None, "the task ended before it could be killed"
+        time.sleep(0.05)
+    time.sleep(0.5)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not storage.exists(chunks_rel(row["video_id"]))
+    assert storage.listdir("chunks") == [] and failures.read_failures(storage, "scrape") == []
+    out = scrape_video(row, cfg)
+    assert out["status"] == "done" and out["chunks"] >= math.floor(long.speech_s / MAX_S)
+
+
+# -- the pieces ----------------------------------------------------------------------------------
+
+
+def test_stream_resampler_equals_resampling_the_whole_signal():
+    rng = np.random.default_rng(1)
+    for a, b in [(48000, 24000), (44100, 24000), (8000, 24000), (24000, 8000), (22050, 16000)]:
+        x = rng.standard_normal(a * 3 + 17).astype(np.float32)
+        whole = resample(torch.from_numpy(x), a, b).numpy()
+        rs, parts, i = StreamResampler(a, b), [], 0
+        while i < len(x):
+            n = int(rng.integers(1, a // 2))
+            parts.append(rs.push(x[i : i + n]))
+            i += n
+        parts.append(rs.flush())
+        got = np.concatenate(parts)
+        assert got.shape == whole.shape
+        np.testing.assert_allclose(got, whole, atol=1e-4)
+
+
+def test_decode_stream_downmixes_by_averaging(tmp_path):
+    t = np.arange(SR * 2) / SR
+    tone = (0.4 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    path = encode(tmp_path / "s.wav", tone, SR, "pcm_s16le", "wav", stereo=True)
+    got = np.concatenate(list(decode_stream(str(path), SR, block_s=0.3)))
+    np.testing.assert_allclose(got, tone * (0.9 + 0.5) / 2, atol=1e-3)
+
+
+def test_decode_errors_are_typed(tmp_path):
+    (tmp_path / "t.mp3").write_text("hello\n" * 100)
+    with pytest.raises(NotAudioError):
+        list(decode_stream(str(tmp_path / "t.mp3"), SR))
+    (tmp_path / "g.m4a").write_bytes(bytes(range(256)) * 100)
+    with pytest.raises(CorruptAudioError):
+        list(decode_stream(str(tmp_path / "g.m4a"), SR))
+
+
+def test_vad_hears_speech_not_pauses_and_skips_digital_silence():
+    speech = sample_speech("podcast_en", 30)
+    x8 = resample(torch.from_numpy(speech.audio), SR, 8000).numpy()
+    vad = StreamVAD(8000, segment_frames=64, batch=4)
+    probs = np.concatenate(
+        [vad.push(x8[i : i + 7000]) for i in range(0, len(x8), 7000)] + [vad.flush()]
+    )
+    assert len(probs) == math.ceil(len(x8) / 256)
+    t = (np.arange(len(probs)) + 0.5) * FRAME_S
+    in_speech = np.zeros(len(probs), bool)
+    for a, b in speech.cues:
+        in_speech |= (t > a + 0.1) & (t < b - 0.1)
+    gap = np.ones(len(probs), bool)
+    for a, b in speech.cues:
+        gap &= (t < a - 0.15) | (t > b + 0.3)
+    assert (probs[in_speech] > 0.5).mean() > 0.85
+    assert (probs[gap] < 0.5).mean() > 0.85
+    quiet = StreamVAD(8000, segment_frames=64, batch=4)
+    assert not np.concatenate([quiet.push(np.zeros(8000 * 20, np.float32)), quiet.flush()]).any()
+    assert quiet.model_frames == 0
+
+
+def speech_pattern(seed: int, seconds: float) -> np.ndarray:
+    """Per-frame probabilities: turns of 0.5–6 s separated by pauses of 0.1–2 s."""
+    rng = np.random.default_rng(seed)
+    out, n = [], int(seconds / FRAME_S)
+    while sum(map(len, out)) < n:
+        out.append(rng.uniform(0.7, 1.0, int(rng.uniform(0.5, 6) / FRAME_S)))
+        out.append(rng.uniform(0.0, 0.2, int(rng.uniform(0.1, 2) / FRAME_S)))
+    return np.concatenate(out)[:n].astype(np.float32)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_planner_cuts_in_pauses_within_bounds_and_streams_the_same(seed):
+    probs = speech_pattern(seed, 400)
+    lo, hi, pad = 313, 938, 8  # 10 s, 30 s, 0.25 s
+    whole = ChunkPlanner(lo, hi, pad).finish(probs)
+    planner, got, i = ChunkPlanner(lo, hi, pad), [], 0
+    rng = np.random.default_rng(seed)
+    while i < len(probs):
+        n = int(rng.integers(1, 700))
+        got += planner.push(probs[i : i + n])
+        i += n
+    got += planner.finish()
+    assert got == whole and whole
+    speech = hysteresis(probs, 0.5, 0.35)
+    covered = np.zeros(len(probs), bool)
+    for c in whole:
+        assert lo <= c.frames <= hi
+        covered[c.start : c.end] = True
+        assert c.speech == speech[c.start : c.end].sum()
+    for a, b in zip(whole, whole[1:], strict=False):
+        assert a.end <= b.start
+        assert not speech[a.end : b.start].any()  # only silence is left out
+        assert not speech[a.end - 1] or a.frames == hi or not speech[a.end]  # cut in a pause
+    tail = whole[-1].end
+    assert covered[:tail][speech[:tail]].all()  # every speech frame up to the end is kept
+
+
+def test_planner_without_pauses_cuts_at_max_and_silence_gives_nothing():
+    chunks = ChunkPlanner(100, 200, 8).finish(np.full(1000, 0.9, np.float32))
+    assert [c.frames for c in chunks] == [200] * 5
+    assert ChunkPlanner(100, 200, 8).finish(np.zeros(5000, np.float32)) == []
+
+
+def test_vtt_youtube_and_plain_cues():
+    youtube = (
+        "WEBVTT\nKind: captions\nLanguage: en\n\n"
+        "00:00:00.160 --> 00:00:02.990 align:start position:0%\n \n"
+        "so<00:00:00.640><c> today</c><00:00:01.120><c> we're</c>\n\n"
+        "00:00:02.990 --> 00:00:03.000 align:start position:0%\nso today we're\n \n\n"
+        "00:00:03.000 --> 00:00:05.000 align:start position:0%\nso today we're\n"
+        "going<00:00:03.500><c> to</c><00:00:04.000><c> [Music] talk</c>\n"
+    )
+    words = parse_vtt(youtube)
+    assert [w.word for w in words] == ["so", "today", "we're", "going", "to", "talk"]
+    assert [w.start_s for w in words] == [0.16, 0.64, 1.12, 3.0, 3.5, 4.0]
+    plain = "WEBVTT\n\n1\n00:01.000 --> 00:03.000\n<v Anna>Hello &amp; welcome\n"
+    words = parse_vtt(plain)
+    assert [w.word for w in words] == ["Hello", "&", "welcome"]
+    assert words[0].start_s == 1.0 and words[-1].end_s == 3.0
+    idx = CaptionIndex(words)
+    assert [w["word"] for w in idx.within(1.5, 3.0)] == ["&", "welcome"]
+    assert idx.within(1.5, 3.0)[0]["start_s"] >= 0
+    assert parse_vtt("not a caption file") == []
+
+
+def test_only_http_and_local_files_under_the_corpus_are_fetched(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.ogg").write_bytes(b"x")
+    (tmp_path / "secret.ogg").write_bytes(b"x")
+    check_url("https://www.youtube.com/watch?v=abcdefghijk", "youtube", None)
+    check_url((corpus / "a.ogg").as_uri(), "local", corpus)
+    bad = [
+        ("file:///etc/passwd", "youtube", None),
+        ("ftp://example.com/a.mp3", "youtube", None),
+        ("javascript:alert(1)", "youtube", None),
+        ((tmp_path / "secret.ogg").as_uri(), "local", corpus),
+        (corpus.as_uri() + "/../secret.ogg", "local", corpus),
+        ("https://example.com/a.mp3", "local", corpus),
+    ]
+    for url, source, root in bad:
+        with pytest.raises(ScrapeFailure) as err:
+            check_url(url, source, root)
+        assert err.value.reason == "bad_url", url
+
+
+def test_error_reasons_from_ytdlp_exceptions():
+    from yt_dlp.networking.exceptions import HTTPError, TransportError
+    from yt_dlp.utils import DownloadError, ExtractorError
+
+    class Resp:
+        status, reason, headers, url = 403, "Forbidden", {}, "http://x"
+
+        def close(self):
+            pass
+
+    http = ExtractorError("Unable to download webpage", cause=HTTPError(Resp()))
+    assert classify(DownloadError("ERROR: boom", exc_info=(type(http), http, None))) == "http_403"
+    timeout = TransportError("Read timed out. (read timeout=1.0)")
+    assert classify(DownloadError("ERROR: x", exc_info=(type(timeout), timeout, None))) == "timeout"
+    assert classify(DownloadError("ERROR: 100 bytes read, 100 more expected")) == "truncated"
+    assert classify(DownloadError("ERROR: Did not get any data blocks")) == "empty"
+    assert classify(DownloadError("ERROR: [youtube] x: Private video")) == "unavailable"
+    assert classify(RuntimeError("something else")) == "error"
+
+
+def test_cut_audio_writes_nothing_visible_when_the_file_is_too_short(tmp_path):
+    cfg = make_cfg(tmp_path)
+    speech = sample_speech("podcast_en", 4)
+    path = encode(tmp_path / "short.wav", speech.audio, SR, "pcm_s16le", "wav")
+    with pytest.raises(ScrapeFailure) as err:
+        cut_audio(str(path), "short", cfg, str(tmp_path / "out.parquet"))
+    assert err.value.reason == "too_short"
+
+
+# -- a node leaves in the middle of a scrape -----------------------------------------------------
+
+
+def test_node_removed_mid_scrape_every_chunk_exactly_once(tmp_path, server, media):
+    """Two nodes; the worker node is removed while its tasks run. Ray Data reruns them on the
+    head node; each video's file is written atomically under its id, so the result holds
+    every chunk exactly once, the same chunks a plain sequential loop makes."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from voxtral.ray_utils import init_ray
+
+    names = ["mp3_44k_stereo.mp3", "opus48k_mono.ogg", "aac8k_mono.m4a"]
+    rows = []
+    for copy in range(4):
+        for name in names:
+            rows.append(
+                {
+                    "video_id": f"n{copy}-{video_id(name)}",
+                    "url": server.url(name),
+                    "title": name,
+                    "channel": "",
+                    "duration_s": media["speech"][name].seconds,
+                    "search_term": "",
+                    "source": "youtube",
+                }
+            )
+    # the reference: the same functions in a plain loop, no Ray
+    ref_cfg = make_cfg(tmp_path / "ref")
+    reference = {}
+    for name in names:
+        out = scrape_video({**rows[0], "video_id": "ref", "url": server.url(name)}, ref_cfg)
+        assert out["status"] == "done"
+        table = Storage(ref_cfg.storage.root).read_table(chunks_rel("ref"))
+        reference[name] = [(r["start_s"], r["duration_s"]) for r in table.to_pylist()]
+        Storage(ref_cfg.storage.root).delete(chunks_rel("ref"))
+
+    cfg = make_cfg(tmp_path, "scrape.rate_limit=120K", "scrape.num_cpus=0.5")
+    storage = Storage(cfg.storage.root)
+    write_rows(storage, rows)
+    was_up = ray.is_initialized()
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    worker = cluster.add_node(num_cpus=2)
+    try:
+        ray.init(address=cluster.address)
+        done_at_removal: list[int] = []
+
+        def remove_when_busy() -> None:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and len(storage.listdir("chunks")) < 2:
+                time.sleep(0.05)
+            done_at_removal.append(len(storage.listdir("chunks")))
+            cluster.remove_node(worker, allow_graceful=False)
+
+        killer = threading.Thread(target=remove_when_busy, daemon=True)
+        killer.start()
+        run_scrape(cfg)
+        killer.join(timeout=60)
+        assert done_at_removal and done_at_removal[0] < len(rows)  # removed mid-scrape
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        if was_up:
+            init_ray(num_cpus=4, include_dashboard=False)
+    table = storage.read_table("chunks")
+    ids = table.column("chunk_id").to_pylist()
+    assert len(ids) == len(set(ids))
+    assert failures.read_failures(storage, "scrape") == []
+    for r in rows:
+        mine = table.filter(pa.compute.equal(table["video_id"], r["video_id"])).to_pylist()
+        name = next(n for n in names if r["video_id"].endswith(video_id(n)))
+        got = sorted((c["start_s"], c["duration_s"]) for c in mine)
+        assert got == reference[name], r["video_id"]
+        assert sorted(c["chunk_id"] for c in mine) == [
+            f"{r['video_id']}-{i:05d}" for i in range(len(reference[name]))
+        ]

@@ -1,0 +1,513 @@
+"""The multimodal tokenizer: vocabulary, group layout, ids ⇄ codes + text, allowed tokens,
+best-effort decoding of anything, and encoding real audio through both codecs."""
+
+from __future__ import annotations
+
+import json
+import math
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+from _speech import codec, speech_clip
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from voxtral.audio import AudioError
+from voxtral.codec import CodecInfo, codec_info
+from voxtral.config import CodecConfig, ModelConfig, TokenizerConfig
+from voxtral.model import load_text_tokenizer, resolve_base
+from voxtral.tokenizer import (
+    EMBED_MULTIPLE,
+    Layout,
+    LayoutError,
+    MultimodalTokenizer,
+    StreamDecoder,
+    Vocab,
+    decode_ids,
+    encode_ids,
+    make_layout,
+    place_text,
+    timed_text_ids,
+)
+
+HYP = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+INFO = {name: codec_info(CodecConfig(name=name)) for name in ("encodec", "mimi")}
+GROUP_MS = {"encodec": 40, "mimi": 80}  # 3 EnCodec frames, 1 Mimi frame
+
+
+def layout_of(name: str, text: bool = True, lead: float = 0.5, text_size: int = 512) -> Layout:
+    cfg = TokenizerConfig(group_ms=GROUP_MS[name], text=text, text_lead_s=lead)
+    return make_layout(INFO[name], text_size, cfg)
+
+
+@st.composite
+def layouts(draw, text: bool | None = None) -> Layout:
+    vocab = Vocab(
+        text_size=draw(st.integers(1, 300)),
+        n_q=draw(st.integers(1, 4)),
+        codebook_size=draw(st.integers(1, 64)),
+    )
+    return Layout(
+        vocab=vocab,
+        frame_rate=draw(st.sampled_from([75.0, 12.5, 50.0])),
+        frames_per_group=draw(st.integers(1, 4)),
+        text=draw(st.booleans()) if text is None else text,
+        text_lead_s=draw(st.integers(0, 1000)) / 1000,
+        codec="test",
+        sample_rate=24_000,
+    )
+
+
+@st.composite
+def layout_and_codes(draw, text: bool | None = None):
+    layout = draw(layouts(text))
+    frames = draw(st.integers(0, 5 * layout.frames_per_group + 2))
+    k = layout.vocab.codebook_size
+    flat = draw(
+        st.lists(
+            st.integers(0, k - 1),
+            min_size=frames * layout.vocab.n_q,
+            max_size=frames * layout.vocab.n_q,
+        )
+    )
+    return layout, np.asarray(flat, dtype=np.int64).reshape(layout.vocab.n_q, frames)
+
+
+def slot_key(layout: Layout, index: int):
+    slot = layout.slot_at(index)
+    return "bos" if slot is None else ("text",) if slot.kind == "text" else ("audio", slot.q)
+
+
+# -- vocabulary and layout ---------------------------------------------------------------
+def test_vocabulary_numbers():
+    v = layout_of("encodec").vocab
+    assert (v.text_size, v.n_q, v.codebook_size) == (512, 2, 1024)
+    assert v.audio_range(0) == (512, 1536) and v.audio_range(1) == (1536, 2560)
+    assert (v.text_pad, v.bos, v.eos, v.size) == (2560, 2561, 2562, 2563)
+    assert v.padded_size == 2624 and v.padded_size % EMBED_MULTIPLE == 0
+    assert v.text_pad != v.eos  # padding never reuses EOS
+    m = layout_of("mimi").vocab
+    assert m.special_offset == 512 + 8 * 2048 and m.padded_size == 16960
+
+
+def test_layout_shapes_and_serialisation():
+    enc = layout_of("encodec")
+    assert enc.frames_per_group == 3 and enc.group_len == 1 + 3 * 2
+    assert enc.group_s == pytest.approx(0.04) and enc.tokens_per_s == pytest.approx(175)
+    assert [(s.kind, s.frame, s.q) for s in enc.slots[:4]] == [
+        ("text", 0, 0),
+        ("audio", 0, 0),
+        ("audio", 0, 1),
+        ("audio", 1, 0),
+    ]
+    assert enc.seq_len_for_groups(150) == 1051  # configs/local.yaml's train.seq_len
+    mimi = layout_of("mimi", text=False)
+    assert mimi.group_len == 8 and all(s.kind == "audio" for s in mimi.slots)
+    for layout in (enc, mimi):
+        d = json.loads(json.dumps(layout.to_dict()))
+        assert Layout.from_dict(d) == layout
+        assert d["vocab"]["specials"] == {
+            "<text_pad>": layout.vocab.text_pad,
+            "<bos>": layout.vocab.bos,
+            "<eos>": layout.vocab.eos,
+        }
+
+
+@pytest.mark.parametrize(
+    ("name", "group_ms", "frames"),
+    [
+        ("encodec", None, 1),
+        ("encodec", 1000 / 75, 1),
+        ("encodec", 40, 3),
+        ("encodec", 200, 15),
+        ("mimi", None, 1),
+        ("mimi", 80, 1),
+        ("mimi", 160, 2),
+    ],
+)
+def test_whole_frame_groups_accepted(name, group_ms, frames):
+    layout = make_layout(INFO[name], 100, TokenizerConfig(group_ms=group_ms))
+    assert layout.frames_per_group == frames
+
+
+@pytest.mark.parametrize(
+    ("name", "group_ms"),
+    [
+        ("encodec", 30),
+        ("encodec", 10),
+        ("encodec", 41),
+        ("mimi", 40),
+        ("mimi", 100),
+        ("mimi", 0),
+        ("encodec", -40),
+    ],
+)
+def test_group_not_whole_frames_rejected(name, group_ms):
+    with pytest.raises(LayoutError, match="whole number of frames") as err:
+        make_layout(INFO[name], 100, TokenizerConfig(group_ms=group_ms))
+    assert f"group_ms={group_ms}" in str(err.value)
+
+
+def test_layout_needs_a_frame():
+    with pytest.raises(LayoutError):
+        Layout(Vocab(10, 2, 8), 75.0, frames_per_group=0)
+
+
+# -- allowed tokens -----------------------------------------------------------------------
+@HYP
+@given(layouts())
+def test_allowed_sets_partition_the_vocabulary_by_slot_kind(layout):
+    v = layout.vocab
+    assert v.padded_size % EMBED_MULTIPLE == 0 and v.size <= v.padded_size < v.size + 64
+    by_kind: dict = {}
+    for index in range(2 * layout.group_len + 1):
+        mask = layout.allowed_mask(index)
+        assert mask.shape == (v.padded_size,) and mask.dtype == torch.bool
+        key = slot_key(layout, index)
+        if key in by_kind:  # every position of one slot kind allows the same set
+            assert torch.equal(by_kind[key], mask)
+        by_kind[key] = mask
+        ranges = layout.allowed_range(layout.slot_at(index))
+        assert int(mask.sum()) == sum(hi - lo for lo, hi in ranges)
+    masks = torch.stack(list(by_kind.values()))
+    assert int(masks.sum(0).max()) == 1  # disjoint
+    covered = masks.any(0)
+    expected = torch.zeros(v.padded_size, dtype=torch.bool)
+    expected[v.audio_offset : v.special_offset] = True
+    expected[v.bos] = True
+    if layout.text:  # text ids, <text_pad> and <eos> live in the text slot
+        expected[: v.text_size] = expected[v.text_pad] = expected[v.eos] = True
+    assert torch.equal(covered, expected)  # every id belongs to exactly one kind
+    assert not covered[v.size :].any()  # padding rows are never allowed
+    assert set(by_kind) == {"bos", *(("audio", q) for q in range(v.n_q))} | (
+        {("text",)} if layout.text else set()
+    )
+    if layout.text:
+        text = by_kind[("text",)]
+        assert text[: v.text_size].all() and text[v.text_pad] and text[v.eos]
+        assert not text[v.bos]
+    assert not layout.is_allowed(1, -1) and not layout.is_allowed(1, v.padded_size)
+
+
+# -- ids ⇄ codes ---------------------------------------------------------------------------
+@HYP
+@given(layout_and_codes())
+def test_codes_ids_codes_round_trip(case):
+    layout, codes = case
+    v, fpg = layout.vocab, layout.frames_per_group
+    groups = codes.shape[1] // fpg
+    ids = encode_ids(layout, codes)
+    assert ids.dtype == np.int64 and ids[0] == v.bos
+    assert len(ids) == layout.seq_len_for_groups(groups)
+    assert all(layout.is_allowed(i, int(t)) for i, t in enumerate(ids))
+    back, text = decode_ids(layout, ids)
+    np.testing.assert_array_equal(back, codes[:, : groups * fpg])  # trailing frames dropped
+    assert text == []
+    body = encode_ids(layout, codes, bos=False)
+    np.testing.assert_array_equal(body, ids[1:])
+    np.testing.assert_array_equal(decode_ids(layout, body, start=1)[0], back)
+
+
+@HYP
+@given(layout_and_codes())
+def test_every_group_has_the_same_shape(case):
+    """Each group: the text slot (when enabled), then whole frames, frame-major."""
+    layout, codes = case
+    v, fpg = layout.vocab, layout.frames_per_group
+    groups = codes.shape[1] // fpg
+    body = encode_ids(layout, codes, bos=False).reshape(groups, layout.group_len)
+    col = 0
+    if layout.text:
+        assert (body[:, 0] == v.text_pad).all()  # no captions: all padding, never EOS
+        col = 1
+    for f in range(fpg):
+        for q in range(v.n_q):
+            expected = codes[q, f : groups * fpg : fpg] + v.audio_range(q)[0]
+            np.testing.assert_array_equal(body[:, col], expected)
+            col += 1
+    assert col == layout.group_len
+
+
+@pytest.mark.parametrize("name", ["encodec", "mimi"])
+@pytest.mark.parametrize("text", [True, False])
+def test_real_codec_codes_round_trip(name, text):
+    """Codes of real speech through each codec's own layout come back exactly."""
+    wav, sr = speech_clip()
+    tok = MultimodalTokenizer(codec(name), None, layout_of(name, text=text))
+    codes = tok.encode_audio(wav, sr)
+    assert codes.shape[0] == INFO[name].n_q and codes.shape[1] > 10
+    ids = encode_ids(tok.layout, codes)
+    back, _ = decode_ids(tok.layout, ids)
+    fpg = tok.layout.frames_per_group
+    np.testing.assert_array_equal(back, codes[:, : codes.shape[1] // fpg * fpg])
+
+
+def test_stored_int16_codes_encode_like_int64():
+    layout = layout_of("encodec")
+    codes = np.random.default_rng(0).integers(0, 1024, (2, 12))
+    np.testing.assert_array_equal(
+        encode_ids(layout, codes.astype(np.int16)), encode_ids(layout, codes)
+    )
+
+
+def test_encode_ids_rejects_bad_input():
+    layout = layout_of("encodec")
+    with pytest.raises(LayoutError, match="n_q=2"):
+        encode_ids(layout, np.zeros((3, 6), dtype=np.int64))
+    with pytest.raises(LayoutError, match="n_q=2"):
+        encode_ids(layout, np.zeros(6, dtype=np.int64))
+    with pytest.raises(LayoutError, match=r"\[0, 1024\)"):
+        encode_ids(layout, np.full((2, 6), 1024))
+    with pytest.raises(LayoutError, match=r"\[0, 1024\)"):
+        encode_ids(layout, np.full((2, 6), -1))
+    with pytest.raises(LayoutError, match=r"text ids must lie in \[0, 512\)"):
+        encode_ids(layout, np.zeros((2, 6), dtype=np.int64), np.array([600]), np.array([0.0]))
+
+
+# -- text placement: text leads audio by text_lead_s ---------------------------------------
+@st.composite
+def timed_tokens(draw):
+    fpg = draw(st.integers(1, 4))
+    frame_rate = draw(st.sampled_from([75.0, 12.5]))
+    lead_ms = draw(st.integers(0, 1000))
+    layout = Layout(Vocab(1000, 1, 4), frame_rate, fpg, text=True, text_lead_s=lead_ms / 1000)
+    groups = draw(st.integers(1, 60))
+    times_ms = draw(st.lists(st.integers(0, 4000), max_size=40))
+    return layout, groups, Fraction(lead_ms, 1000), [Fraction(t, 1000) for t in times_ms]
+
+
+@HYP
+@given(timed_tokens())
+def test_text_leads_audio_by_the_configured_time(case):
+    layout, groups, lead, times = case
+    group_s = Fraction(layout.frames_per_group) / Fraction(layout.frame_rate)
+    ids = np.arange(len(times)) + 1  # distinct ids to follow each token
+    out = place_text(layout, groups, ids, np.array([float(t) for t in times]))
+    assert out.shape == (groups,)
+    where = {int(tok): g for g, tok in enumerate(out) if tok != layout.vocab.text_pad}
+    order = sorted(range(len(times)), key=lambda i: times[i])  # stable, like the encoder
+    placed = [int(ids[i]) for i in order if int(ids[i]) in where]
+    assert placed == [int(ids[i]) for i in order][: len(placed)]  # in time order, a prefix
+    assert [where[t] for t in placed] == sorted(where.values())
+    for i in order:
+        target = max(0, math.floor((times[i] - lead) / group_s))  # exact arithmetic
+        g = where.get(int(ids[i]))
+        if g is None:  # dropped: only when no free slot is left from its target on
+            assert all(out[target:] != layout.vocab.text_pad)
+            continue
+        assert g >= target
+        assert all(out[target:g] != layout.vocab.text_pad)  # moved only past taken slots
+        if g == target and times[i] >= lead:
+            # its group starts text_lead_s (to within a group) before the word
+            assert g * group_s <= times[i] - lead < (g + 1) * group_s
+
+
+def test_text_slot_sits_lead_groups_before_its_audio():
+    """In the id stream a word's token comes text_lead_s before the audio frame of the word."""
+    layout = layout_of("encodec", lead=0.4)  # 10 groups of 40 ms
+    frames = 90  # 1.2 s
+    codes = np.zeros((2, frames), dtype=np.int64)
+    times = [0.48, 0.6, 1.0, 1.19]
+    ids = encode_ids(layout, codes, np.array([5, 6, 7, 8]), np.array(times))
+    body = ids[1:].reshape(-1, layout.group_len)
+    assert [int(np.flatnonzero(body[:, 0] == t)[0]) for t in (5, 6, 7, 8)] == [2, 5, 15, 19]
+    for token, t in zip((5, 6, 7, 8), times, strict=True):
+        text_group = int(np.flatnonzero(body[:, 0] == token)[0])
+        audio_group = int(t * layout.frame_rate) // layout.frames_per_group
+        assert audio_group - text_group == 10  # 0.4 s / 40 ms
+    # words before text_lead_s go to the first slots, in order; past the end they are dropped
+    early = encode_ids(layout, codes, np.array([1, 2, 3]), np.array([0.1, 0.0, 5.0]))
+    assert list(early[1:].reshape(-1, layout.group_len)[:3, 0]) == [2, 1, layout.vocab.text_pad]
+    assert 3 not in early[1 :: layout.group_len]
+
+
+# -- decoding anything ----------------------------------------------------------------------
+junk_ids = st.lists(
+    st.one_of(st.integers(-(2**63), 2**63 - 1), st.integers(-5, 3000)), max_size=200
+)
+
+
+@HYP
+@given(layouts(), junk_ids, st.integers(0, 40))
+def test_decoding_junk_never_crashes(layout, ids, start):
+    v = layout.vocab
+    codes, text = decode_ids(layout, ids, start=start)
+    positions = range(start, start + len(ids))
+    complete = sum(
+        1
+        for p in positions
+        if (s := layout.slot_at(p)) is not None and s.kind == "audio" and s.q == v.n_q - 1
+    )
+    assert codes.dtype == np.int64 and codes.shape == (v.n_q, complete)
+    assert codes.size == 0 or (codes.min() >= 0 and codes.max() < v.codebook_size)
+    assert all(0 <= t < v.text_size for t in text)
+    dec = StreamDecoder(layout, index=start)
+    dec.push(ids)
+    bad = [t for p, t in zip(positions, ids, strict=True) if not layout.is_allowed(p, t)]
+    assert dec.dropped == len(bad)
+    assert dec.index == start + len(ids)
+
+
+def test_wrong_slot_tokens_are_dropped_and_audio_keeps_its_timing():
+    layout = layout_of("encodec")  # slots: text, f0q0 f0q1 f1q0 f1q1 f2q0 f2q1
+    v = layout.vocab
+    codes = np.arange(12).reshape(2, 6) + 100
+    ids = encode_ids(layout, codes)
+    ids[1] = v.eos  # allowed in a text slot, not text: no transcript
+    ids[2] = v.audio_range(1)[0] + 7  # codebook 1's token in codebook 0's slot
+    ids[5] = 99_999  # out of vocabulary
+    ids[9] = v.text_pad  # padding in an audio slot (f3q0; ids[8] is a text slot)
+    dec = StreamDecoder(layout, index=0)
+    back, text = dec.push(ids)
+    assert dec.dropped == 3 and text == []
+    expected = codes.copy()
+    expected[0, 0] = 0  # nothing before it: code 0
+    expected[1, 1] = expected[1, 0]  # repeats the previous frame's code
+    expected[0, 3] = expected[0, 2]
+    np.testing.assert_array_equal(back, expected)
+
+
+def test_partial_frame_is_held_back():
+    layout = layout_of("encodec")
+    codes = np.arange(12).reshape(2, 6)
+    ids = encode_ids(layout, codes, np.array([42]), np.array([0.0]))
+    dec = StreamDecoder(layout, index=0)
+    a, text = dec.push(ids[:3])  # <bos>, text, f0q0: frame 0 incomplete
+    assert a.shape == (2, 0) and text == [42]
+    b, _ = dec.push(ids[3:6])  # f0q1 completes frame 0; f1q0 f1q1 frame 1
+    np.testing.assert_array_equal(b, codes[:, :2])
+    c, _ = dec.push(ids[6:])
+    np.testing.assert_array_equal(np.concatenate([a, b, c], axis=1), codes)
+    assert dec.push([])[0].shape == (2, 0)
+
+
+@HYP
+@given(layouts(), junk_ids, st.lists(st.integers(0, 200), max_size=6))
+def test_stream_decoder_incremental_equals_one_shot(layout, ids, cuts):
+    one_codes, one_text = decode_ids(layout, ids)
+    dec = StreamDecoder(layout, index=0)
+    parts, text = [], []
+    bounds = [0, *sorted(c for c in cuts if c <= len(ids)), len(ids)]
+    for lo, hi in zip(bounds, bounds[1:], strict=False):
+        c, t = dec.push(ids[lo:hi])
+        parts.append(c)
+        text += t
+    np.testing.assert_array_equal(np.concatenate(parts, axis=1), one_codes)
+    assert text == one_text
+
+
+@HYP
+@given(layout_and_codes(text=True), st.lists(st.integers(0, 300), max_size=6))
+def test_stream_decoder_on_valid_streams(case, cuts):
+    layout, codes = case
+    assume(codes.shape[1] >= layout.frames_per_group)
+    v = layout.vocab
+    n = codes.shape[1] // layout.frames_per_group
+    text_ids = np.arange(n) % v.text_size
+    ids = encode_ids(layout, codes, text_ids, np.arange(n) * layout.group_s + layout.text_lead_s)
+    dec = StreamDecoder(layout, index=0)
+    bounds = [0, *sorted(c for c in cuts if c <= len(ids)), len(ids)]
+    got = [dec.push(ids[lo:hi]) for lo, hi in zip(bounds, bounds[1:], strict=False)]
+    np.testing.assert_array_equal(
+        np.concatenate([g[0] for g in got], axis=1), codes[:, : n * layout.frames_per_group]
+    )
+    assert [t for g in got for t in g[1]] == list(text_ids)
+    assert dec.dropped == 0
+
+
+# -- text -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def text_tok():
+    return load_text_tokenizer(resolve_base(ModelConfig(base="tiny")))
+
+
+def test_timed_text_ids_maps_tokens_to_their_words(text_tok):
+    sentence = "so what do you think about xylophones, honestly? it is a really good question"
+    words = [{"word": w, "start_s": 0.25 * i + 0.1} for i, w in enumerate(sentence.split())]
+    ids, starts = timed_text_ids(text_tok, words)
+    assert len(ids) == len(starts) > len(words)  # some words take several tokens
+    assert starts == sorted(starts)
+    for w in words:
+        mine = [i for i, s in zip(ids, starts, strict=True) if s == w["start_s"]]
+        assert text_tok.decode(mine).strip() == w["word"]
+    assert text_tok.decode(ids).strip() == sentence
+    assert timed_text_ids(text_tok, []) == ([], [])
+
+
+# -- the whole tokenizer on audio ---------------------------------------------------------
+@pytest.fixture(scope="module", params=["encodec", "mimi"])
+def mm(request, text_tok):
+    name = request.param
+    return MultimodalTokenizer(codec(name), text_tok, layout_of(name, lead=0.2))
+
+
+def test_encode_decode_speech_with_words(mm):
+    wav, sr = speech_clip()
+    words = [{"word": "welcome", "start_s": 0.3}, {"word": "back", "start_s": 0.8}]
+    ids = mm.encode(wav, sr, words)
+    layout = mm.layout
+    codes = mm.encode_audio(wav, sr)
+    groups = codes.shape[1] // layout.frames_per_group
+    assert len(ids) == layout.seq_len_for_groups(groups)
+    assert all(layout.is_allowed(i, int(t)) for i, t in enumerate(ids))
+    audio, transcript = mm.decode(ids)
+    assert transcript.split() == ["welcome", "back"]
+    assert audio.dtype == np.float32
+    assert audio.shape == (groups * layout.frames_per_group * mm.codec.info.hop,)
+    duration = len(wav) / sr
+    assert duration - layout.group_s - 0.1 < len(audio) / mm.codec.sample_rate < duration + 0.1
+    # junk decodes best effort, never a crash
+    junk = np.random.default_rng(1).integers(-10, layout.vocab.padded_size + 10, 300)
+    audio, _ = mm.decode(junk, start=0)
+    assert audio.ndim == 1
+    assert mm.decode([layout.vocab.bos, 5])[0].shape == (0,)  # no complete frame: no audio
+
+
+def test_encode_takes_any_rate_channels_and_pcm(mm):
+    wav, sr = speech_clip()
+    wav = np.clip(wav[:sr], -32767, 32767)  # one second; -wav must not overflow int16
+    mono = mm.encode_audio(wav, sr)
+    np.testing.assert_array_equal(mm.encode_audio(wav.astype(np.float32) / 32768, sr), mono)
+    np.testing.assert_array_equal(mm.encode_audio(np.stack([wav, wav]), sr), mono)
+    silence = mm.encode_audio(np.zeros_like(wav), sr)
+    np.testing.assert_array_equal(mm.encode_audio(np.stack([wav, -wav]), sr), silence)
+    at_48k = mm.encode_audio(torch.zeros(2, 48_000), 48_000)
+    assert at_48k.shape == mm.encode_audio(np.zeros(24_000, np.float32), 24_000).shape
+
+
+@pytest.mark.parametrize(
+    ("audio", "match"),
+    [
+        (np.zeros(0, np.float32), "empty"),
+        (np.zeros((2, 0), np.float32), "empty"),
+        (np.full(2400, np.nan, np.float32), "NaN"),
+        (np.array([0.0, np.inf] * 1200, np.float32), "NaN or infinite"),
+        (np.zeros(2400, bool), "real PCM"),
+        (np.zeros(2400, np.complex64), "real PCM"),
+        (np.array(["a"] * 2400), "real PCM"),
+        (np.zeros((1, 2, 2400), np.float32), r"\[T\] or \[C, T\]"),
+    ],
+)
+def test_bad_audio_is_rejected(text_tok, audio, match):
+    mm = MultimodalTokenizer(codec("encodec"), text_tok, layout_of("encodec"))
+    with pytest.raises(AudioError, match=match):
+        mm.encode(audio, 24_000)
+
+
+def test_bad_sample_rate_and_uint8(text_tok):
+    mm = MultimodalTokenizer(codec("encodec"), text_tok, layout_of("encodec"))
+    with pytest.raises(AudioError, match="sample rate"):
+        mm.encode(np.zeros(2400, np.float32), 0)
+    # 8-bit PCM is unsigned: 128 is silence
+    silence = mm.encode_audio(np.zeros(2400, np.float32), 24_000)
+    np.testing.assert_array_equal(mm.encode_audio(np.full(2400, 128, np.uint8), 24_000), silence)
+
+
+def test_codec_and_layout_must_agree(text_tok):
+    with pytest.raises(LayoutError, match="layout is for mimi"):
+        MultimodalTokenizer(codec("encodec"), text_tok, layout_of("mimi"))
+    other = make_layout(CodecInfo("encodec", 4, 1024, 24_000, 75.0), 512, TokenizerConfig())
+    with pytest.raises(LayoutError, match="n_q=4"):
+        MultimodalTokenizer(codec("encodec"), text_tok, other)

@@ -1,0 +1,259 @@
+"""Stage 4 end to end on CPU: 2 Ray Train workers, DeepSpeed ZeRO-2/3, the tiny model.
+
+The token rows are built here (patterned codes with a little noise, timed caption ids), in
+the TOKENS schema with the codec record preprocess writes, so these tests depend on
+neither scrape nor preprocess. Runs share one storage root and differ by run name.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from voxtral.config import DEFAULT_CONFIG, Config, ConfigError, load_config
+from voxtral.storage import Storage
+
+TRAIN = [
+    "train.num_workers=2",
+    "train.seq_len=281",  # 1 + 40 groups of 7: a 3 s chunk is two windows
+    "train.micro_batch=2",
+    "train.max_steps=12",
+    "train.warmup_steps=2",
+    "train.lr=0.003",
+    "train.log_every=2",
+    "train.eval_every=6",
+    "train.checkpoint_every=6",
+    "train.max_failures=2",
+    "train.sample_seconds=1",
+    "train.prompt_seconds=0.5",
+    "train.eval_fraction=0.2",
+]
+WORDS = "so what do you think about that i mean it is a really good question".split()
+
+
+def make_cfg(root: Path, *overrides: str) -> Config:
+    return load_config(DEFAULT_CONFIG, [f"storage.root={root}", *TRAIN, *overrides], env={})
+
+
+def write_tokens(cfg: Config, videos: int = 6, chunks: int = 2, seconds: float = 3.0) -> None:
+    """Token rows a model can learn quickly: each codebook follows a per-video pattern."""
+    from voxtral.codec import codec_info
+    from voxtral.model import load_text_tokenizer, resolve_base
+    from voxtral.preprocess import codec_record
+    from voxtral.schema import TOKENS
+
+    info = codec_info(cfg.codec)
+    tok = load_text_tokenizer(resolve_base(cfg.model))
+    rng = np.random.default_rng(0)
+    frames = int(seconds * info.frame_rate)
+    f = np.arange(frames)
+    rows = []
+    for v in range(videos):
+        for c in range(chunks):
+            codes = np.stack(
+                [(7 * v + 3 * q + 5 * (f // (2 + q)) + c) % info.codebook_size
+                 for q in range(info.n_q)]
+            )
+            noise = rng.random(codes.shape) < 0.05
+            codes[noise] = rng.integers(0, info.codebook_size, noise.sum())
+            ids, starts = [], []
+            for i, word in enumerate(WORDS[(v + c) % 5 :][:8]):
+                for tid in tok(" " + word, add_special_tokens=False)["input_ids"]:
+                    ids.append(tid)
+                    starts.append(0.3 * i)
+            rows.append(
+                dict(chunk_id=f"vid{v}-{c:03d}", video_id=f"vid{v}", codec=info.name,
+                     n_q=info.n_q, frames=frames, codes=codes.astype("<i2").tobytes(),
+                     text_ids=ids, text_starts_s=starts)
+            )
+    st = Storage(cfg.storage.root)
+    half = len(rows) // 2
+    st.write_table("tokens/part-000.parquet", pa.Table.from_pylist(rows[:half], schema=TOKENS))
+    st.write_table("tokens/part-001.parquet", pa.Table.from_pylist(rows[half:], schema=TOKENS))
+    st.write_json("tokens/codec.json", codec_record(cfg.codec))
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("train") / "run"
+    write_tokens(make_cfg(root))
+    return root
+
+
+@pytest.fixture(scope="module")
+def zero2(root, ray_session):
+    """The uninterrupted ZeRO-2 run: trained, checkpointed, exported."""
+    from voxtral.train.run import read_metrics, run_train
+
+    cfg = make_cfg(root, "train.run_name=zero2", "train.zero_stage=2")
+    summary = run_train(cfg)
+    return cfg, summary, read_metrics(cfg)
+
+
+class WorkerKiller(threading.Thread):
+    """SIGKILLs one of this test process's Ray Train workers once the run has reported a
+    checkpoint (so the restart has something to resume from)."""
+
+    def __init__(self, cfg: Config):
+        super().__init__(daemon=True)
+        self.ckpt_dir = Storage(cfg.storage.root).path("train", cfg.train.run_name)
+        self.killed: int | None = None
+        self.stop = threading.Event()
+
+    def workers(self) -> list:
+        import psutil
+
+        out = []
+        for p in psutil.Process(os.getpid()).children(recursive=True):
+            try:
+                if "RayTrainWorker" in " ".join(p.cmdline()):
+                    out.append(p)
+            except psutil.Error:
+                pass
+        return out
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            if any(Path(self.ckpt_dir).glob("checkpoint_step*")):
+                procs = self.workers()
+                if procs:
+                    victim = max(procs, key=lambda p: p.pid)
+                    os.kill(victim.pid, signal.SIGKILL)
+                    self.killed = victim.pid
+                    return
+            time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def zero3_killed(root, ray_session):
+    """A ZeRO-3 run that loses a worker after its first checkpoint."""
+    from voxtral.train.run import read_metrics, run_train
+
+    cfg = make_cfg(
+        root, "train.run_name=zero3", "train.zero_stage=3", "train.max_steps=16",
+        "train.checkpoint_every=4", "train.eval_every=8", "train.export=false",
+    )
+    killer = WorkerKiller(cfg)
+    killer.start()
+    try:
+        summary = run_train(cfg)
+    finally:
+        killer.stop.set()
+        killer.join()
+    return cfg, summary, read_metrics(cfg), killer.killed
+
+
+def assert_trained(cfg: Config, summary: dict, history: list[dict]) -> None:
+    assert summary["finished"] and summary["step"] == cfg.train.max_steps
+    first, last = history[0], history[-1]
+    assert last["step"] == cfg.train.max_steps
+    assert last["loss"] < 0.75 * first["loss"], (first["loss"], last["loss"])
+    for key in ("loss_text", "loss_text_pad", "loss_audio_q0", "loss_audio_rest", "lr",
+                "grad_norm", "tokens_per_s", "audio_s_per_s", "eval_loss"):
+        assert np.isfinite(last[key]), key
+    assert "mfu" not in last  # CPU: no peak to compare with
+    assert last["lr"] < max(m["lr"] for m in history)  # warmup, then cosine decay
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_stage_trains_and_loss_falls(stage, request):
+    cfg, summary, history, *_ = request.getfixturevalue("zero2" if stage == 2 else "zero3_killed")
+    assert cfg.train.zero_stage == stage
+    assert_trained(cfg, summary, history)
+    assert summary["videos_held_out"] >= 1
+
+
+def test_killed_worker_is_restarted_and_the_run_completes(zero3_killed):
+    cfg, summary, history, killed = zero3_killed
+    assert killed is not None, "no training worker was killed"
+    assert summary["finished"]
+    # The restart resumed from a checkpoint, not from step 0.
+    assert history[-1]["resumed_from_step"] >= cfg.train.checkpoint_every
+
+
+def test_stopped_run_resumes_to_the_same_result(root, zero2, ray_session):
+    from voxtral.train.run import read_metrics, run_train
+
+    _, _, reference = zero2
+    names = ("train.run_name=resume", "train.export=false")
+    first = run_train(make_cfg(root, *names, "train.stop_after_step=6"))
+    assert first["step"] == 6 and not first["finished"]
+    cfg = make_cfg(root, *names)
+    second = run_train(cfg)
+    assert second["finished"]
+    history = read_metrics(cfg)
+    assert history[-1]["resumed_from_step"] == 6
+    ref = {m["step"]: m for m in reference}
+    for m in history:
+        assert m["loss"] == pytest.approx(ref[m["step"]]["loss"], rel=0.02), m["step"]
+    assert history[-1]["eval_loss"] == pytest.approx(reference[-1]["eval_loss"], rel=0.02)
+
+
+def test_export_loads_and_generates_well_formed_streams(zero2):
+    import soundfile as sf
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from voxtral.model import read_voxtral_json
+    from voxtral.tokenizer import Layout, StreamDecoder
+    from voxtral.train.export import SAMPLE_JSON, SAMPLE_WAV
+    from voxtral.train.run import validate
+    from voxtral.train.sample import generate_ids
+
+    cfg, summary, _ = zero2
+    folder = Path(summary["model_dir"])
+    assert (folder / "model.safetensors").is_file()
+    layout = Layout.from_dict(read_voxtral_json(folder)["layout"])
+    assert layout == validate(cfg)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    assert model.get_input_embeddings().weight.shape[0] == layout.vocab.padded_size
+    AutoTokenizer.from_pretrained(folder)
+
+    prompt = np.asarray(__import__("json").loads((folder / SAMPLE_JSON).read_text())["ids"])
+    prompt = prompt[: layout.seq_len_for_groups(5)]
+    new = generate_ids(model, layout, prompt, 10 * layout.group_len + 3, seed=1)
+    start = len(prompt)
+    assert all(layout.is_allowed(start + i, int(t)) for i, t in enumerate(new))
+    decoder = StreamDecoder(layout, index=start)
+    codes, _text = decoder.push(new)
+    assert decoder.dropped == 0
+    assert codes.shape == (layout.vocab.n_q, 10 * layout.frames_per_group)
+
+    wav, sr = sf.read(folder / SAMPLE_WAV)
+    assert sr == 24_000 and wav.ndim == 1
+    expected = cfg.train.prompt_seconds + cfg.train.sample_seconds
+    assert abs(len(wav) / sr - expected) < 0.2
+    assert np.isfinite(wav).all()
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("train.zero_stage=4", "train.zero_stage"),
+        ("train.num_workers=0", "train.num_workers"),
+        ("train.offload_params=true", "train.offload_params"),
+    ],
+)
+def test_bad_train_config_is_refused_when_loaded(override, key, tmp_path):
+    with pytest.raises(ConfigError, match=key):
+        make_cfg(tmp_path, override)
+
+
+def test_bad_configs_fail_before_any_work(root):
+    from voxtral.preprocess import CodecMismatchError
+    from voxtral.train.run import run_train
+
+    storage = Storage(root)
+    with pytest.raises(ConfigError, match=r"train\.seq_len=280 .* groups of 7"):
+        run_train(make_cfg(root, "train.seq_len=280", "train.run_name=bad1"))
+    with pytest.raises(CodecMismatchError, match="n_q"):  # tokens are 2-codebook EnCodec
+        # 4 codebooks: groups of 1 + 3 * 4 = 13, so seq_len 521 is valid for that layout
+        run_train(make_cfg(root, "codec.bandwidth=3.0", "train.seq_len=521", "train.run_name=bad2"))
+    assert not storage.exists("train", "bad1") and not storage.exists("train", "bad2")

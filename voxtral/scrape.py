@@ -1,0 +1,426 @@
+"""Stage 2, scrape: index rows → ``chunks/<video_id>.parquet`` (DESIGN.md, stage 2).
+
+One video per task. The task downloads the best audio stream (``voxtral.download``),
+decodes it as a stream at the codec rate (``voxtral.audio.decode_stream``), finds speech
+with silero-vad and cuts chunks at pauses (``voxtral.chunking``), encodes each chunk as
+FLAC with the caption words inside it, and streams the rows into a temporary Parquet file
+that is moved into place only when the whole video succeeded. So memory is bounded by a
+few minutes of audio whatever the video's length, and a task killed halfway leaves nothing.
+
+A failure is a ``failures/scrape`` row with a reason, never a crashed job; a rerun skips
+finished videos and retries failed ones until ``scrape.max_attempts``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from collections import Counter, deque
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from voxtral import failures, schema
+from voxtral.audio import (
+    AudioError,
+    CorruptAudioError,
+    DecodeStats,
+    NotAudioError,
+    StreamResampler,
+    decode_stream,
+    flac_encode,
+)
+from voxtral.captions import CaptionIndex, parse_vtt
+from voxtral.chunking import FRAME_S, ChunkPlanner, StreamVAD
+from voxtral.config import Config
+from voxtral.download import ScrapeFailure, check_url, classify, download, local_file
+from voxtral.index import resolve_path
+from voxtral.storage import Storage
+
+STAGE = "scrape"
+CODEC_SAMPLE_RATE = 24000
+"""Both codecs (EnCodec and Mimi) run at 24 kHz; chunks are stored at that rate."""
+PAD_S = 0.25
+"""Silence kept before a chunk's first and after its last speech."""
+ROW_GROUP = 32
+TMP_PREFIX = "voxtral-scrape-"
+TRUNCATION_SLACK = 0.9
+"""A decode that yields less than this share of the announced duration is truncated."""
+
+
+def target_sample_rate(cfg: Config) -> int:
+    """The rate chunks are stored at: the codec's (24 kHz for both EnCodec and Mimi)."""
+    return CODEC_SAMPLE_RATE
+
+
+def chunks_rel(video_id: str) -> str:
+    return f"chunks/{schema.safe_name(video_id)}.parquet"
+
+
+# -- per video -----------------------------------------------------------------------------
+
+
+class _Samples:
+    """The decoded stream from the earliest sample a future chunk may use, as blocks."""
+
+    def __init__(self) -> None:
+        self.blocks: deque[np.ndarray] = deque()
+        self.start = 0
+        self.end = 0
+
+    def append(self, x: np.ndarray) -> None:
+        self.blocks.append(x)
+        self.end += len(x)
+
+    def drop_before(self, i: int) -> None:
+        while self.blocks and self.start + len(self.blocks[0]) <= i:
+            self.start += len(self.blocks.popleft())
+
+    def slice(self, a: int, b: int) -> np.ndarray:
+        out, pos = [], self.start
+        for blk in self.blocks:
+            lo, hi = max(a, pos), min(b, pos + len(blk))
+            if lo < hi:
+                out.append(blk[lo - pos : hi - pos])
+            pos += len(blk)
+            if pos >= b:
+                break
+        return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+class _ChunkWriter:
+    """Streams chunk rows into a local Parquet file, a row group at a time."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.rows: list[dict] = []
+        self.count = 0
+        self._writer: pq.ParquetWriter | None = None
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        self.count += 1
+        if len(self.rows) >= ROW_GROUP:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.rows:
+            return
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(
+                self.path, schema.CHUNKS, compression={"audio": "NONE"}, use_dictionary=False
+            )
+        self._writer.write_table(pa.Table.from_pylist(self.rows, schema=schema.CHUNKS))
+        self.rows = []
+
+    def close(self) -> None:
+        self._flush()
+        if self._writer is not None:
+            self._writer.close()
+
+
+def cut_audio(
+    path: str,
+    video_id: str,
+    cfg: Config,
+    out_path: str,
+    captions: CaptionIndex | None = None,
+    expected_s: float | None = None,
+) -> dict:
+    """Decode ``path`` as a stream, cut it into chunks and write their rows to ``out_path``.
+
+    Returns figures about the audio; raises ``AudioError`` subclasses or ``ScrapeFailure``
+    (``truncated``, ``empty``, ``no_speech``) when the file gives no usable chunks.
+    """
+    sc = cfg.scrape
+    sr = target_sample_rate(cfg)
+    hop = round(sr * FRAME_S)
+    vad = StreamVAD(sc.vad_rate)
+    to_vad = StreamResampler(sr, sc.vad_rate)
+    planner = ChunkPlanner(
+        min_frames=math.ceil(sc.min_chunk_s / FRAME_S - 1e-6),
+        max_frames=math.floor(sc.max_chunk_s / FRAME_S + 1e-6),
+        pad_frames=round(PAD_S / FRAME_S),
+        threshold=sc.vad_threshold,
+    )
+    samples = _Samples()
+    writer = _ChunkWriter(out_path)
+    stats = DecodeStats()
+    kept = {"speech_s": 0.0, "audio_s": 0.0, "low_speech": 0}
+    min_samples = round((sc.min_chunk_s - FRAME_S) * sr)
+
+    def emit(chunks) -> None:
+        for ch in chunks:
+            a, b = ch.start * hop, min(ch.end * hop, samples.end)
+            if b - a < min_samples:
+                continue
+            if ch.speech_ratio < sc.min_speech_ratio:
+                kept["low_speech"] += 1
+                continue
+            audio = samples.slice(a, b)
+            start_s, dur_s = a / sr, (b - a) / sr
+            writer.add(
+                {
+                    "chunk_id": f"{video_id}-{writer.count:05d}",
+                    "video_id": video_id,
+                    "start_s": start_s,
+                    "duration_s": dur_s,
+                    "sample_rate": sr,
+                    "audio": flac_encode(audio, sr),
+                    "speech_ratio": ch.speech_ratio,
+                    "captions": captions.within(start_s, start_s + dur_s) if captions else [],
+                }
+            )
+            kept["speech_s"] += ch.speech * FRAME_S
+            kept["audio_s"] += dur_s
+
+    try:
+        for block in decode_stream(path, sr, stats=stats):
+            if not len(block):
+                continue
+            samples.append(block)
+            emit(planner.push(vad.push(to_vad.push(block))))
+            samples.drop_before(planner.pos * hop)
+        tail = np.concatenate([vad.push(to_vad.flush()), vad.flush()])
+        emit(planner.finish(tail))
+    finally:
+        writer.close()
+    audio_s = samples.end / sr
+    if audio_s <= 0:
+        raise ScrapeFailure("empty", "the file decodes to no audio")
+    expected = expected_s if expected_s and expected_s > 0 else stats.header_duration_s
+    if stats.stopped_early or (expected and audio_s < TRUNCATION_SLACK * expected - 1.0):
+        raise ScrapeFailure(
+            "truncated", f"decoded {audio_s:.1f} s of an announced {expected or 0:.1f} s"
+        )
+    if writer.count == 0:
+        if audio_s < sc.min_chunk_s:
+            raise ScrapeFailure("too_short", f"{audio_s:.1f} s is under scrape.min_chunk_s")
+        raise ScrapeFailure(
+            "no_speech",
+            f"no chunk with speech_ratio >= {sc.min_speech_ratio} in {audio_s:.1f} s "
+            f"(speech found: {planner.speech_frames * FRAME_S:.1f} s)",
+        )
+    return {
+        "audio_s": audio_s,
+        "chunks": writer.count,
+        "chunk_s": kept["audio_s"],
+        "speech_s": kept["speech_s"],
+        "dropped_low_speech": kept["low_speech"],
+        "vad_model_s": vad.model_frames * FRAME_S,
+        "source_rate": stats.source_rate,
+        "channels": stats.channels,
+        "codec": stats.codec,
+    }
+
+
+def _load_captions(row: dict, fetched_vtt: str | None, local_root: Path | None) -> CaptionIndex:
+    text = fetched_vtt
+    if row.get("source") == "local" and local_root is not None:
+        sidecar = local_file(row["url"], local_root).with_suffix(".vtt")
+        text = sidecar.read_text(encoding="utf-8", errors="replace") if sidecar.is_file() else None
+    if not text:
+        return CaptionIndex([])
+    try:
+        return CaptionIndex(parse_vtt(text))
+    except Exception:  # a broken caption file costs the captions, not the audio
+        return CaptionIndex([])
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, NotAudioError):
+        return "not_audio"
+    if isinstance(exc, CorruptAudioError):
+        return "corrupt"
+    if isinstance(exc, AudioError):
+        return "empty"
+    return classify(exc)
+
+
+def scrape_video(row: dict, cfg: Config, storage: Storage | None = None) -> dict:
+    """Scrape one index row; never raises: a failure is recorded and returned as data.
+
+    Returns ``{video_id, status: done|failed|skipped, reason, error, audio_s, chunks,
+    speech_s, wall_s}``.
+    """
+    t0 = time.perf_counter()
+    storage = storage or Storage(cfg.storage.root)
+    video_id = row["video_id"]
+    result = {"video_id": video_id, "status": "done", "reason": "", "error": "",
+              "audio_s": 0.0, "chunks": 0, "speech_s": 0.0, "wall_s": 0.0}  # fmt: skip
+    rel = chunks_rel(video_id)
+    if storage.exists(rel):
+        result["status"] = "skipped"
+        return result
+    local = row.get("source") == "local"
+    local_root = resolve_path(cfg.index.local_dir) if local else None
+    try:
+        if cfg.scrape.tmp_dir:
+            os.makedirs(cfg.scrape.tmp_dir, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=TMP_PREFIX, dir=cfg.scrape.tmp_dir) as tmp:
+            try:
+                check_url(row["url"], row.get("source", ""), local_root)
+                got = download(row["url"], tmp, cfg.scrape, allow_file=local)
+                captions = (
+                    _load_captions(row, got.captions_vtt, local_root)
+                    if cfg.scrape.captions
+                    else None
+                )
+                out_path = os.path.join(tmp, "chunks.parquet")
+                figures = cut_audio(
+                    got.path, video_id, cfg, out_path, captions, row.get("duration_s") or None
+                )
+                storage.put_file(rel, out_path)
+            except Exception as exc:  # every failure becomes a row, whatever raised it
+                result.update(status="failed", reason=_reason(exc))
+                result["error"] = f"{type(exc).__name__}: {exc}".strip()[:2000]
+            else:
+                result.update(
+                    audio_s=figures["audio_s"],
+                    chunks=figures["chunks"],
+                    speech_s=figures["speech_s"],
+                )
+        if result["status"] == "failed":
+            failures.record_failure(
+                storage, STAGE, video_id, video_id, result["reason"], result["error"]
+            )
+        else:
+            failures.clear_failure(storage, STAGE, video_id)
+    finally:
+        result["wall_s"] = time.perf_counter() - t0
+    return result
+
+
+# -- on Ray ----------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=1)
+def _metrics():
+    """Counters in the Ray dashboard; None outside a Ray worker."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    from ray.util.metrics import Counter as RayCounter
+
+    return {
+        "videos": RayCounter(
+            "voxtral_scrape_videos", "Videos scraped, by status.", tag_keys=("status",)
+        ),
+        "hours": RayCounter("voxtral_scrape_audio_hours", "Hours of audio decoded and cut."),
+        "chunk_hours": RayCounter("voxtral_scrape_chunk_hours", "Hours of audio kept as chunks."),
+        "failures": RayCounter(
+            "voxtral_scrape_failures", "Failed videos, by reason.", tag_keys=("reason",)
+        ),
+    }
+
+
+def _scrape_task(row: dict, cfg: Config) -> dict:
+    """Ray Data map function: one video per call, one core's worth of threads."""
+    import torch
+
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)  # parallelism comes from tasks, not from threads inside one
+    out = scrape_video(row, cfg)
+    m = _metrics()
+    if m is not None:
+        m["videos"].inc(1, tags={"status": out["status"]})
+        if out["audio_s"]:
+            m["hours"].inc(out["audio_s"] / 3600)
+        if out["speech_s"]:
+            m["chunk_hours"].inc(out["speech_s"] / 3600)
+        if out["status"] == "failed":
+            m["failures"].inc(1, tags={"reason": out["reason"]})
+    return out
+
+
+def plan(storage: Storage, cfg: Config) -> tuple[list[dict], dict]:
+    """Index rows still to scrape, and how many were skipped (done, out of attempts)."""
+    table = storage.read_table("index")
+    rows = table.to_pylist() if table is not None else []
+    done = {n[: -len(".parquet")] for n in storage.listdir("chunks", suffix=".parquet")}
+    tries = failures.attempts(storage, STAGE)
+    todo, seen = [], set()
+    skipped = {"done_before": 0, "out_of_attempts": 0}
+    for r in rows:
+        vid = r["video_id"]
+        if vid in seen:
+            continue
+        seen.add(vid)
+        if schema.safe_name(vid) in done:
+            skipped["done_before"] += 1
+        elif tries.get(vid, 0) >= cfg.scrape.max_attempts:
+            skipped["out_of_attempts"] += 1
+        else:
+            todo.append(r)
+    return todo, {"index_videos": len(seen), **skipped}
+
+
+def _alive_nodes() -> int:
+    import ray
+
+    return max(1, sum(1 for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU")))
+
+
+def summarize(results: list[dict], wall_s: float, counts: dict) -> dict:
+    """The stage's summary: videos done / failed by reason, hours, x-realtime."""
+    by_status = Counter(r["status"] for r in results)
+    reasons = Counter(r["reason"] for r in results if r["status"] == "failed")
+    audio_s = sum(r["audio_s"] for r in results)
+    return {
+        **counts,
+        "attempted": len(results),
+        "done": by_status.get("done", 0),
+        "failed": by_status.get("failed", 0),
+        "failed_by_reason": dict(sorted(reasons.items())),
+        "chunks": sum(r["chunks"] for r in results),
+        "audio_hours": audio_s / 3600,
+        "chunk_speech_hours": sum(r["speech_s"] for r in results) / 3600,
+        "wall_s": wall_s,
+        "xrt": audio_s / wall_s if wall_s > 0 else 0.0,
+    }
+
+
+def run_scrape(cfg: Config) -> dict:
+    """Scrape every index row not yet done, as a Ray Data plan; returns the summary."""
+    import ray
+
+    storage = Storage(cfg.storage.root)
+    todo, counts = plan(storage, cfg)
+    t0 = time.perf_counter()
+    results: list[dict] = []
+    if todo:
+        concurrency = max(1, min(len(todo), cfg.scrape.concurrency * _alive_nodes()))
+        ds = ray.data.from_items(todo, override_num_blocks=len(todo))
+        ds = ds.map(
+            _scrape_task,
+            fn_kwargs={"cfg": cfg},
+            num_cpus=cfg.scrape.num_cpus,
+            concurrency=concurrency,
+        )
+        results = ds.take_all()
+    return summarize(results, time.perf_counter() - t0, counts)
+
+
+def format_summary(summary: dict) -> str:
+    """The end-of-stage table: counts, failures by reason, hours, x-realtime."""
+    reasons = ", ".join(f"{k}: {v}" for k, v in summary["failed_by_reason"].items())
+    rows = [
+        ("videos in index", f"{summary['index_videos']}"),
+        ("skipped: already done", f"{summary['done_before']}"),
+        ("skipped: out of attempts", f"{summary['out_of_attempts']}"),
+        ("scraped now", f"{summary['done']}"),
+        ("failed now", f"{summary['failed']}" + (f" ({reasons})" if reasons else "")),
+        ("chunks written", f"{summary['chunks']}"),
+        ("audio hours", f"{summary['audio_hours']:.3f}"),
+        ("speech hours in chunks", f"{summary['chunk_speech_hours']:.3f}"),
+        ("wall seconds", f"{summary['wall_s']:.1f}"),
+        ("x-realtime", f"{summary['xrt']:.0f}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(["scrape summary"] + [f"  {k:<{width}}  {v}" for k, v in rows])

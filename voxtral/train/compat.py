@@ -1,0 +1,44 @@
+"""Training refuses tokens made with another codec or layout than the model's.
+
+One place for the checks: ``tokens/codec.json`` through preprocess's own
+:func:`voxtral.preprocess.check_codec_compatible` (against the codec config, which also pins
+the weights: random-init and pretrained codes are unrelated), and every row's ``codec`` and
+``n_q`` against the model's layout (a folder could mix runs).
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from voxtral.config import CodecConfig
+from voxtral.storage import Storage
+from voxtral.tokenizer import Layout
+
+
+class TokenMismatchError(ValueError):
+    """Token rows made with another codec or layout than the model's."""
+
+
+def check_row_codec(codec: str, n_q: int, layout: Layout, where: str) -> None:
+    if codec != layout.codec or n_q != layout.vocab.n_q:
+        raise TokenMismatchError(
+            f"tokens {where} were made with codec {codec!r} n_q={n_q}, but the model's layout "
+            f"is {layout.codec!r} n_q={layout.vocab.n_q}; re-run preprocess with this codec "
+            "config, or set codec.* to what made the tokens"
+        )
+
+
+def check_tokens(storage: Storage, codec: CodecConfig, layout: Layout) -> pa.Table:
+    """Check ``tokens/`` against the codec config and layout; returns its ``chunk_id,
+    video_id, frames`` columns. Reads only small columns: cheap, before any worker starts."""
+    from voxtral.preprocess import check_codec_compatible
+
+    if not storage.parquet_files("tokens"):
+        raise FileNotFoundError(f"no tokens under {storage.uri('tokens')}: run preprocess first")
+    check_codec_compatible(storage, codec)
+    check_codec_compatible(storage, layout)
+    table = storage.read_table("tokens", columns=["chunk_id", "video_id", "codec", "n_q", "frames"])
+    pairs = table.group_by(["codec", "n_q"]).aggregate([("chunk_id", "min")])
+    for row in pairs.to_pylist():
+        check_row_codec(row["codec"], int(row["n_q"]), layout, f"(e.g. {row['chunk_id_min']})")
+    return table.select(["chunk_id", "video_id", "frames"])

@@ -1,0 +1,230 @@
+"""Stage 4: ``run_train(cfg)`` — Ray Train ``TorchTrainer`` + DeepSpeed over ``tokens/``.
+
+Everything that can be wrong with the config or the tokens fails here, before a worker
+starts: the seq_len against the layout, the codec of the tokens. Resuming is rerunning:
+the run lives at ``storage.root/train/<run_name>`` and Ray Train hands the latest
+checkpoint to the workers. At the end, the final checkpoint is consolidated and exported
+to ``storage.root/models/<run_name>`` by a Ray task (on a GPU node when training used GPUs).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+
+from voxtral.config import Config, ConfigError
+from voxtral.storage import Storage
+from voxtral.tokenizer import Layout
+from voxtral.train.compat import check_tokens
+from voxtral.train.data import eval_videos, row_codes, row_windows, split_batch, windows_batch
+
+log = logging.getLogger("voxtral.train")
+
+TOKEN_COLUMNS = ["chunk_id", "video_id", "codec", "n_q", "frames", "codes", "text_ids",
+                 "text_starts_s"]
+METRICS_FILE = "metrics.jsonl"
+
+
+def validate(cfg: Config) -> Layout:
+    """The layout of ``cfg``, after checking the train section against it."""
+    from voxtral.model import layout_for
+
+    try:
+        layout = layout_for(cfg)
+        cfg.train.check_layout(layout.group_len)
+    except ValueError as exc:
+        raise ConfigError(f"invalid config: {exc}") from None
+    return layout
+
+
+def _windows(batch: dict, layout: Layout, seq_len: int, held_out: frozenset, keep_eval: bool):
+    return windows_batch(split_batch(batch, held_out, keep_eval), layout, seq_len)
+
+
+def window_dataset(storage: Storage, layout: Layout, seq_len: int, held_out: frozenset,
+                   keep_eval: bool, materialize: bool):
+    """``tokens/`` → a Ray Dataset of windows of one split (file order kept).
+
+    Read with Ray Data's first Parquet reader: the second one starts a pool of 32
+    footer-reading actors per read, which on a small node costs more than the whole
+    read (every worker reads the split, every epoch). ``materialize`` holds the windows
+    in the object store once, for corpora small enough that re-reading them is the cost.
+    """
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    v2, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
+    try:
+        ds = ray.data.read_parquet(
+            storage.parquet_files("tokens"), filesystem=storage.fs, columns=TOKEN_COLUMNS
+        )
+    finally:
+        ctx.use_datasource_v2 = v2
+    ds = ds.map_batches(
+        _windows,
+        batch_format="numpy",
+        fn_kwargs={"layout": layout, "seq_len": seq_len, "held_out": held_out,
+                   "keep_eval": keep_eval},
+    )
+    return ds.materialize() if materialize else ds
+
+
+def window_bytes(frames: int, layout: Layout) -> int:
+    """Bytes of the windows of ``frames`` codec frames (int32 ids)."""
+    return frames // layout.frames_per_group * layout.group_len * 4
+
+
+def run_dir(cfg: Config) -> str:
+    return Storage(cfg.storage.root).uri("train", cfg.train.run_name)
+
+
+def read_metrics(cfg: Config) -> list[dict]:
+    """Every reported step of the run (rank 0's view), oldest first."""
+    storage = Storage(cfg.storage.root)
+    rel = f"train/{cfg.train.run_name}/{METRICS_FILE}"
+    if not storage.exists(rel):
+        return []
+    return [json.loads(line) for line in storage.read_bytes(rel).decode().splitlines() if line]
+
+
+def _metrics_callback(root: str, run_name: str):
+    from ray.train import UserCallback
+
+    class MetricsLog(UserCallback):
+        """Keeps ``train/<run>/metrics.jsonl`` on the controller: one line per report. A
+        step reported again after a restart replaces the lines from that step on."""
+
+        def __init__(self):
+            self.root, self.rel = root, f"train/{run_name}/{METRICS_FILE}"
+            self.lines: list[dict] | None = None
+
+        def after_report(self, run_context, metrics, checkpoint):
+            if not metrics or not metrics[0]:
+                return
+            storage = Storage(self.root)
+            if self.lines is None:
+                self.lines = []
+                if storage.exists(self.rel):
+                    raw = storage.read_bytes(self.rel).decode().splitlines()
+                    self.lines = [json.loads(x) for x in raw if x]
+            m = {k: v for k, v in metrics[0].items() if isinstance(v, int | float | str)}
+            step = m.get("step", math.inf)
+            self.lines = [x for x in self.lines if x.get("step", -1) < step] + [m]
+            body = "".join(json.dumps(x) + "\n" for x in self.lines)
+            storage.write_bytes(self.rel, body.encode())
+
+    return MetricsLog()
+
+
+def _prompt_window(storage: Storage, index, held_out: frozenset, layout: Layout,
+                   seq_len: int) -> tuple[np.ndarray | None, dict]:
+    """The first window of the first held-out chunk (a training chunk if none is held out)."""
+    chunk_ids = index.column("chunk_id").to_pylist()
+    videos = index.column("video_id").to_pylist()
+    pool = sorted(c for c, v in zip(chunk_ids, videos, strict=True) if v in held_out)
+    split = "eval" if pool else "train"
+    pool = pool or sorted(chunk_ids)
+    if not pool:
+        return None, {}
+    files = pads.dataset(storage.parquet_files("tokens"), filesystem=storage.fs, format="parquet")
+    row = files.to_table(columns=TOKEN_COLUMNS, filter=pc.field("chunk_id") == pool[0])
+    r = row.slice(0, 1).to_pylist()[0]
+    codes = row_codes(r["codes"], r["n_q"], r["frames"])
+    wins = row_windows(layout, codes, r["text_ids"], r["text_starts_s"], seq_len)
+    source = {"prompt_chunk_id": r["chunk_id"], "prompt_video_id": r["video_id"], "split": split}
+    return (wins[0] if wins else None), source
+
+
+def _export_task(cfg_dict: dict, checkpoint, prompt, source: dict, extra: dict) -> str:
+    from pathlib import Path
+
+    from voxtral.train.export import export_run
+    from voxtral.train.loop import TRAIN_STATE
+
+    cfg = Config.model_validate(cfg_dict)
+    with checkpoint.as_directory() as folder:
+        state = json.loads(Path(folder, TRAIN_STATE).read_text())
+        return export_run(cfg, folder, state["tag"], prompt, source,
+                          {**extra, "step": state["step"]})
+
+
+def run_train(cfg: Config) -> dict:
+    """Train (or resume) ``cfg.train.run_name``; export at the end. Returns a summary."""
+    import ray
+    import ray.train
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from voxtral.ray_utils import init_ray
+    from voxtral.train.loop import train_loop
+
+    tc = cfg.train
+    layout = validate(cfg)
+    storage = Storage(cfg.storage.root)
+    index = check_tokens(storage, cfg.codec, layout)
+    held_out = frozenset(
+        eval_videos(index.column("video_id").to_pylist(), tc.eval_fraction, tc.seed)
+    )
+    init_ray()
+    if tc.use_gpu and ray.cluster_resources().get("GPU", 0) < tc.num_workers:
+        log.warning("train.use_gpu with %d workers but the cluster has %s GPUs now: waiting "
+                    "for the autoscaler", tc.num_workers, ray.cluster_resources().get("GPU", 0))
+    small = window_bytes(int(pc.sum(index.column("frames")).as_py() or 0), layout) < (
+        tc.materialize_mb << 20
+    )
+    datasets = {
+        split: window_dataset(storage, layout, tc.seq_len, held_out, split == "eval", small)
+        for split in ("train", "eval")
+    }
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "layout": layout.to_dict()},
+        torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu),
+        run_config=RunConfig(
+            name=tc.run_name,
+            storage_path=storage.uri("train"),
+            failure_config=FailureConfig(max_failures=tc.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints),
+            callbacks=[_metrics_callback(cfg.storage.root, tc.run_name)],
+        ),
+        datasets=datasets,
+        # Each worker reads the whole split in file order and takes its own share (see
+        # voxtral.train.stream): deterministic shards, exact resume, no epoch deadlock.
+        dataset_config=DataConfig(
+            datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)
+        ),
+    )
+    result = trainer.fit()
+    if getattr(result, "error", None):
+        raise result.error
+    final = dict(result.metrics or {})
+    step = int(final.get("step", 0))
+    history = read_metrics(cfg)
+    summary = {
+        "run_name": tc.run_name,
+        "step": step,
+        "finished": step >= tc.max_steps,
+        "videos_held_out": len(held_out),
+        "chunks": index.num_rows,
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "metrics_file": f"{run_dir(cfg)}/{METRICS_FILE}",
+        "first_loss": history[0].get("loss") if history else None,
+        "loss": final.get("loss"),
+        "eval_loss": final.get("eval_loss"),
+        "tokens_per_s": final.get("tokens_per_s"),
+    }
+    if tc.export and summary["finished"] and result.checkpoint is not None:
+        prompt, source = _prompt_window(storage, index, held_out, layout, tc.seq_len)
+        extra = {"run_name": tc.run_name, "eval_loss": final.get("eval_loss")}
+        task = ray.remote(num_cpus=1, num_gpus=1 if tc.use_gpu else 0)(_export_task)
+        summary["model_dir"] = ray.get(
+            task.remote(cfg.model_dump(mode="json"), result.checkpoint, prompt, source, extra)
+        )
+    return summary
