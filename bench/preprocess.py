@@ -185,6 +185,11 @@ def main() -> None:
                 measure_codec(codec, wavs, batch, cfg.preprocess.max_pad, codec_s / 3, "cuda"), 1
             )
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cudnn.deterministic = True
+            extras["codec_xrt_deterministic"] = round(
+                measure_codec(codec, wavs, batch, cfg.preprocess.max_pad, codec_s / 3, "cuda"), 1
+            )
+            torch.backends.cudnn.deterministic = False
         print(json.dumps(extras), file=sys.stderr)
     del codec
     if cuda:
@@ -222,6 +227,9 @@ def main() -> None:
         "hours": round(summary["audio_hours"], 2),
         "chunks": summary["chunks"],
         "wall_s": round(summary["wall_s"], 1),
+        "first_codes_s": round(summary["first_codes_s"], 1),
+        "steady_xrt": round(summary["steady_xrt"], 1),
+        "steady_efficiency": round(summary["steady_xrt"] / codec_xrt, 3),
         **extras,
     }
     print(json.dumps(result))
@@ -252,6 +260,13 @@ def check_codes(codec, wavs: list, cuda: bool) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
         out["tf32_code_agreement"] = float(
             np.mean([(a == b).mean() for a, b in zip(batched, tf32, strict=True)])
+        )
+        torch.backends.cudnn.deterministic = True
+        alone = [encode_alone(codec, w) for w in wavs]
+        batched = encode_batch(codec, wavs)
+        torch.backends.cudnn.deterministic = False
+        out["deterministic_batch_equals_alone"] = sum(
+            bool(np.array_equal(a, b)) for a, b in zip(alone, batched, strict=True)
         )
     return out
 

@@ -57,8 +57,8 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run(name: str, batch: int, seconds: float, device: torch.device, repeats: int) -> dict:
-    codec = load_codec(CodecConfig(name=name), device)
+def run(codec, batch: int, seconds: float, device: torch.device, repeats: int) -> dict:
+    name = codec.name
     layout = make_layout(codec.info, TEXT_SIZE, TokenizerConfig(group_ms=GROUP_MS[name]))
     wav = speech_like(seconds, codec.sample_rate, batch)
 
@@ -116,13 +116,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--codecs", default="encodec,mimi")
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs; the best is kept")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no GPU is visible to torch")
     for name in args.codecs.split(","):
+        codec = load_codec(CodecConfig(name=name), device)
         for batch in (int(b) for b in args.batches.split(",")):
-            print(json.dumps(run(name, batch, args.seconds, device, args.repeats)), flush=True)
+            print(json.dumps(run(codec, batch, args.seconds, device, args.repeats)), flush=True)
 
 
 if __name__ == "__main__":

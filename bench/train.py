@@ -40,8 +40,14 @@ def _init_single_process(backend: str) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                     MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
+    for k, v in dict(
+        RANK="0",
+        LOCAL_RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_WORLD_SIZE="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    ).items():
         os.environ.setdefault(k, v)
     from voxtral.train.loop import init_deepspeed_distributed
 
@@ -73,7 +79,7 @@ def build(args, cfg, device):
     return model.to(device), layout
 
 
-def batches(layout, seq_len: int, micro_batch: int, seed: int = 0):
+def batches(layout, seq_len: int, micro_batch: int, split: bool = True, seed: int = 0):
     """Packed batches of random chunks of 10–30 s, laid out and packed as in training."""
     from voxtral.train.data import collate, pack, row_windows
 
@@ -89,7 +95,7 @@ def batches(layout, seq_len: int, micro_batch: int, seed: int = 0):
             starts = np.sort(rng.uniform(0, seconds, n_text))
             yield from row_windows(layout, codes, text, starts, seq_len)
 
-    rows = pack(windows(), layout, seq_len, layout.vocab.text_pad)
+    rows = pack(windows(), layout, seq_len, layout.vocab.text_pad, split=split)
     while True:
         yield collate([next(rows) for _ in range(micro_batch)])
 
@@ -97,14 +103,16 @@ def batches(layout, seq_len: int, micro_batch: int, seed: int = 0):
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--model", choices=["tiny", "1b"], default=None,
-                   help="default: tiny on CPU, 1b on CUDA")
+    p.add_argument(
+        "--model", choices=["tiny", "1b"], default=None, help="default: tiny on CPU, 1b on CUDA"
+    )
     p.add_argument("--zero-stage", type=int, choices=[2, 3], default=2)
     p.add_argument("--micro-batch", type=int, default=None)
     p.add_argument("--seq-len", type=int, default=None, help="default: train.seq_len")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--grad-ckpt", action="store_true")
+    p.add_argument("--no-split", action="store_true", help="pack without splitting windows")
     p.add_argument("--config", default=None, help="pipeline config (default configs/local.yaml)")
     args = p.parse_args(argv)
     args.model = args.model or ("1b" if args.device == "cuda" else "tiny")
@@ -116,9 +124,17 @@ def main(argv=None) -> dict:
     seq_len = args.seq_len or cfg.train.seq_len
     micro = args.micro_batch or cfg.train.micro_batch
     tc = cfg.train.model_copy(
-        update=dict(zero_stage=args.zero_stage, micro_batch=micro, grad_accum=1, seq_len=seq_len,
-                    use_gpu=args.device == "cuda", offload_optimizer=False,
-                    offload_params=False, warmup_steps=1, max_steps=10**6)
+        update=dict(
+            zero_stage=args.zero_stage,
+            micro_batch=micro,
+            grad_accum=1,
+            seq_len=seq_len,
+            use_gpu=args.device == "cuda",
+            offload_optimizer=False,
+            offload_params=False,
+            warmup_steps=1,
+            max_steps=10**6,
+        )
     )
     device = torch.device(args.device, 0) if args.device == "cuda" else torch.device("cpu")
     if device.type == "cuda":
@@ -147,7 +163,7 @@ def main(argv=None) -> dict:
         config=deepspeed_config(tc, 1, device.type == "cuda"),
     )
     weights = stream_weights(tc).to(device)
-    data = batches(layout, seq_len, micro)
+    data = batches(layout, seq_len, micro, split=not args.no_split)
 
     def step() -> float:
         batch = _to_device(next(data), device)
@@ -176,13 +192,16 @@ def main(argv=None) -> dict:
         "micro_batch": micro,
         "seq_len": seq_len,
         "tokens_per_s_per_worker": round(tps, 1),
-        "mfu": (round(m, 4) if (m := mfu(tps, flops_tok, peak_flops(name))) is not None
-                else None) if device.type == "cuda" else None,
+        "mfu": (round(m, 4) if (m := mfu(tps, flops_tok, peak_flops(name))) is not None else None)
+        if device.type == "cuda"
+        else None,
         "model": args.model,
         "grad_checkpointing": bool(args.grad_ckpt) or cfg.model.gradient_checkpointing,
+        "split_packing": not args.no_split,
         "step_time_s": round(dt / args.steps, 4),
         "peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-        if device.type == "cuda" else None,
+        if device.type == "cuda"
+        else None,
     }
     print(json.dumps(out), flush=True)
     return out

@@ -16,14 +16,15 @@ from voxtral.pipeline import run_stages, serve  # noqa: E402
 from voxtral.ray_utils import init_ray  # noqa: E402
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-serve", action="store_true", help="stop after training")
     cfg, args = parse_cli(argv, parser=parser)
     init_ray()
-    run_stages(cfg)
+    summaries = run_stages(cfg)
     if not args.no_serve:
         serve(cfg, blocking=True)
+    return summaries
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ log = logging.getLogger("ray.serve.voxtral")
 STATIC = Path(__file__).resolve().parent / "static"
 STATIC_FILES = {p.name for p in STATIC.glob("*") if p.is_file()}
 APP_NAME = "voxtral"
-CLOSE_TOO_BIG, CLOSE_POLICY, CLOSE_TRY_LATER = 1009, 1008, 1013
+CLOSE_POLICY, CLOSE_TOO_BIG, CLOSE_INTERNAL, CLOSE_TRY_LATER = 1008, 1009, 1011, 1013
 
 
 # -- SpeechLM ------------------------------------------------------------------------------
@@ -232,6 +232,12 @@ class Gateway:
             await ws.send_bytes(P.error(f"server busy: {exc}"))
             await ws.close(code=CLOSE_TRY_LATER, reason="server busy")
             return
+        except Exception as exc:  # the model deployment is down or failing
+            log.exception("session %s could not start", sid)
+            await ws.send_bytes(P.error(f"cannot start a session: {exc}"))
+            await ws.close(code=CLOSE_INTERNAL, reason="model unavailable")
+            await session.close()
+            return
         self.sessions[sid] = session
         metrics.record("sessions_total")
         metrics.record("sessions", len(self.sessions))
@@ -279,7 +285,10 @@ class Gateway:
         while True:
             await asyncio.sleep(0.25)
             now = time.monotonic()
-            if now - session.last_received > s.idle_timeout_s:
+            code = 1000
+            if session.lost:
+                why, reason, code = "the model replica lost this conversation", "lost", 1011
+            elif now - session.last_received > s.idle_timeout_s:
                 why, reason = f"idle for {s.idle_timeout_s:g} s", "idle"
             elif now - t0 > s.max_session_s:
                 why, reason = f"session time limit ({s.max_session_s:g} s)", "time_limit"
@@ -288,7 +297,7 @@ class Gateway:
                 continue
             with contextlib.suppress(Exception):
                 await session.send(P.error(f"closing: {why}"))
-                await ws.close(code=1000, reason=why)
+                await ws.close(code=code, reason=why)
             return reason
 
 

@@ -13,7 +13,7 @@ from typing import Protocol
 import numpy as np
 
 SAMPLE_RATE = 24_000
-OPUS_FRAME = 960  # 40 ms at 24 kHz: one Opus packet per Ogg page on the way out
+OPUS_FRAMES = (1920, 960, 480, 240)  # 80/40/20/10 ms at 24 kHz: packet sizes used on the way out
 MAX_PAGE_BYTES = 65_307  # 27 + 255 + 255 * 255: the largest page Ogg allows
 CODECS = ("opus", "pcm16")
 
@@ -166,19 +166,21 @@ class OpusCodec:
         return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
     def encode(self, pcm: np.ndarray) -> bytes:
+        """Largest packets first, so any multiple of 10 ms leaves at once (nothing is held
+        back waiting for a whole 40 ms packet: the first chunk of a turn is not)."""
         self._pending = np.concatenate([self._pending, np.asarray(pcm, dtype=np.float32)])
-        n = len(self._pending) // OPUS_FRAME * OPUS_FRAME
-        chunks = [
-            self._writer.append_pcm(self._pending[i : i + OPUS_FRAME])
-            for i in range(0, n, OPUS_FRAME)
-        ]
-        self._pending = self._pending[n:]
+        chunks, i = [], 0
+        while len(self._pending) - i >= OPUS_FRAMES[-1]:
+            n = next(f for f in OPUS_FRAMES if f <= len(self._pending) - i)
+            chunks.append(self._writer.append_pcm(self._pending[i : i + n]))
+            i += n
+        self._pending = self._pending[i:]
         return b"".join(chunks)
 
     def flush(self) -> bytes:
         if not len(self._pending):
             return b""
-        pad = OPUS_FRAME - len(self._pending) % OPUS_FRAME
+        pad = OPUS_FRAMES[-1] - len(self._pending) % OPUS_FRAMES[-1]
         return self.encode(np.zeros(pad, dtype=np.float32))
 
 

@@ -39,33 +39,65 @@ class CodecStreamEncoder:
         return len(self._pending)
 
     def push(self, pcm: np.ndarray) -> np.ndarray:
-        self._pending = np.concatenate([self._pending, np.asarray(pcm, dtype=np.float32)])
-        frames = len(self._pending) // self.hop
-        return self._encode(frames)
+        return self._run(self.stage(pcm))
 
     def flush(self, multiple: int = 1, held: int = 0) -> np.ndarray:
         """Encode what is pending, padded with silence so that ``held`` frames the caller
         already has plus the new ones make a whole number of ``multiple`` frames."""
-        frames = -(-len(self._pending) // self.hop)
-        frames = -(-(held + frames) // multiple) * multiple - held
-        pad = frames * self.hop - len(self._pending)
-        self._pending = np.concatenate([self._pending, np.zeros(pad, dtype=np.float32)])
-        return self._encode(frames)
+        return self._run(self.stage(None, flush=True, multiple=multiple, held=held))
 
     def reset(self) -> None:
         self._pending = np.zeros(0, dtype=np.float32)
         self._history = np.zeros(0, dtype=np.float32)
 
-    def _encode(self, frames: int) -> np.ndarray:
-        n_q = self.codec.n_q
-        if frames <= 0:
-            return np.zeros((n_q, 0), dtype=np.int64)
+    def stage(
+        self, pcm: np.ndarray | None, flush: bool = False, multiple: int = 1, held: int = 0
+    ) -> tuple[np.ndarray, int]:
+        """Take new audio; return (window to encode: context + whole new frames, frames).
+        Split from ``finish`` so that several streams can share one encoder call."""
+        if pcm is not None:
+            self._pending = np.concatenate([self._pending, np.asarray(pcm, dtype=np.float32)])
+        if flush:
+            frames = -(-len(self._pending) // self.hop)
+            frames = -(-(held + frames) // multiple) * multiple - held
+            pad = frames * self.hop - len(self._pending)
+            self._pending = np.concatenate([self._pending, np.zeros(pad, dtype=np.float32)])
+        else:
+            frames = len(self._pending) // self.hop
         new = self._pending[: frames * self.hop]
         self._pending = self._pending[frames * self.hop :]
-        x = np.concatenate([self._history, new])
-        codes = self.codec.encode(torch.from_numpy(x)[None, None]).cpu().numpy()[0]
-        self._history = x[-self.context :] if self.context else x[:0]
+        return np.concatenate([self._history, new]), frames
+
+    def finish(self, window: np.ndarray, frames: int, codes: np.ndarray) -> np.ndarray:
+        """Codes of the staged ``window`` → the codes of its new frames."""
+        if frames <= 0:
+            return np.zeros((self.codec.n_q, 0), dtype=np.int64)
+        self._history = window[-self.context :] if self.context else window[:0]
         return codes[:, -frames:].astype(np.int64)
+
+    def _run(self, staged: tuple[np.ndarray, int]) -> np.ndarray:
+        return encode_many([self], [staged])[0]
+
+
+def encode_many(
+    encoders: list[CodecStreamEncoder], staged: list[tuple[np.ndarray, int]]
+) -> list[np.ndarray]:
+    """``finish`` for several streams of one codec, batching windows of equal length into
+    one encoder call (streams fed at the same pace stage windows of the same length)."""
+    out: list[np.ndarray | None] = [None] * len(encoders)
+    by_len: dict[int, list[int]] = {}
+    for i, (enc, (window, frames)) in enumerate(zip(encoders, staged, strict=True)):
+        if frames <= 0:
+            out[i] = enc.finish(window, frames, np.zeros((enc.codec.n_q, 0), dtype=np.int64))
+        else:
+            by_len.setdefault(len(window), []).append(i)
+    for idx in by_len.values():
+        codec = encoders[idx[0]].codec
+        batch = torch.from_numpy(np.stack([staged[i][0] for i in idx]))[:, None]
+        codes = codec.encode(batch).cpu().numpy()
+        for j, i in enumerate(idx):
+            out[i] = encoders[i].finish(staged[i][0], staged[i][1], codes[j])
+    return out  # type: ignore[return-value]
 
 
 class CodecStreamDecoder:

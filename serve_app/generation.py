@@ -81,6 +81,14 @@ def _kv_of(cache) -> KV:
     return [(k, v) for k, v, *_ in cache]
 
 
+def cache_kwarg(model) -> str:
+    """transformers renamed ``past_key_values`` to ``cache`` (5.2x); accept either."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 class SpeechEngine:
     """The model side of generation. Not thread-safe: one thread drives it."""
 
@@ -103,6 +111,7 @@ class SpeechEngine:
         # a plain (non-sliding) cache is exact while the context stays inside the window
         self.max_context = max(1 + 4 * layout.group_len, min(max_context, limit))
         self.prefill_chunk = prefill_chunk
+        self._cache_kw = cache_kwarg(model)
         self.generator = torch.Generator(device=self.device)
         if seed is not None:
             self.generator.manual_seed(seed)
@@ -134,7 +143,11 @@ class SpeechEngine:
         pos = torch.arange(st.length, st.length + len(ids), device=self.device)[None]
         cache = _cache(st.kv)
         out = self.model(
-            input_ids=x, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1
+            input_ids=x,
+            position_ids=pos,
+            use_cache=True,
+            logits_to_keep=1,
+            **{self._cache_kw: cache},
         )
         st.kv, st.logits = _kv_of(cache), out.logits[0, -1]
         st.ids.extend(ids)
@@ -191,7 +204,7 @@ class SpeechEngine:
             o = self.model(
                 input_ids=tok[:, None],
                 position_ids=torch.tensor([[index]], device=self.device),
-                cache=cache,
+                **{self._cache_kw: cache},
                 use_cache=True,
                 logits_to_keep=1,
             )
@@ -233,7 +246,7 @@ class SpeechEngine:
                 input_ids=tok[:, None],
                 position_ids=pos[:, None],
                 attention_mask=mask,
-                cache=cache,
+                **{self._cache_kw: cache},
                 use_cache=True,
                 logits_to_keep=1,
             )
@@ -253,7 +266,8 @@ class SpeechEngine:
 
 class TextStream:
     """Text ids of a turn → new UTF-8 pieces as they become printable (a byte-level BPE
-    token can be half a character; such a piece waits for the rest)."""
+    token can be half a character; such a piece waits for the rest). Bytes that never
+    become a character and control characters are left out of what is sent."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
@@ -268,4 +282,4 @@ class TextStream:
         if text.endswith("\ufffd") or not text.startswith(self.sent):
             return ""
         piece, self.sent = text[len(self.sent) :], text
-        return piece
+        return "".join(ch for ch in piece if ch in "\n\t" or (ch.isprintable() and ch != "\ufffd"))

@@ -24,7 +24,12 @@ from typing import Any
 
 import numpy as np
 
-from serve_app.codec_stream import CodecStreamDecoder, CodecStreamEncoder, decode_many
+from serve_app.codec_stream import (
+    CodecStreamDecoder,
+    CodecStreamEncoder,
+    decode_many,
+    encode_many,
+)
 from serve_app.generation import LMState, Sampling, SpeechEngine, TextStream
 from voxtral.codec import Codec
 from voxtral.tokenizer import Layout, StreamDecoder, encode_ids
@@ -46,13 +51,11 @@ class SchedulerSettings:
     audio: Sampling = Sampling(0.8, 250, 1.0)
     max_sessions: int = 16
     max_batch: int = 16
-    max_context: int = 4096
     max_turn_s: float = 10.0
     chunk_groups: int = 2  # groups per audio message
     lead_s: float = 0.3  # how far a turn may run ahead of real time
-    encoder_context_frames: int = 12
+    encoder_context_frames: int = 6
     decoder_context_frames: int = 6
-    seed: int | None = None
 
 
 @dataclass
@@ -72,6 +75,14 @@ class Turn:
 
     def post(self, item: dict[str, Any]) -> None:
         self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+
+
+@dataclass
+class _Feed:
+    sid: str
+    pcm: np.ndarray | None
+    end: bool
+    fut: Future
 
 
 @dataclass
@@ -132,27 +143,57 @@ class Scheduler:
 
     async def feed(self, sid: str, pcm: np.ndarray) -> int:
         """User audio (24 kHz float) → codes → prefilled whole groups. Returns ids held."""
-        return await self._call(lambda: self._prefill(self._conv(sid), pcm, end=False))
+        fut: Future = Future()
+        self._jobs.put(_Feed(sid, np.asarray(pcm, dtype=np.float32), False, fut))
+        return await asyncio.wrap_future(fut)
 
     async def end_turn(self, sid: str) -> int:
         """The user has finished: pad what is left to a whole group and prefill it."""
-        return await self._call(lambda: self._prefill(self._conv(sid), None, end=True))
+        fut: Future = Future()
+        self._jobs.put(_Feed(sid, None, True, fut))
+        return await asyncio.wrap_future(fut)
 
     def _prefill(self, c: Conversation, pcm: np.ndarray | None, end: bool) -> int:
+        fut: Future = Future()
+        self._prefill_many([_Feed(c.sid, pcm, end, fut)])
+        return fut.result()
+
+    def _prefill_many(self, feeds: list[_Feed]) -> None:
+        """Encode every conversation's new audio in as few codec calls as possible (they
+        arrive at the same pace, so their windows match), then prefill each."""
         fpg = self.layout.frames_per_group
-        if c.turn is not None:
-            raise RuntimeError("the model is speaking; interrupt it before feeding audio")
-        c.last_turn = None
-        new = c.encoder.flush(fpg, held=c.held_frames.shape[1]) if end else c.encoder.push(pcm)
-        frames = np.concatenate([c.held_frames, new], axis=1)
-        whole = frames.shape[1] // fpg * fpg
-        c.held_frames = frames[:, whole:]
-        if whole:
-            ids = encode_ids(self.layout, frames[:, :whole], bos=False)
-            self.engine.append(c.state, ids.tolist())
-        if end:
-            c.encoder.reset()
-        return c.state.length
+        staged = []
+        for f in feeds:
+            if not f.fut.set_running_or_notify_cancel():
+                continue
+            c = self.convs.get(f.sid)
+            if c is None:
+                f.fut.set_exception(UnknownSession(f.sid))
+            elif c.turn is not None:
+                f.fut.set_exception(RuntimeError("the model is speaking; interrupt it first"))
+            else:
+                c.last_turn = None
+                held = c.held_frames.shape[1]
+                staged.append((f, c, c.encoder.stage(f.pcm, f.end, fpg, held)))
+        try:
+            codes = encode_many([c.encoder for _, c, _ in staged], [st for *_, st in staged])
+        except Exception as exc:
+            for f, _, _ in staged:
+                f.fut.set_exception(exc)
+            return
+        for (f, c, _), new in zip(staged, codes, strict=True):
+            try:
+                frames = np.concatenate([c.held_frames, new], axis=1)
+                whole = frames.shape[1] // fpg * fpg
+                c.held_frames = frames[:, whole:]
+                if whole:
+                    ids = encode_ids(self.layout, frames[:, :whole], bos=False)
+                    self.engine.append(c.state, ids.tolist())
+                if f.end:
+                    c.encoder.reset()
+                f.fut.set_result(c.state.length)
+            except Exception as exc:  # this conversation's audio only
+                f.fut.set_exception(exc)
 
     async def respond(self, sid: str) -> AsyncIterator[dict[str, Any]]:
         """The model's turn: dicts with ``audio`` (float32 24 kHz) and/or ``text``, then one
@@ -264,12 +305,18 @@ class Scheduler:
                     batch.append(self._jobs.get_nowait())
                 except queue.Empty:
                     break
-            for fn, fut in batch:
+            feeds = [job for job in batch if isinstance(job, _Feed)]
+            for job in batch:
+                if isinstance(job, _Feed):
+                    continue
+                fn, fut = job
                 if fut.set_running_or_notify_cancel():
                     try:
                         fut.set_result(fn())
                     except BaseException as exc:  # reported to the caller, never fatal here
                         fut.set_exception(exc)
+            if feeds:  # one conversation has one call in flight, so order is kept
+                self._prefill_many(feeds)
             try:
                 self._step()
             except Exception:  # a bug in one step must not kill every conversation
@@ -336,7 +383,10 @@ class Scheduler:
             t.ended = "max_turn"
 
     def _chunk_ready(self, t: Turn) -> bool:
-        return t.ended is not None or len(t.frames) >= self.s.chunk_groups
+        """A chunk is whole at ``chunk_groups`` groups; a turn's first goes out after one
+        group, since it is the one the listener is waiting for."""
+        need = self.s.chunk_groups if t.audio_s > 0 else 1
+        return t.ended is not None or len(t.frames) >= need
 
     def _emit(self, convs: list[Conversation]) -> None:
         if not convs:
@@ -412,11 +462,9 @@ def build_scheduler(cfg, source: dict[str, str]) -> tuple[Scheduler, dict[str, A
         audio=audio,
         max_sessions=s.max_sessions,
         max_batch=s.max_sessions,
-        max_context=engine.max_context,
         max_turn_s=s.max_turn_s,
         chunk_groups=max(1, round(s.chunk_ms / 1000 / layout.group_s)),
         lead_s=s.lead_ms / 1000,
-        seed=s.seed,
     )
     info = {
         **source,

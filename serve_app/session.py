@@ -46,7 +46,7 @@ class SessionSettings:
     interrupt_ms: float = 200.0  # speech this long over the model interrupts it
     vad_threshold: float = 0.5
     preroll_ms: float = 400.0  # audio before the detected onset that belongs to the turn
-    feed_ms: float = 160.0  # user audio is sent to the model in pieces this long
+    feed_ms: float = 240.0  # user audio is sent to the model in pieces this long
     keepalive_s: float = 1.0  # Moshi's client drops a connection silent for 10 s
     playback_delay_s: float = 0.15  # client buffering assumed when estimating what was heard
 
@@ -85,6 +85,7 @@ class DuplexSession:
         self._first_sent_at: float | None = None
         self._sent_s = 0.0
         self.closed = False
+        self.lost = False  # the model replica no longer knows this conversation
         self.turn_index = 0
 
     # -- output --------------------------------------------------------------------------
@@ -268,6 +269,7 @@ class DuplexSession:
                 raise
             except Exception as exc:  # the model side failed for this session only
                 log.exception("model operation %s failed", op[0])
+                self.lost = self.lost or "UnknownSession" in repr(exc)
                 await self.send(P.error(f"model error during {op[0]}: {exc}"))
                 await self._set_state(self.LISTENING)
 
@@ -277,10 +279,10 @@ class DuplexSession:
         async for item in self.lm.respond():
             if "audio" in item and len(item["audio"]):
                 payload = self.codec.encode(item["audio"])
-                if first:
-                    first = False
-                    await self._first_audio()
                 if payload:
+                    if first:
+                        first = False
+                        await self._first_audio()
                     await self.send(P.audio(payload))
                 self._sent_s += len(item["audio"]) / SAMPLE_RATE
             if item.get("text"):

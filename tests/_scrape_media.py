@@ -269,3 +269,46 @@ def copy_sample(dest: Path) -> Path:
         if p.suffix != ".py":
             shutil.copy(p, dest / p.name)
     return dest
+
+
+# -- a scrape on two nodes, one of which leaves --------------------------------------------------
+
+
+def scrape_while_a_node_leaves(cfg_json: str, leave_after_files: int = 2) -> dict:
+    """Run the scrape stage on a fresh two-node ``ray.cluster_utils.Cluster`` and remove the
+    worker node (no grace) once ``leave_after_files`` videos are written. Meant to run in its
+    own process, so the test session's Ray is left alone."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from voxtral.config import Config
+    from voxtral.scrape import run_scrape
+    from voxtral.storage import Storage
+
+    cfg = Config.model_validate_json(cfg_json)
+    storage = Storage(cfg.storage.root)
+    cluster = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False}
+    )
+    worker = cluster.add_node(num_cpus=2)
+    done_at_removal: list[int] = []
+    try:
+        ray.init(address=cluster.address)
+
+        def leave() -> None:
+            deadline = time.monotonic() + 120
+            while (
+                time.monotonic() < deadline and len(storage.listdir("chunks")) < leave_after_files
+            ):
+                time.sleep(0.05)
+            done_at_removal.append(len(storage.listdir("chunks")))
+            cluster.remove_node(worker, allow_graceful=False)
+
+        killer = threading.Thread(target=leave, daemon=True)
+        killer.start()
+        summary = run_scrape(cfg)
+        killer.join(timeout=120)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    return {"done_at_removal": done_at_removal, "summary": summary}

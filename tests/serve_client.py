@@ -134,8 +134,9 @@ class ChatClient:
             self._pending = self._pending[960:]
         return b"".join(out)
 
-    async def send_audio(self, pcm: np.ndarray, chunk: int = 1920, realtime: float = 1.0,
-                         until=None) -> None:
+    async def send_audio(
+        self, pcm: np.ndarray, chunk: int = 1920, realtime: float = 1.0, until=None
+    ) -> None:
         """Stream ``pcm`` in ``chunk``-sample messages, paced at ``realtime`` × real time
         (0: as fast as possible); stops early when ``until()`` becomes true."""
         start = time.monotonic()
@@ -179,8 +180,9 @@ async def connect(url: str, codec: str = "pcm16", token: str | None = TOKEN, **k
     import websockets
 
     q = f"?codec={codec}" + (f"&token={token}" if token else "")
-    ws = await websockets.connect(url.replace("http", "ws") + "/api/chat" + q,
-                                  max_size=None, **kwargs)
+    ws = await websockets.connect(
+        url.replace("http", "ws") + "/api/chat" + q, max_size=None, **kwargs
+    )
     return ChatClient(ws, codec)
 
 

@@ -51,8 +51,9 @@ class DevTools:
                 return msg.get("result", {})
 
     async def eval(self, expression: str):
-        r = await self.call("Runtime.evaluate", expression=expression, returnByValue=True,
-                            awaitPromise=True)
+        r = await self.call(
+            "Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True
+        )
         if "exceptionDetails" in r:
             raise RuntimeError(f"{expression}: {r['exceptionDetails']}")
         return r["result"].get("value")
@@ -110,7 +111,10 @@ def test_browser_client_talks(server, tmp_path):
             page = DevTools(ws)
             await page.call("Page.enable")
             await page.call("Page.navigate", url=f"{server}/?token={C.TOKEN}&autoconnect=1")
-            snapshot = "JSON.stringify({...window.voxtral, events: window.voxtral.events.map(e => e.event === 'state' ? e.state : e.event)})"
+            snapshot = (
+                "JSON.stringify({...window.voxtral, events: window.voxtral.events"
+                ".map(e => e.event === 'state' ? e.state : e.event)})"
+            )
             state: dict = {}
             deadline = time.monotonic() + 150
             while time.monotonic() < deadline:
@@ -119,8 +123,12 @@ def test_browser_client_talks(server, tmp_path):
                 if not raw:
                     continue
                 state = json.loads(raw)
-                if (state["audioMessages"] > 2 and state["played"] > 0
-                        and state["transcript"].strip() and "speaking" in state["events"]):
+                if (
+                    state["audioMessages"] > 2
+                    and state["played"] > 0
+                    and state["transcript"].strip()
+                    and "speaking" in state["events"]
+                ):
                     break
             dom = await page.eval(
                 "({conn: document.querySelector('#conn').textContent,"

@@ -86,10 +86,9 @@ def test_batch(any_codec, speech, speech_codes):
 
 
 def test_input_dtypes_and_stored_codes(any_codec, speech, speech_codes):
-    short = speech[:24_000][None, None]
+    short = speech[:12_000][None, None]
     ref = any_codec.encode(short)
     assert torch.equal(any_codec.encode(short.double()), ref)  # cast to the codec's dtype
-    assert any_codec.encode(short.half()).shape == ref.shape
     # codes as stored in tokens/ (int16) decode like int64 ones
     wav = any_codec.decode(ref)
     assert torch.equal(any_codec.decode(ref.to(torch.int16)), wav)
@@ -163,25 +162,36 @@ def test_random_init_is_the_same_in_every_process(speech):
     assert torch.equal(fresh.encode(clip), codec("encodec").encode(clip))
 
 
-@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
-def test_local_checkpoint(tmp_path, speech, suffix):
+def test_local_checkpoint(tmp_path, speech):
     """``pretrained: <path>`` loads that state dict (here: the random codec with its decoder's
-    last layer scaled, so loading visibly changes the output and keeps the codes)."""
+    output bias shifted, so loading visibly changes the audio and keeps the codes)."""
+    from safetensors.torch import save_file
+
     ref = codec("encodec")
     state = {k: v.clone() for k, v in ref.model.state_dict().items()}
     last = [k for k in state if k.startswith("decoder.") and k.endswith(".bias")][-1]
     assert last == "decoder.model.15.conv.conv.bias"  # the output conv: adds to every sample
     state[last] += 0.25
-    path = tmp_path / f"encodec{suffix}"
-    if suffix == ".pt":
-        torch.save(state, path)
-    else:
-        from safetensors.torch import save_file
-
-        save_file(state, path)
+    path = tmp_path / "encodec.safetensors"
+    save_file(state, path)
     loaded = load_codec(CodecConfig(name="encodec", pretrained=str(path)))
     clip = speech[None, None, :24_000]
     codes = loaded.encode(clip)
     assert torch.equal(codes, ref.encode(clip))
     diff = (loaded.decode(codes) - ref.decode(codes)).abs().mean()
     assert float(diff) == pytest.approx(0.25, rel=1e-3)
+
+
+def test_checkpoint_formats(tmp_path):
+    """A local checkpoint may be a torch ``.pt`` file or ``.safetensors``: same tensors."""
+    from safetensors.torch import save_file
+
+    from voxtral.codec import _load_state_dict
+
+    state = {"a": torch.arange(6.0).reshape(2, 3), "b": torch.ones(4, dtype=torch.int64)}
+    torch.save(state, tmp_path / "c.pt")
+    save_file(state, tmp_path / "c.safetensors")
+    for name in ("c.pt", "c.safetensors"):
+        back = _load_state_dict(str(tmp_path / name))
+        assert back.keys() == state.keys()
+        assert all(torch.equal(back[k], state[k]) for k in state)

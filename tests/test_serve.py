@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
+import serve_client as C  # tests/ helper shared with test_browser.py
 import torch
 
 from serve_app import protocol as P
@@ -23,8 +25,6 @@ from serve_app.audio_io import (
 from serve_app.generation import Sampling, SpeechEngine, TextStream, sample_tokens
 from serve_app.routing import pick, session_of
 from serve_app.vad import Resampler24to16, SileroStream, TurnDetector
-
-import serve_client as C  # tests/ helper shared with test_browser.py
 
 
 # -- fixtures --------------------------------------------------------------------------------
@@ -204,6 +204,25 @@ def test_incremental_codec_matches_whole_and_has_no_clicks(tiny, speech):
     assert err < 0.5  # close to one-shot decoding, not a different signal
 
 
+def test_batched_codec_calls_match_single_ones(tiny, speech):
+    from serve_app.codec_stream import (
+        CodecStreamDecoder,
+        CodecStreamEncoder,
+        decode_many,
+        encode_many,
+    )
+
+    codec = tiny[0].codec
+    a, b, ref = (CodecStreamEncoder(codec) for _ in range(3))
+    clip = speech[:9600]
+    out = encode_many([a, b], [a.stage(clip), b.stage(clip[::-1].copy())])
+    assert (out[0] == ref.push(clip)).all() and out[0].shape == (codec.n_q, 30)
+    codes = out[0][:, :6]
+    d1, d2, d_ref = (CodecStreamDecoder(codec) for _ in range(3))
+    wavs = decode_many([d1, d2], [codes, out[1][:, :6]])
+    assert np.allclose(wavs[0], d_ref.push(codes), atol=1e-4)
+
+
 # -- generation --------------------------------------------------------------------------------
 def test_sampling_is_constrained():
     g = torch.Generator().manual_seed(0)
@@ -279,6 +298,7 @@ def test_text_stream_waits_for_whole_characters():
     assert ts.push(list(b"caf")) == "caf"
     assert ts.push([0xC3]) == ""  # half of "é"
     assert ts.push([0xA9]) == "é"
+    assert ts.push([0xFF, 0x41, 0x07]) == "A"  # a stray byte and a control character dropped
 
 
 def test_routing_policy_pins_sessions():
@@ -289,6 +309,52 @@ def test_routing_policy_pins_sessions():
     assert pick([b], pins, "s1") == [[b]]  # pinned replica gone: the call fails there
     assert session_of(["sid-1", 3], {}) == "sid-1"
     assert session_of([], {"sid": "x"}) == "x" and session_of([], {}) is None
+
+
+# -- which model is served -------------------------------------------------------------------
+def test_model_source_prefers_configured_then_newest_export(tmp_path):
+    import os
+
+    from serve_app.model_source import codec_config_for, resolve_model
+    from voxtral.tokenizer import Layout, Vocab
+
+    cfg = C.local_serve_config(tmp_path / "run")
+    models = tmp_path / "run" / "models"
+    for i, name in enumerate(["older", "newer", "tiny-random", ".tmp-half"]):
+        (models / name).mkdir(parents=True)
+        (models / name / "voxtral.json").write_text("{}")
+        os.utime(models / name / "voxtral.json", (1000 + i, 1000 + i))
+    src = resolve_model(cfg)
+    assert (src.kind, Path(src.uri).name) == ("trained", "newer")
+    pinned = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"model": "/x/y"})})
+    assert resolve_model(pinned).describe() == {"model": "/x/y", "model_source": "configured"}
+    real = cfg.model_copy(update={"model": cfg.model.model_copy(update={"base": "org/some-7b"})})
+    empty = real.model_copy(
+        update={"storage": cfg.storage.model_copy(update={"root": str(tmp_path / "empty")})}
+    )
+    with pytest.raises(FileNotFoundError, match="nothing to serve"):
+        resolve_model(empty)
+
+    layout = Layout(Vocab(512, 4, 1024), 75.0, 3, codec="encodec", sample_rate=24_000)
+    assert codec_config_for({}, layout, cfg).bandwidth == 3.0  # derived from n_q
+    recorded = {"codec_config": {"name": "encodec", "bandwidth": 3.0, "pretrained": True}}
+    assert codec_config_for(recorded, layout, cfg).pretrained is False  # serve config decides
+
+
+def test_serve_config_yaml_builds_the_app(serve_root):
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve_app.app import app_builder
+
+    spec = yaml.safe_load((C.REPO_ROOT / "serve_app" / "config.yaml").read_text())
+    ServeDeploySchema.parse_obj(spec)  # what `serve deploy` validates
+    app_spec = spec["applications"][0]
+    assert app_spec["import_path"] == "serve_app.app:app_builder"
+    assert {d["name"] for d in app_spec["deployments"]} == {"SpeechLM", "Gateway"}
+    args = {**app_spec["args"], "set": [f"storage.root={serve_root}"]}
+    app = app_builder(args)
+    assert type(app).__name__ == "Application"
 
 
 # -- the duplex session, in process ------------------------------------------------------------
@@ -338,8 +404,9 @@ def test_session_interrupt_keeps_what_was_heard(tiny, speech):
 
     async def main():
         out = Outbox()
-        s = DuplexSession(Recording(sched, "interrupt"), out, Pcm16Codec(),
-                          SessionSettings(end_of_turn_ms=300))
+        s = DuplexSession(
+            Recording(sched, "interrupt"), out, Pcm16Codec(), SessionSettings(end_of_turn_ms=300)
+        )
         await s.start({})
         assert out.kinds()[0] == P.Kind.HANDSHAKE
         await _feed(s, np.concatenate([silence(0.3), speech]))
@@ -482,8 +549,9 @@ def test_refused_without_token_or_from_another_origin(server):
         assert await refused(token=None)
         assert await refused(token="wrong")
         assert await refused(origin="http://evil.example")
-        c = await C.connect(server, "pcm16", token=None,
-                            additional_headers={"Authorization": f"Bearer {C.TOKEN}"})
+        c = await C.connect(
+            server, "pcm16", token=None, additional_headers={"Authorization": f"Bearer {C.TOKEN}"}
+        )
         assert await c.wait_for(lambda: c.of_kind(P.Kind.HANDSHAKE), 30)
         await c.ws.close()
 

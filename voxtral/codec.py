@@ -175,7 +175,8 @@ class MimiCodec(Codec):
 @torch.no_grad()
 def _calibrate_mimi(model) -> None:
     """Random Mimi: calibrate both residual quantizers (semantic and acoustic) on the probe."""
-    latents = model.encoder(_probe_audio()).latents
+    out = model.encoder(_probe_audio())
+    latents = getattr(out, "latents", out)  # a plain tensor in older transformers
     split = model.quantizer
     for rvq in (split.semantic_residual_vector_quantizer, split.acoustic_residual_vector_quantizer):
         x = rvq.input_proj(latents) if rvq.input_proj is not None else latents

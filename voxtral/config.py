@@ -144,8 +144,10 @@ class PreprocessConfig(Section):
     """CPUs reserved per codec actor; on CPU also its torch threads (rounded, at least 1)."""
     autocast: bool = False
     """Try half-precision autocast on GPU; kept only if a probe clip's codes stay identical."""
-    sort_window: int = Field(256, ge=1)
-    """Chunks decoded together and sorted by length, so codec batches waste little padding."""
+    sort_window: int = Field(512, ge=1)
+    """Chunks a decode task sorts by length and packs into codec batches: the larger, the
+    less padding the codec computes on (and the more memory a task holds: ~6 bytes per
+    sample of the window)."""
     max_pad: float = Field(0.25, ge=0, lt=1)
     """Most padding a codec batch may hold (share of its samples) before it is split."""
     write_rows: int = Field(1024, ge=1)

@@ -289,7 +289,7 @@ def run_index(cfg: Config, search: SearchFn = search_youtube) -> dict:
             search_term,
             fn_kwargs={"cfg": cfg, "search": search},
             num_cpus=SEARCH_NUM_CPUS,
-            concurrency=cfg.index.concurrency,
+            compute=ray.data.TaskPoolStrategy(size=cfg.index.concurrency),
         )
         out = ds.take_all() if items else []
         failed_terms = sum(1 for r in out if r["failed"])

@@ -2,30 +2,32 @@
 
 The Ray Data plan streams ``chunks/`` through three steps:
 
-1. CPU tasks decode FLAC, resample to the codec rate if needed, turn caption words into
-   base-tokenizer ids at their times, and sort a window of chunks by length, so that
-   neighbours in the stream have similar lengths.
+1. CPU tasks decode a window of chunks (FLAC → PCM at the codec rate), sort it by length
+   and pack chunks of similar length into padded codec batches (int16 when that is exact),
+   one row per batch. All the per-sample work happens here, on as many cores as there are.
 2. An actor pool, each actor holding the codec once on its GPU (CPU when
-   ``preprocess.num_gpus`` is 0), encodes batches of similar length in one call and trims
-   each chunk back to its own ``ceil(samples / hop)`` frames.
-3. CPU tasks write ``tokens/part-*.parquet`` atomically and record failures.
+   ``preprocess.num_gpus`` is 0), encodes one packed batch per call (a copy to the device
+   and the codec call; nothing else) and trims each chunk back to its own frames.
+3. CPU tasks turn caption words into base-tokenizer ids at their times, write
+   ``tokens/part-*.parquet`` atomically and record failures.
 
 **Why batching does not change the codes.** Both codecs are causal: frame ``f`` depends
-only on samples before the end of frame ``f``. A batch pads every chunk with zeros to the
-longest one, so every chunk is encoded as its audio followed by silence up to whole frames,
-exactly what :func:`encode_alone` feeds the codec for one chunk. (Feeding the codec a partial
-last frame instead would let its own edge padding, ``reflect`` for EnCodec, decide that
-frame's codes, so the result would depend on the batch.) The tests check the equality for
-every chunk of the sample corpus. With EnCodec on CPU it is bit-exact. Mimi's encoder
-transformer sums over the padded length in another order, so the last bits of its latents can
-differ with the batch: codebook 0 matches, and deeper codebooks can flip where two entries
-are near ties (often, with random weights).
+only on samples up to the end of frame ``f``. In a batch every chunk is padded with zeros to
+the longest one, so each chunk is encoded as its audio followed by silence up to whole
+frames, exactly what :func:`encode_alone` feeds the codec for one chunk, and keeps
+``ceil(samples / hop)`` frames. (Feeding the codec a partial last frame instead would let its
+own edge padding, ``reflect`` for EnCodec, decide that frame, so it would depend on the
+batch.) The tests check the equality for every chunk of the sample corpus: bit-exact for
+EnCodec on CPU. Floating point is the limit: Mimi's encoder transformer sums over the padded
+length in another order, and GPU kernels are picked per shape, so the last bits can differ
+and a code flips where two codebook entries are near ties (bench/preprocess.py measures it).
 
 **Idempotent reruns.** A chunk is done when its id is in ``tokens/``: token files are
 written whole (atomic rename or single PUT) and only after encoding, so a killed run leaves
 nothing half-written, and a rerun reads only the chunk files that still hold pending chunks.
-Failures are ``failures/preprocess/<chunk>.parquet`` rows and are retried until
-``preprocess.max_attempts``. Run one preprocess job per ``storage.root`` at a time.
+Failures are ``failures/preprocess/<chunk>.parquet`` rows; a rerun retries them until
+``preprocess.max_attempts``, except audio that cannot be decoded (retrying changes nothing).
+Run one preprocess job per ``storage.root`` at a time.
 
 **Codec record.** ``tokens/codec.json`` names the codec, its codebooks, rates and weights.
 A run with another codec on the same root is refused before any work, and training calls
@@ -39,6 +41,7 @@ import hashlib
 import logging
 import math
 import time
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -62,36 +65,52 @@ STAGE = "preprocess"
 TOKENS_DIR = "tokens"
 CODEC_JSON = f"{TOKENS_DIR}/codec.json"
 PCM16_SCALE = 32768.0
+PERMANENT_REASONS = frozenset({"corrupt_flac", "bad_audio"})
+"""Failures a rerun does not retry: the chunk's bytes are what they are."""
 
-# Between the decode tasks and the codec actors: one row per chunk, ``pcm`` at the codec
-# rate (int16 when that is exact, as for 16-bit FLAC at the codec rate; float32 otherwise).
-DECODED = pa.schema(
+# Decode tasks → codec actors: one row per codec batch. ``pcm`` is ``[n, width]`` in C order
+# of ``dtype`` (``<i2``: value / 32768 is the sample; ``<f4``), width = the longest chunk's
+# whole frames; a row of chunks that failed to decode has width 0 and no pcm.
+BATCHES = pa.schema(
     [
-        ("chunk_id", pa.string()),
-        ("video_id", pa.string()),
-        ("pcm", pa.binary()),
-        ("pcm16", pa.bool_()),
-        ("samples", pa.int64()),
-        ("seconds", pa.float64()),
-        ("text_ids", pa.list_(pa.int32())),
-        ("text_starts_s", pa.list_(pa.float32())),
-        ("reason", pa.string()),  # null when the chunk is fine so far
-        ("error", pa.string()),
+        ("chunk_id", pa.list_(pa.string())),
+        ("video_id", pa.list_(pa.string())),
+        ("samples", pa.list_(pa.int64())),
+        ("captions", pa.list_(pa.list_(schema.CAPTION_WORD))),
+        ("reason", pa.list_(pa.string())),  # null while the chunk is fine
+        ("error", pa.list_(pa.string())),
+        ("pcm", pa.large_binary()),
+        ("dtype", pa.string()),
+        ("width", pa.int64()),
     ]
 )
 
-# Between the codec actors and the writers: a TOKENS row plus its outcome.
+# Codec actors → writers: one row per chunk, its codes and its outcome.
 ENCODED = pa.schema(
     [
-        *schema.TOKENS,
+        ("chunk_id", pa.string()),
+        ("video_id", pa.string()),
+        ("codec", pa.string()),
+        ("n_q", pa.int32()),
+        ("frames", pa.int32()),
+        ("codes", pa.binary()),
+        ("captions", pa.list_(schema.CAPTION_WORD)),
         ("seconds", pa.float64()),
+        ("encoded_at", pa.float64()),  # unix time, for time-to-first-codes
         ("reason", pa.string()),
         ("error", pa.string()),
     ]
 )
 
-# What the writers hand back to the driver for the summary.
-STATS = pa.schema([("chunk_id", pa.string()), ("seconds", pa.float64()), ("reason", pa.string())])
+# Writers → driver, for the summary.
+STATS = pa.schema(
+    [
+        ("chunk_id", pa.string()),
+        ("seconds", pa.float64()),
+        ("encoded_at", pa.float64()),
+        ("reason", pa.string()),
+    ]
+)
 
 
 class CodecMismatchError(ValueError):
@@ -200,7 +219,7 @@ def ensure_codec_record(storage: Storage, cfg: CodecConfig) -> dict[str, Any]:
     return rec
 
 
-# -- per-row functions ---------------------------------------------------------------------
+# -- per-chunk functions -------------------------------------------------------------------
 def decode_chunk(audio: bytes, target_sr: int) -> np.ndarray:
     """FLAC bytes → mono float32 samples at the codec rate (the tokenizer's own path)."""
     wav, sr = flac_decode(audio)
@@ -211,7 +230,7 @@ def as_pcm16(wav: np.ndarray) -> np.ndarray | None:
     """The int16 samples whose ``/ 32768`` is exactly ``wav``, or None if there are none.
 
     16-bit FLAC at the codec rate decodes to such samples: shipping them as int16 halves
-    what goes through the object store to the codec actors, and changes no value.
+    what goes through the object store and to the GPU, and changes no value.
     """
     scaled = wav * np.float32(PCM16_SCALE)
     if scaled.size and (scaled.min() < -PCM16_SCALE or scaled.max() > PCM16_SCALE - 1):
@@ -220,10 +239,11 @@ def as_pcm16(wav: np.ndarray) -> np.ndarray | None:
     return pcm if np.array_equal(pcm, scaled) else None
 
 
-def pcm_to_float(pcm: bytes, pcm16: bool) -> np.ndarray:
-    if pcm16:
-        return np.frombuffer(pcm, dtype="<i2").astype(np.float32) / np.float32(PCM16_SCALE)
-    return np.frombuffer(pcm, dtype="<f4")
+def decode_pcm(audio: bytes, target_sr: int) -> np.ndarray:
+    """FLAC bytes → PCM at the codec rate: int16 when exact, else float32."""
+    wav = decode_chunk(audio, target_sr)
+    pcm = as_pcm16(wav)
+    return wav if pcm is None else pcm
 
 
 def text_track(tokenizer, captions: Sequence[dict] | None) -> tuple[list[int], list[float]]:
@@ -259,74 +279,84 @@ def plan_batches(lengths: Sequence[int], max_batch: int, max_pad: float) -> list
     return groups
 
 
+def pad_batch(pcms: Sequence[np.ndarray], hop: int) -> np.ndarray:
+    """Chunks → ``[n, width]`` zero-padded to the longest one's whole frames; int16 if every
+    chunk is int16 PCM, else float32 (int16 rows scaled by 1/32768, exactly)."""
+    frames = [math.ceil(len(p) / hop) for p in pcms]
+    if not pcms or min(frames) < 1:
+        raise AudioError("chunk holds no samples")
+    pcm16 = all(p.dtype == np.int16 for p in pcms)
+    out = np.zeros((len(pcms), max(frames) * hop), dtype=np.int16 if pcm16 else np.float32)
+    for i, p in enumerate(pcms):
+        out[i, : len(p)] = p if pcm16 or p.dtype != np.int16 else p / np.float32(PCM16_SCALE)
+    return out
+
+
 def _autocast(codec: Codec, enabled: bool):
     if enabled and codec.device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.float16)
     return nullcontext()
 
 
-def encode_batch(codec: Codec, wavs: Sequence[np.ndarray], autocast: bool = False) -> list:
-    """Encode chunks in one codec call; each keeps exactly ``ceil(samples / hop)`` frames.
-
-    Every chunk is padded with zeros to the longest one's whole frames; the frames of the
-    padding are cut off again. Returns int16 ``[n_q, frames]`` arrays.
-    """
+def encode_padded(
+    codec: Codec, pcm: np.ndarray, samples: Sequence[int], autocast: bool = False
+) -> list[np.ndarray]:
+    """One codec call on a padded ``[n, width]`` batch; each chunk keeps exactly
+    ``ceil(samples / hop)`` frames. Returns int16 ``[n_q, frames]`` arrays."""
     info = codec.info
-    frames = [info.frames(len(w)) for w in wavs]
+    frames = [info.frames(n) for n in samples]
     if min(frames) < 1:
         raise AudioError("chunk holds no samples")
-    x = np.zeros((len(wavs), 1, max(frames) * info.hop), dtype=np.float32)
-    for i, w in enumerate(wavs):
-        x[i, 0, : len(w)] = w
-    batch = torch.from_numpy(x)
-    if codec.device.type == "cuda":
-        batch = batch.pin_memory().to(codec.device, non_blocking=True)
+    if pcm.shape != (len(samples), pcm.shape[1]) or pcm.shape[1] < max(frames) * info.hop:
+        raise ValueError(f"pcm {pcm.shape} does not hold {len(samples)} chunks of {samples}")
+    with warnings.catch_warnings():  # a read-only view of the object store; only copied
+        warnings.simplefilter("ignore", UserWarning)
+        x = torch.from_numpy(pcm)
+    x = x.to(codec.device)
+    if x.dtype == torch.int16:
+        x = x.float().div_(PCM16_SCALE)  # exact: the same floats as decoding to float32
     with _autocast(codec, autocast):
-        codes = codec.encode(batch)
+        codes = codec.encode(x[:, None, :])
     codes = codes.to("cpu", torch.int16).numpy()
     if codes.shape[1] != info.n_q or codes.shape[2] < max(frames):
-        raise ValueError(f"codec returned {codes.shape}, expected [{len(wavs)}, {info.n_q}, ≥F]")
+        raise ValueError(f"codec returned {codes.shape}, expected [{len(samples)}, {info.n_q}, ≥F]")
     out = [codes[i, :, :f] for i, f in enumerate(frames)]
     for c in out:
-        if c.size and (c.min() < 0 or c.max() >= info.codebook_size):
+        if c.min() < 0 or c.max() >= info.codebook_size:
             raise ValueError(f"codec returned codes outside [0, {info.codebook_size})")
     return out
+
+
+def encode_group(
+    codec: Codec, pcm: np.ndarray, samples: Sequence[int], autocast: bool = False
+) -> list[np.ndarray | Exception]:
+    """Encode a packed batch; if the codec rejects it, retry one chunk at a time so only
+    the chunk at fault becomes an exception (later a ``failures/`` row)."""
+    try:
+        return list(encode_padded(codec, pcm, samples, autocast))
+    except Exception as exc:  # noqa: BLE001 - isolated below, one chunk at a time
+        if len(samples) == 1:
+            return [exc]
+        log.warning("codec batch of %d failed (%s); encoding one by one", len(samples), exc)
+        _release_cuda_memory()
+    results: list[np.ndarray | Exception] = []
+    for i, n in enumerate(samples):
+        width = codec.info.frames(n) * codec.info.hop
+        try:
+            results.append(encode_padded(codec, pcm[i : i + 1, :width], [n], autocast)[0])
+        except Exception as exc:  # noqa: BLE001 - becomes a failures/ row
+            results.append(exc)
+    return results
+
+
+def encode_batch(codec: Codec, wavs: Sequence[np.ndarray], autocast: bool = False) -> list:
+    """Float chunks → codes in one codec call (pad, encode, trim)."""
+    return encode_padded(codec, pad_batch(wavs, codec.info.hop), [len(w) for w in wavs], autocast)
 
 
 def encode_alone(codec: Codec, wav: np.ndarray) -> np.ndarray:
     """One chunk on its own: the reference that batched encoding must reproduce."""
     return encode_batch(codec, [wav])[0]
-
-
-def encode_rows(
-    codec: Codec,
-    wavs: Sequence[np.ndarray],
-    max_batch: int,
-    max_pad: float = 0.25,
-    autocast: bool = False,
-) -> list[np.ndarray | Exception]:
-    """Encode many chunks in length-bucketed batches; a chunk the codec rejects becomes its
-    exception (the batch is retried one chunk at a time so the others still get codes)."""
-    results: list[np.ndarray | Exception] = [ValueError("not encoded")] * len(wavs)
-    for group in plan_batches([len(w) for w in wavs], max_batch, max_pad):
-        try:
-            for i, codes in zip(
-                group, encode_batch(codec, [wavs[i] for i in group], autocast), strict=True
-            ):
-                results[i] = codes
-            continue
-        except Exception as exc:  # noqa: BLE001 - isolated below, one chunk at a time
-            if len(group) == 1:
-                results[group[0]] = exc
-                continue
-            log.warning("codec batch of %d failed (%s); encoding one by one", len(group), exc)
-            _release_cuda_memory()
-        for i in group:
-            try:
-                results[i] = encode_alone(codec, wavs[i])
-            except Exception as exc:  # noqa: BLE001 - becomes a failures/ row
-                results[i] = exc
-    return results
 
 
 def _release_cuda_memory() -> None:
@@ -376,43 +406,48 @@ def autocast_keeps_codes(codec: Codec, seconds: float = 3.0) -> bool:
 
 
 # -- Ray Data steps (thin wrappers around the functions above) -----------------------------
-@functools.lru_cache(maxsize=4)
-def _text_tokenizer(base: str):
-    from voxtral.model import load_text_tokenizer, resolve_base
-
-    return load_text_tokenizer(resolve_base(ModelConfig(base=base)))
-
-
 def decode_batch(
-    table: pa.Table, *, sample_rate: int, base: str, skip: frozenset[str] = frozenset()
+    table: pa.Table,
+    *,
+    sample_rate: int,
+    hop: int,
+    batch_size: int,
+    max_pad: float,
+    skip: frozenset[str] = frozenset(),
 ) -> pa.Table:
-    """CPU step: chunks rows → DECODED rows, longest first (see module docstring)."""
+    """CPU step: a window of chunks rows → BATCHES rows (packed codec batches of similar
+    length, plus one row for the chunks that could not be decoded)."""
     if skip:
         table = table.filter(
             pc.invert(pc.is_in(table["chunk_id"], value_set=pa.array(sorted(skip))))
         )
-    tokenizer = _text_tokenizer(base)
-    rows = []
+    ok: list[tuple[dict, np.ndarray]] = []
+    bad: list[dict] = []
     for r in table.to_pylist():
-        out = {"chunk_id": r["chunk_id"], "video_id": r["video_id"], "pcm16": False}
-        out.update(pcm=b"", samples=0, seconds=0.0, text_ids=[], text_starts_s=[])
-        out.update(reason=None, error=None)
+        meta = {"chunk_id": r["chunk_id"], "video_id": r["video_id"], "captions": r["captions"]}
         try:
-            wav = decode_chunk(r["audio"] or b"", sample_rate)
-            pcm = as_pcm16(wav)
-            out.update(pcm16=pcm is not None, samples=int(wav.size))
-            out.update(pcm=(pcm if pcm is not None else wav).tobytes())
-            out["seconds"] = wav.size / sample_rate
-            ids, starts = text_track(tokenizer, r.get("captions"))
-            out.update(text_ids=ids, text_starts_s=starts)
+            ok.append((meta, decode_pcm(r["audio"] or b"", sample_rate)))
         except AudioError as exc:
             reason = "corrupt_flac" if "cannot decode FLAC" in str(exc) else "bad_audio"
-            out.update(reason=reason, error=str(exc))
+            bad.append({**meta, "samples": 0, "reason": reason, "error": str(exc)})
         except Exception as exc:  # noqa: BLE001 - one bad row must not stop the stage
-            out.update(reason="decode_error", error=f"{type(exc).__name__}: {exc}")
-        rows.append(out)
-    rows.sort(key=lambda o: -o["samples"])
-    return pa.Table.from_pylist(rows, schema=DECODED)
+            error = f"{type(exc).__name__}: {exc}"
+            bad.append({**meta, "samples": 0, "reason": "decode_error", "error": error})
+    rows = []
+    for group in plan_batches([len(p) for _, p in ok], batch_size, max_pad):
+        pcm = pad_batch([ok[i][1] for i in group], hop)
+        chunks = [
+            {**ok[i][0], "samples": len(ok[i][1]), "reason": None, "error": None} for i in group
+        ]
+        rows.append(_batch_row(chunks, pcm.tobytes(), pcm.dtype.str, pcm.shape[1]))
+    if bad:
+        rows.append(_batch_row(bad, b"", "<i2", 0))
+    return pa.Table.from_pylist(rows, schema=BATCHES)
+
+
+def _batch_row(chunks: list[dict], pcm: bytes, dtype: str, width: int) -> dict:
+    keys = ("chunk_id", "video_id", "samples", "captions", "reason", "error")
+    return {**{k: [c[k] for c in chunks] for k in keys}, "pcm": pcm, "dtype": dtype, "width": width}
 
 
 def _counters() -> dict | None:
@@ -433,20 +468,21 @@ def _counters() -> dict | None:
 
 
 class ChunkEncoder:
-    """Codec actor: loads the codec once (on its GPU when it has one) and encodes batches."""
+    """Codec actor: loads the codec once (on its GPU when it has one) and encodes packed
+    batches, one per call."""
 
     def __init__(self, codec_cfg: CodecConfig, pre: PreprocessConfig):
         use_gpu = pre.num_gpus > 0
         if use_gpu:
             if not torch.cuda.is_available():
                 raise RuntimeError("preprocess.num_gpus > 0 but this actor sees no CUDA device")
-            # Full fp32: TF32 convolutions would change codes the same way autocast does.
+            # Full fp32: TF32 convolutions change codes the way autocast does (measured by
+            # bench/preprocess.py), for a small speed-up.
             torch.backends.cuda.matmul.allow_tf32 = False
             torch.backends.cudnn.allow_tf32 = False
         else:
             torch.set_num_threads(max(1, round(pre.num_cpus)))
         self.codec = load_codec(codec_cfg, "cuda" if use_gpu else "cpu")
-        self.batch_size, self.max_pad = pre.batch_size, pre.max_pad
         self.autocast = False
         if use_gpu and pre.autocast:
             self.autocast = autocast_keeps_codes(self.codec)
@@ -455,35 +491,33 @@ class ChunkEncoder:
         self.metrics = _counters()
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        rows = table.to_pylist()
-        todo = [i for i, r in enumerate(rows) if r["reason"] is None]
-        wavs = [pcm_to_float(rows[i]["pcm"], rows[i]["pcm16"]) for i in todo]
-        results = encode_rows(self.codec, wavs, self.batch_size, self.max_pad, self.autocast)
-        info = self.codec.info
-        out = []
-        for r in rows:
-            out.append(
-                {
-                    "chunk_id": r["chunk_id"],
-                    "video_id": r["video_id"],
-                    "codec": info.name,
-                    "n_q": info.n_q,
-                    "frames": 0,
-                    "codes": b"",
-                    "text_ids": r["text_ids"],
-                    "text_starts_s": r["text_starts_s"],
-                    "seconds": r["seconds"],
-                    "reason": r["reason"],
-                    "error": r["error"],
-                }
-            )
-        for i, res in zip(todo, results, strict=True):
-            if isinstance(res, Exception):
-                out[i].update(reason=failure_reason(res), error=f"{type(res).__name__}: {res}")
-            else:
-                out[i].update(frames=int(res.shape[1]), codes=codes_to_bytes(res))
+        out: list[dict] = []
+        for i in range(len(table)):
+            out += self.encode_row(table.slice(i, 1))
         self._count(out)
         return pa.Table.from_pylist(out, schema=ENCODED)
+
+    def encode_row(self, row: pa.Table) -> list[dict]:
+        meta = row.drop_columns(["pcm"]).to_pylist()[0]
+        info = self.codec.info
+        n, width = len(meta["chunk_id"]), meta["width"]
+        results: list[np.ndarray | Exception | None] = [None] * n
+        if width:
+            buf = row["pcm"].chunk(0)[0].as_buffer()
+            pcm = np.frombuffer(buf, dtype=np.dtype(meta["dtype"])).reshape(n, width)
+            results = list(encode_group(self.codec, pcm, meta["samples"], self.autocast))
+        now = time.time()
+        rows = []
+        for j, res in enumerate(results):
+            r = {k: meta[k][j] for k in ("chunk_id", "video_id", "captions", "reason", "error")}
+            r.update(codec=info.name, n_q=info.n_q, frames=0, codes=b"", encoded_at=now)
+            r["seconds"] = meta["samples"][j] / info.sample_rate
+            if isinstance(res, Exception):
+                r.update(reason=failure_reason(res), error=f"{type(res).__name__}: {res}")
+            elif res is not None:
+                r.update(frames=int(res.shape[1]), codes=codes_to_bytes(res))
+            rows.append(r)
+        return rows
 
     def _count(self, rows: list[dict]) -> None:
         if self.metrics is None:
@@ -496,33 +530,62 @@ class ChunkEncoder:
             self.metrics["failures"].inc(n, tags={"reason": reason})
 
 
+@functools.lru_cache(maxsize=4)
+def _text_tokenizer(base: str):
+    from voxtral.model import load_text_tokenizer, resolve_base
+
+    return load_text_tokenizer(resolve_base(ModelConfig(base=base)))
+
+
 def tokens_file_name(chunk_ids: Sequence[str]) -> str:
     """A name fixed by the rows, so a retried write task replaces its own file."""
     digest = hashlib.sha1("\n".join(sorted(chunk_ids)).encode()).hexdigest()[:20]
     return f"{TOKENS_DIR}/part-{digest}.parquet"
 
 
-def write_batch(table: pa.Table, *, root: str, failed_before: frozenset[str]) -> pa.Table:
-    """Writer step: good rows → one token file; failed rows → ``failures/`` rows."""
+def token_rows(rows: list[dict], tokenizer) -> tuple[list[dict], list[dict]]:
+    """ENCODED rows → (TOKENS rows with timed text ids, rows that failed)."""
+    good, bad = [], []
+    for r in rows:
+        if r["reason"] is not None:
+            bad.append(r)
+            continue
+        try:
+            ids, starts = text_track(tokenizer, r["captions"])
+        except Exception as exc:  # noqa: BLE001 - a failures/ row, not a crashed stage
+            bad.append({**r, "reason": "text_error", "error": f"{type(exc).__name__}: {exc}"})
+            continue
+        keep = {k: r[k] for k in schema.TOKENS.names if k in r}
+        good.append({**keep, "text_ids": ids, "text_starts_s": starts})
+    return good, bad
+
+
+def write_batch(
+    table: pa.Table, *, root: str, base: str, failed_before: frozenset[str]
+) -> pa.Table:
+    """Writer step: timed text ids for the good rows, one token file for them, and a
+    ``failures/`` row for each failed chunk. Returns the rows' outcome for the summary."""
     storage = Storage(root)
-    ok = pc.is_null(table["reason"])
-    good = table.filter(ok).select(schema.TOKENS.names).cast(schema.TOKENS)
-    if len(good):
-        storage.write_table(tokens_file_name(good["chunk_id"].to_pylist()), good)
-    for cid in good["chunk_id"].to_pylist():
-        if cid in failed_before:
-            failures.clear_failure(storage, STAGE, cid)
-    for r in (
-        table.filter(pc.invert(ok)).select(["chunk_id", "video_id", "reason", "error"]).to_pylist()
-    ):
+    good, bad = token_rows(table.to_pylist(), _text_tokenizer(base))
+    if good:
+        ids = [r["chunk_id"] for r in good]
+        storage.write_table(tokens_file_name(ids), pa.Table.from_pylist(good, schema=schema.TOKENS))
+    for r in good:
+        if r["chunk_id"] in failed_before:
+            failures.clear_failure(storage, STAGE, r["chunk_id"])
+    for r in bad:
         failures.record_failure(
             storage, STAGE, r["chunk_id"], r["video_id"], r["reason"], r["error"]
         )
+    reasons = {r["chunk_id"]: r["reason"] for r in bad}
     return pa.table(
         {
             "chunk_id": table["chunk_id"],
             "seconds": table["seconds"],
-            "reason": table["reason"],
+            "encoded_at": table["encoded_at"],
+            "reason": pa.array(
+                [reasons.get(c) for c in table["chunk_id"].to_pylist()], pa.string()
+            ),
         },
         schema=STATS,
     )
@@ -562,10 +625,10 @@ def pending_chunks(storage: Storage, skip: set[str]) -> tuple[list[str], frozens
 
 
 def decode_task_memory(window: int, max_chunk_s: float, sample_rate: int) -> int:
-    """Bytes a decode task may hold: its window of chunks as FLAC in, PCM out, and one
-    float32 chunk being converted."""
-    per_chunk = max_chunk_s * sample_rate * (2 + 2)  # FLAC (≤ 16-bit PCM) + int16 PCM
-    return int(window * per_chunk + max_chunk_s * sample_rate * 4 + (64 << 20))
+    """Bytes a decode task may hold at once: its window as FLAC, as PCM and packed (at most
+    2 bytes a sample each, plus float32 for one chunk), and a worker's imports."""
+    samples = max_chunk_s * sample_rate
+    return int(window * samples * 6 + samples * 8 + (768 << 20))
 
 
 def run_preprocess(cfg: Config) -> dict[str, Any]:
@@ -574,14 +637,19 @@ def run_preprocess(cfg: Config) -> dict[str, Any]:
 
     from voxtral.ray_utils import init_ray
 
-    t0 = time.perf_counter()
+    t0, t0_unix = time.perf_counter(), time.time()
     pre = cfg.preprocess
     storage = Storage(cfg.storage.root)
     info = codec_info(cfg.codec)
     ensure_codec_record(storage, cfg.codec)
     done = done_chunk_ids(storage)
-    attempts = failures.attempts(storage, STAGE)
-    exhausted = {cid for cid, n in attempts.items() if n >= pre.max_attempts and cid not in done}
+    failed = failures.read_failures(storage, STAGE)
+    exhausted = {
+        r["item_id"]
+        for r in failed
+        if (r["attempts"] >= pre.max_attempts or r["reason"] in PERMANENT_REASONS)
+        and r["item_id"] not in done
+    }
     files, inner_skip, n_pending = pending_chunks(storage, done | exhausted)
 
     stats: list[pa.Table] = []
@@ -595,17 +663,23 @@ def run_preprocess(cfg: Config) -> dict[str, Any]:
             decode_batch,
             batch_size=pre.sort_window,
             batch_format="pyarrow",
-            fn_kwargs={"sample_rate": info.sample_rate, "base": cfg.model.base, "skip": inner_skip},
+            fn_kwargs={
+                "sample_rate": info.sample_rate,
+                "hop": info.hop,
+                "batch_size": pre.batch_size,
+                "max_pad": pre.max_pad,
+                "skip": inner_skip,
+            },
             num_cpus=1,
-            # A window of decoded audio, declared so Ray packs no more decode tasks on a
-            # node than its memory holds. Also keeps decoding in CPU tasks: Ray Data would
-            # otherwise fuse it into the codec actors, where it would stall the GPU.
+            # Declared so Ray packs no more decode tasks on a node than its memory holds.
+            # It also keeps decoding in CPU tasks: Ray Data would otherwise fuse it into the
+            # codec actors, where it would stall the GPU.
             memory=decode_task_memory(pre.sort_window, cfg.scrape.max_chunk_s, info.sample_rate),
         )
         ds = ds.map_batches(
             ChunkEncoder,
             fn_constructor_kwargs={"codec_cfg": cfg.codec, "pre": pre},
-            batch_size=pre.batch_size,
+            batch_size=1,  # one packed codec batch per call
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(min_size=pre.min_actors, max_size=pre.max_actors),
             num_gpus=pre.num_gpus,
@@ -615,11 +689,15 @@ def run_preprocess(cfg: Config) -> dict[str, Any]:
             write_batch,
             batch_size=pre.write_rows,
             batch_format="pyarrow",
-            fn_kwargs={"root": storage.root_uri, "failed_before": frozenset(attempts)},
+            fn_kwargs={
+                "root": storage.root_uri,
+                "base": cfg.model.base,
+                "failed_before": frozenset(r["item_id"] for r in failed),
+            },
         )
         stats = list(ds.iter_batches(batch_format="pyarrow", batch_size=None))
 
-    summary = summarize(stats, time.perf_counter() - t0, info)
+    summary = summarize(stats, time.perf_counter() - t0, t0_unix, info)
     summary.update(already_done=len(done), skipped_failed=len(exhausted), pending=n_pending)
     print(format_summary(summary), flush=True)
     return summary
@@ -636,12 +714,22 @@ def _warn_if_no_gpus(pre: PreprocessConfig) -> None:
         )
 
 
-def summarize(stats: Sequence[pa.Table], wall_s: float, info: CodecInfo) -> dict[str, Any]:
-    """The writers' outcome rows → counts, audio hours and x-realtime of this run."""
+def summarize(
+    stats: Sequence[pa.Table], wall_s: float, t0_unix: float, info: CodecInfo
+) -> dict[str, Any]:
+    """The writers' outcome rows → counts, audio hours and x-realtime of this run.
+
+    ``first_codes_s`` is the start-up (planning, workers, codec load, first window);
+    ``steady_xrt`` the rate from the first codes on, what a long run tends to."""
     rows = [r for t in stats for r in t.to_pylist()]
     ok = [r for r in rows if r["reason"] is None]
     reasons = Counter(r["reason"] for r in rows if r["reason"] is not None)
     seconds = sum(r["seconds"] for r in ok)
+    stamps = [r["encoded_at"] for r in ok]
+    first = min(stamps) - t0_unix if stamps else 0.0
+    # rows stamped at the first call were encoded before it: count them out of the rate
+    after_first = sum(r["seconds"] for r in ok if r["encoded_at"] > min(stamps, default=0))
+    span = max(stamps, default=0) - min(stamps, default=0)
     return {
         "stage": STAGE,
         "codec": info.name,
@@ -652,6 +740,8 @@ def summarize(stats: Sequence[pa.Table], wall_s: float, info: CodecInfo) -> dict
         "audio_hours": seconds / 3600,
         "wall_s": wall_s,
         "xrt": seconds / wall_s if wall_s > 0 else 0.0,
+        "first_codes_s": first,
+        "steady_xrt": after_first / span if span > 0 else 0.0,
     }
 
 
@@ -667,6 +757,8 @@ def format_summary(s: dict[str, Any]) -> str:
         ("audio hours", f"{s['audio_hours']:.3f}"),
         ("wall time (s)", f"{s['wall_s']:.1f}"),
         ("x-realtime", f"{s['xrt']:.1f}"),
+        ("first codes after (s)", f"{s['first_codes_s']:.1f}"),
+        ("x-realtime after that", f"{s['steady_xrt']:.1f}"),
     ]
     width = max(len(k) for k, _ in lines)
     return "\n".join(["preprocess summary", *(f"  {k:<{width}}  {v}" for k, v in lines)])

@@ -194,7 +194,7 @@ def cut_audio(
     if audio_s <= 0:
         raise ScrapeFailure("empty", "the file decodes to no audio")
     expected = expected_s if expected_s and expected_s > 0 else stats.header_duration_s
-    if stats.stopped_early or (expected and audio_s < TRUNCATION_SLACK * expected - 1.0):
+    if expected and audio_s < TRUNCATION_SLACK * expected - 1.0:
         raise ScrapeFailure(
             "truncated", f"decoded {audio_s:.1f} s of an announced {expected or 0:.1f} s"
         )
@@ -401,7 +401,7 @@ def run_scrape(cfg: Config) -> dict:
             _scrape_task,
             fn_kwargs={"cfg": cfg},
             num_cpus=cfg.scrape.num_cpus,
-            concurrency=concurrency,
+            compute=ray.data.TaskPoolStrategy(size=concurrency),
         )
         results = ds.take_all()
     return summarize(results, time.perf_counter() - t0, counts)

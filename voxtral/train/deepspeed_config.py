@@ -99,7 +99,11 @@ class WarmupCosine:
     """Picklable schedule for ``LambdaLR`` (its state is just the step DeepSpeed saves)."""
 
     def __init__(self, cfg: TrainConfig):
-        self.warmup, self.max_steps, self.min_ratio = cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio
+        self.warmup, self.max_steps, self.min_ratio = (
+            cfg.warmup_steps,
+            cfg.max_steps,
+            cfg.min_lr_ratio,
+        )
 
     def __call__(self, step: int) -> float:
         return lr_factor(step, self.warmup, self.max_steps, self.min_ratio)

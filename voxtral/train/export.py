@@ -45,16 +45,18 @@ def load_trained(cfg: Config, state_dict: dict[str, torch.Tensor]):
     params = {n for n, _ in model.named_parameters()}
     missing = [m for m in missing if m in params]
     if missing or unexpected:
-        raise RuntimeError(f"checkpoint does not fit the model: missing {missing[:5]}, "
-                           f"unexpected {unexpected[:5]}")
+        raise RuntimeError(
+            f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     if getattr(model, "is_gradient_checkpointing", False):
         model.gradient_checkpointing_disable()
     model.config.use_cache = True  # serving generates with a KV cache
     return model.eval(), tokenizer, layout
 
 
-def write_sample(model, tokenizer, layout: Layout, cfg: Config, window: np.ndarray,
-                 folder: Path, source: dict) -> dict:
+def write_sample(
+    model, tokenizer, layout: Layout, cfg: Config, window: np.ndarray, folder: Path, source: dict
+) -> dict:
     """Generate ``train.sample_seconds`` after ``train.prompt_seconds`` of ``window`` and
     write prompt + continuation as a WAV (decoded with the codec) and a JSON note."""
     import soundfile as sf
@@ -63,8 +65,9 @@ def write_sample(model, tokenizer, layout: Layout, cfg: Config, window: np.ndarr
 
     tc = cfg.train
     prompt = prompt_from_window(layout, window, tc.prompt_seconds)
-    new = generate_ids(model, layout, prompt, tokens_for_seconds(layout, tc.sample_seconds),
-                       seed=tc.seed)
+    new = generate_ids(
+        model, layout, prompt, tokens_for_seconds(layout, tc.sample_seconds), seed=tc.seed
+    )
     ids = np.concatenate([prompt, new])
     codes, text = decode_ids(layout, ids)
     device = next(model.parameters()).device
@@ -83,8 +86,14 @@ def write_sample(model, tokenizer, layout: Layout, cfg: Config, window: np.ndarr
     return note
 
 
-def export_run(cfg: Config, checkpoint_folder: str, tag: str, prompt_window: np.ndarray | None,
-               prompt_source: dict, extra: dict) -> str:
+def export_run(
+    cfg: Config,
+    checkpoint_folder: str,
+    tag: str,
+    prompt_window: np.ndarray | None,
+    prompt_source: dict,
+    extra: dict,
+) -> str:
     """Consolidate, export to ``storage.root/models/<run_name>`` and add the sample."""
     from voxtral.model import export_speech_lm
 
@@ -93,8 +102,10 @@ def export_run(cfg: Config, checkpoint_folder: str, tag: str, prompt_window: np.
     if torch.cuda.is_available() and cfg.train.use_gpu:
         model.to("cuda")
     name = cfg.train.run_name
-    staging = Path(tempfile.mkdtemp(prefix=TMP_PREFIX)) if not storage.local else Path(
-        storage.makedirs("models"), f"{TMP_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
+    staging = (
+        Path(tempfile.mkdtemp(prefix=TMP_PREFIX))
+        if not storage.local
+        else Path(storage.makedirs("models"), f"{TMP_PREFIX}{name}-{uuid.uuid4().hex[:8]}")
     )
     try:
         if cfg.train.sample_seconds > 0 and prompt_window is not None:
@@ -123,6 +134,10 @@ def _publish(storage: Storage, staging: Path, name: str) -> str:
             shutil.rmtree(old, ignore_errors=True)
     else:
         storage.delete("models", name)
-        pafs.copy_files(str(staging), target, source_filesystem=pafs.LocalFileSystem(),
-                        destination_filesystem=storage.fs)
+        pafs.copy_files(
+            str(staging),
+            target,
+            source_filesystem=pafs.LocalFileSystem(),
+            destination_filesystem=storage.fs,
+        )
     return storage.uri("models", name)

@@ -64,8 +64,9 @@ def _all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
     return t
 
 
-def _evaluate(engine, rows: list[Packed], micro_batch: int, seq_len: int, pad_id: int, weights,
-              device) -> torch.Tensor:
+def _evaluate(
+    engine, rows: list[Packed], micro_batch: int, seq_len: int, pad_id: int, weights, device
+) -> torch.Tensor:
     """Summed per-stream stats over this rank's held-out rows. Every rank runs as many
     forwards as the rank with most (ZeRO-3 gathers parameters collectively), padding with
     batches that train nothing."""
@@ -74,8 +75,16 @@ def _evaluate(engine, rows: list[Packed], micro_batch: int, seq_len: int, pad_id
     n = _all_reduce(torch.tensor([len(batches)], device=device), _max_op())
     blank = empty_like_batch(
         collate(
-            [Packed(np.full(seq_len, pad_id), np.arange(seq_len), np.zeros(seq_len, np.int64),
-                    np.zeros(seq_len, np.int8), 0)] * micro_batch
+            [
+                Packed(
+                    np.full(seq_len, pad_id),
+                    np.arange(seq_len),
+                    np.zeros(seq_len, np.int64),
+                    np.zeros(seq_len, np.int8),
+                    0,
+                )
+            ]
+            * micro_batch
         )
     )
     total = torch.zeros(3, len(weights), device=device)
@@ -198,8 +207,15 @@ def train_loop(config: dict) -> None:
 
     weights = stream_weights(tc).to(device)
     stream = TrainStream(
-        ray.train.get_dataset_shard("train"), layout, tc.seq_len, tc.micro_batch, rank, world,
-        tc.seed, tc.shuffle_buffer, position,
+        ray.train.get_dataset_shard("train"),
+        layout,
+        tc.seq_len,
+        tc.micro_batch,
+        rank,
+        world,
+        tc.seed,
+        tc.shuffle_buffer,
+        position,
     )
     eval_iter = ray.train.get_dataset_shard("eval")
     held_out: list[Packed] | None = None
@@ -252,8 +268,9 @@ def train_loop(config: dict) -> None:
                 held_out = eval_rows(
                     eval_iter, layout, tc.seq_len, rank, world, tc.eval_max_batches * tc.micro_batch
                 )
-            ev = _evaluate(engine, held_out, tc.micro_batch, tc.seq_len, layout.vocab.text_pad,
-                           weights, device)
+            ev = _evaluate(
+                engine, held_out, tc.micro_batch, tc.seq_len, layout.vocab.text_pad, weights, device
+            )
             if ev[1].sum() > 0:
                 metrics.update(stats_metrics(ev, weights, prefix="eval_"))
         folder = None

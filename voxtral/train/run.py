@@ -25,8 +25,16 @@ from voxtral.train.data import eval_videos, row_codes, row_windows, split_batch,
 
 log = logging.getLogger("voxtral.train")
 
-TOKEN_COLUMNS = ["chunk_id", "video_id", "codec", "n_q", "frames", "codes", "text_ids",
-                 "text_starts_s"]
+TOKEN_COLUMNS = [
+    "chunk_id",
+    "video_id",
+    "codec",
+    "n_q",
+    "frames",
+    "codes",
+    "text_ids",
+    "text_starts_s",
+]
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -46,8 +54,14 @@ def _windows(batch: dict, layout: Layout, seq_len: int, held_out: frozenset, kee
     return windows_batch(split_batch(batch, held_out, keep_eval), layout, seq_len)
 
 
-def window_dataset(storage: Storage, layout: Layout, seq_len: int, held_out: frozenset,
-                   keep_eval: bool, materialize: bool):
+def window_dataset(
+    storage: Storage,
+    layout: Layout,
+    seq_len: int,
+    held_out: frozenset,
+    keep_eval: bool,
+    materialize: bool,
+):
     """``tokens/`` → a Ray Dataset of windows of one split (file order kept).
 
     Read with Ray Data's first Parquet reader: the second one starts a pool of 32
@@ -68,8 +82,12 @@ def window_dataset(storage: Storage, layout: Layout, seq_len: int, held_out: fro
     ds = ds.map_batches(
         _windows,
         batch_format="numpy",
-        fn_kwargs={"layout": layout, "seq_len": seq_len, "held_out": held_out,
-                   "keep_eval": keep_eval},
+        fn_kwargs={
+            "layout": layout,
+            "seq_len": seq_len,
+            "held_out": held_out,
+            "keep_eval": keep_eval,
+        },
     )
     return ds.materialize() if materialize else ds
 
@@ -121,8 +139,9 @@ def _metrics_callback(root: str, run_name: str):
     return MetricsLog()
 
 
-def _prompt_window(storage: Storage, index, held_out: frozenset, layout: Layout,
-                   seq_len: int) -> tuple[np.ndarray | None, dict]:
+def _prompt_window(
+    storage: Storage, index, held_out: frozenset, layout: Layout, seq_len: int
+) -> tuple[np.ndarray | None, dict]:
     """The first window of the first held-out chunk (a training chunk if none is held out)."""
     chunk_ids = index.column("chunk_id").to_pylist()
     videos = index.column("video_id").to_pylist()
@@ -149,8 +168,9 @@ def _export_task(cfg_dict: dict, checkpoint, prompt, source: dict, extra: dict) 
     cfg = Config.model_validate(cfg_dict)
     with checkpoint.as_directory() as folder:
         state = json.loads(Path(folder, TRAIN_STATE).read_text())
-        return export_run(cfg, folder, state["tag"], prompt, source,
-                          {**extra, "step": state["step"]})
+        return export_run(
+            cfg, folder, state["tag"], prompt, source, {**extra, "step": state["step"]}
+        )
 
 
 def run_train(cfg: Config) -> dict:
@@ -173,8 +193,12 @@ def run_train(cfg: Config) -> dict:
     )
     init_ray()
     if tc.use_gpu and ray.cluster_resources().get("GPU", 0) < tc.num_workers:
-        log.warning("train.use_gpu with %d workers but the cluster has %s GPUs now: waiting "
-                    "for the autoscaler", tc.num_workers, ray.cluster_resources().get("GPU", 0))
+        log.warning(
+            "train.use_gpu with %d workers but the cluster has %s GPUs now: waiting "
+            "for the autoscaler",
+            tc.num_workers,
+            ray.cluster_resources().get("GPU", 0),
+        )
     small = window_bytes(int(pc.sum(index.column("frames")).as_py() or 0), layout) < (
         tc.materialize_mb << 20
     )

@@ -42,8 +42,18 @@ def iter_windows(iterator) -> Iterator[np.ndarray]:
 class TrainStream:
     """``next_batch()`` → ``[micro_batch, seq_len]`` arrays, epoch after epoch."""
 
-    def __init__(self, iterator, layout: Layout, seq_len: int, micro_batch: int, rank: int,
-                 world: int, seed: int, buffer: int, start: Position | None = None):
+    def __init__(
+        self,
+        iterator,
+        layout: Layout,
+        seq_len: int,
+        micro_batch: int,
+        rank: int,
+        world: int,
+        seed: int,
+        buffer: int,
+        start: Position | None = None,
+    ):
         self.iterator, self.layout, self.seq_len = iterator, layout, seq_len
         self.micro_batch, self.rank, self.world = micro_batch, rank, world
         self.seed, self.buffer = seed, buffer

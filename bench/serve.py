@@ -1,0 +1,312 @@
+"""Benchmark the voice endpoint; prints one JSON line.
+
+Keys: ``device``, ``sessions`` (N), ``first_audio_ms_p50`` / ``first_audio_ms_p95`` (end of
+the user's speech to the first audio message of the model's turn, over the N concurrent
+sessions; it includes the end-of-turn silence the VAD waits for, ``end_of_turn_ms``),
+``rtf_1`` / ``rtf_n`` (generation wall seconds per second of audio produced, one session
+alone and N at once; generation is left unpaced here so it runs as fast as it can).
+
+    uv run bench/serve.py                 # full stack: Ray Serve + websockets, local profile
+    uv run bench/serve.py --engine        # the model side alone, in process (no Ray)
+    python bench/serve.py --engine --base 1b --set serve.num_gpus=1 --set model.dtype=bfloat16
+
+``--base`` swaps the tiny model for a larger random-init Mistral of the same tokenizer
+(``small``: 512 wide, 8 layers; ``1b``: 2048 wide, 16 layers), for GPU figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from voxtral.config import add_config_args, config_from_args  # noqa: E402
+
+RATE = 24_000
+SIZES = {
+    "small": dict(
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+    ),
+    "1b": dict(
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=16,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+    ),
+}
+
+
+def speech_like(seconds: float, seed: int = 0) -> np.ndarray:
+    """Voiced-sounding bursts (harmonics + noise, syllable-rate envelope) when no speech
+    synthesizer is at hand; the VAD accepts them and the random model does not care."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * RATE)) / RATE
+    f0 = 140 + 30 * np.sin(2 * np.pi * 0.7 * t)
+    phase = 2 * np.pi * np.cumsum(f0) / RATE
+    voiced = sum(np.sin(k * phase) / k for k in range(1, 12))
+    envelope = np.clip(np.sin(2 * np.pi * 3.5 * t), 0, None) ** 0.5
+    x = (voiced + 0.1 * rng.standard_normal(len(t))) * envelope
+    return (0.4 * x / np.abs(x).max()).astype(np.float32)
+
+
+def speech(seconds: float = 1.6) -> np.ndarray:
+    espeak = shutil.which("espeak-ng")
+    if espeak is None:
+        return speech_like(seconds)
+    import subprocess
+
+    import soundfile as sf
+
+    from voxtral.audio import prepare
+
+    with tempfile.TemporaryDirectory() as d:
+        wav = Path(d) / "s.wav"
+        text = "Hello there. How are you doing today? Tell me a story about the sea."
+        subprocess.run([espeak, "-s", "170", "-w", str(wav), text], check=True)
+        x, sr = sf.read(wav, dtype="float32")
+    y = prepare(x, sr, RATE).numpy()[: int(seconds * RATE)]
+    return (0.5 * y / np.abs(y).max()).astype(np.float32)
+
+
+def random_base(size: str, folder: Path) -> Path:
+    """A random-init Mistral of ``size`` with the tiny model's tokenizer."""
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from voxtral.model import tiny_mistral_dir, write_tiny_mistral
+
+    tiny = write_tiny_mistral(tiny_mistral_dir())
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    cfg = MistralConfig(
+        vocab_size=512,
+        max_position_embeddings=8192,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+        **SIZES[size],
+    )
+    MistralForCausalLM(cfg).save_pretrained(folder)
+    for f in tiny.iterdir():
+        if "token" in f.name or f.name == "special_tokens_map.json":
+            shutil.copy(f, folder / f.name)
+    return folder
+
+
+def percentile(xs: list[float], q: float) -> float:
+    return round(float(np.percentile(np.asarray(xs), q)), 1) if xs else float("nan")
+
+
+# -- the model side alone ---------------------------------------------------------------------
+async def engine_turns(sched, n: int, clip: np.ndarray, tag: str) -> list[dict]:
+    """N conversations at once: prefill the clip, end the turn, generate; per session the
+    first-audio delay (end_turn → first chunk) and the turn's wall/audio seconds."""
+
+    async def one(i: int) -> dict:
+        sid = f"{tag}-{i}"
+        await sched.open(sid)
+        for k in range(0, len(clip), 3840):  # 160 ms pieces, as the Gateway sends them
+            await sched.feed(sid, clip[k : k + 3840])
+        t0 = time.perf_counter()
+        await sched.end_turn(sid)
+        first = None
+        async for item in sched.respond(sid):
+            if first is None and "audio" in item and len(item["audio"]):
+                first = time.perf_counter() - t0
+            if "end" in item:
+                await sched.close(sid)
+                return {"first_s": first, "wall_s": item["wall_s"], "audio_s": item["audio_s"]}
+        raise RuntimeError("turn ended without an end item")
+
+    return await asyncio.gather(*(one(i) for i in range(n)))
+
+
+def run_engine(cfg, source: dict, n: int, rounds: int) -> tuple[dict, dict]:
+    from serve_app.scheduler import build_scheduler
+
+    sched, info = build_scheduler(cfg, source)
+    clip = speech()
+    eot = cfg.serve.end_of_turn_ms
+
+    async def main():
+        await engine_turns(sched, 1, clip, "warm")
+        single = [r for k in range(rounds) for r in await engine_turns(sched, 1, clip, f"a{k}")]
+        many = [r for k in range(rounds) for r in await engine_turns(sched, n, clip, f"b{k}")]
+        return single, many
+
+    try:
+        single, many = asyncio.run(main())
+    finally:
+        sched.shutdown()
+    firsts = [r["first_s"] * 1000 + eot for r in many]
+    out = {
+        "first_audio_ms_p50": percentile(firsts, 50),
+        "first_audio_ms_p95": percentile(firsts, 95),
+        "rtf_1": round(sum(r["wall_s"] for r in single) / sum(r["audio_s"] for r in single), 4),
+        "rtf_n": round(sum(r["wall_s"] for r in many) / sum(r["audio_s"] for r in many), 4),
+    }
+    return out, info
+
+
+# -- the full stack ---------------------------------------------------------------------------
+async def ws_turns(url: str, token: str | None, n: int, clip: np.ndarray) -> list[dict]:
+    import websockets
+
+    from serve_app import protocol as P
+    from serve_app.audio_io import float_to_pcm16
+
+    async def one(i: int) -> dict:
+        q = "?codec=pcm16" + (f"&token={token}" if token else "")
+        async with websockets.connect(
+            url.replace("http", "ws") + "/api/chat" + q, max_size=None
+        ) as ws:
+            state = {"first": None, "end": None, "server": None}
+            spoke_at = [0.0]
+
+            async def receive():
+                async for m in ws:
+                    if m[0] == P.Kind.AUDIO and state["first"] is None and spoke_at[0]:
+                        state["first"] = time.perf_counter() - spoke_at[0]
+                    elif m[0] == P.Kind.METADATA:
+                        ev = json.loads(m[1:])
+                        if ev.get("event") == "first_audio":
+                            state["server"] = ev["latency_ms"]
+                        if ev.get("event") == "turn_end":
+                            state["end"] = ev
+                            return
+
+            task = asyncio.ensure_future(receive())
+            audio = np.concatenate([np.zeros(int(0.3 * RATE), np.float32), clip])
+            start = time.perf_counter()
+            for k in range(0, len(audio), 1920):
+                await ws.send(P.audio(float_to_pcm16(audio[k : k + 1920])))
+                await asyncio.sleep(max(0.0, start + (k + 1920) / RATE - time.perf_counter()))
+            spoke_at[0] = time.perf_counter()
+            k = 0
+            while not task.done() and k < 120 * RATE:
+                await ws.send(P.audio(float_to_pcm16(np.zeros(1920, np.float32))))
+                k += 1920
+                await asyncio.sleep(max(0.0, spoke_at[0] + k / RATE - time.perf_counter()))
+            await asyncio.wait_for(task, 30)
+            e = state["end"]
+            return {
+                "first_s": state["first"],
+                "wall_s": e["wall_s"],
+                "audio_s": e["audio_s"],
+                "server_ms": state["server"],
+            }
+
+    return await asyncio.gather(*(one(i) for i in range(n)))
+
+
+def run_stack(cfg, n: int, rounds: int) -> tuple[dict, dict]:
+    import requests
+    from ray import serve
+
+    from serve_app.app import APP_NAME, start
+    from voxtral.ray_utils import init_ray
+
+    init_ray()
+    url = start(cfg)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        try:
+            info = requests.get(url + "/healthz", timeout=10).json()
+            break
+        except Exception:
+            time.sleep(1)
+    clip = speech()
+
+    async def main():
+        await ws_turns(url, cfg.serve.token, 1, clip)
+        single = [r for _ in range(rounds) for r in await ws_turns(url, cfg.serve.token, 1, clip)]
+        many = [r for _ in range(rounds) for r in await ws_turns(url, cfg.serve.token, n, clip)]
+        return single, many
+
+    try:
+        single, many = asyncio.run(main())
+    finally:
+        serve.delete(APP_NAME)
+    firsts = [r["first_s"] * 1000 for r in many if r["first_s"] is not None]
+    server = [r["server_ms"] for r in many if r["server_ms"] is not None]
+    out = {
+        "first_audio_ms_p50": percentile(firsts, 50),
+        "first_audio_ms_p95": percentile(firsts, 95),
+        "first_audio_ms_p50_1": percentile([r["first_s"] * 1000 for r in single], 50),
+        "server_first_audio_ms_p50": percentile(server, 50),
+        "rtf_1": round(sum(r["wall_s"] for r in single) / sum(r["audio_s"] for r in single), 4),
+        "rtf_n": round(sum(r["wall_s"] for r in many) / sum(r["audio_s"] for r in many), 4),
+    }
+    return out, info
+
+
+def main(argv=None) -> dict:
+    parser = add_config_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    parser.add_argument("--sessions", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--engine", action="store_true", help="model side only, no Ray")
+    parser.add_argument("--base", choices=["tiny", *SIZES], default="tiny")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    root = Path(tempfile.mkdtemp(prefix="voxtral-bench-"))
+    overrides = [f"storage.root={root}", "serve.lead_ms=1000000", *args.overrides]
+    if args.base != "tiny":
+        overrides.append(f"model.base={random_base(args.base, root / 'base')}")
+    args.overrides = overrides
+    cfg = config_from_args(args)
+    if args.base != "tiny":  # export it like a trained model and serve that
+        from voxtral.model import build_speech_lm, export_speech_lm
+
+        model, tok, layout = build_speech_lm(cfg)
+        folder = export_speech_lm(
+            model,
+            tok,
+            layout,
+            root / "models" / f"random-{args.base}",
+            extra={"codec_config": cfg.codec.model_dump()},
+        )
+        cfg = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"model": str(folder)})})
+    from serve_app.model_source import resolve_model
+
+    source = resolve_model(cfg).describe()
+    if args.engine:
+        figures, info = run_engine(cfg, source, args.sessions, args.rounds)
+        device = info["device"]
+    else:
+        figures, info = run_stack(cfg, args.sessions, args.rounds)
+        device = "cuda" if cfg.serve.num_gpus > 0 else "cpu"
+    if device == "cuda":
+        import torch
+
+        device = f"cuda ({torch.cuda.get_device_name(0)})"
+    result = {
+        "device": device,
+        "sessions": args.sessions,
+        **figures,
+        "mode": "engine" if args.engine else "stack",
+        "base": args.base,
+        "end_of_turn_ms": cfg.serve.end_of_turn_ms,
+        "max_turn_s": cfg.serve.max_turn_s,
+    }
+    print(json.dumps(result), flush=True)
+    shutil.rmtree(root, ignore_errors=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()

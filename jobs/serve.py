@@ -1,0 +1,30 @@
+"""Stage 5: the voice endpoint (Ray Serve) for the pipeline config, kept up until Ctrl-C.
+
+uv run jobs/serve.py                                   # local profile: http://127.0.0.1:8000
+uv run jobs/serve.py --set serve.model=runs/local/models/local
+ray job submit --working-dir . -- python jobs/serve.py --config configs/youtube-mistral7b.yaml
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from serve_app.app import start  # noqa: E402
+from voxtral.config import parse_cli  # noqa: E402
+from voxtral.ray_utils import init_ray  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--detach", action="store_true", help="deploy and return (the app keeps running in Ray)"
+    )
+    cfg, args = parse_cli(argv, parser=parser)
+    init_ray()
+    return start(cfg, blocking=not args.detach)
+
+
+if __name__ == "__main__":
+    main()

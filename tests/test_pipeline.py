@@ -1,0 +1,194 @@
+"""End to end: `jobs/everything.py` on the local profile, its rerun, serving what it trained,
+the dashboard metrics, and `ray job submit` to a `ray start --head` cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import runpy
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+
+from voxtral.config import DEFAULT_CONFIG, REPO_ROOT, load_config
+from voxtral.storage import Storage
+
+# A short run: the sample corpus, a few train steps. Everything else is configs/local.yaml.
+FAST = ["train.max_steps=6", "train.checkpoint_every=3", "train.eval_every=3"]
+
+
+def _everything(argv: list[str]) -> dict:
+    main = runpy.run_path(str(REPO_ROOT / "jobs" / "everything.py"), run_name="everything")["main"]
+    return main(argv)
+
+
+@pytest.fixture(scope="module")
+def pipeline_root(tmp_path_factory, ray_session):
+    root = tmp_path_factory.mktemp("pipeline") / "run"
+    first = _everything(
+        ["--no-serve", *sum([["--set", s] for s in [f"storage.root={root}", *FAST]], [])]
+    )
+    return root, first
+
+
+def test_everything_produces_every_stage_output(pipeline_root):
+    root, summaries = pipeline_root
+    assert list(summaries) == ["index", "scrape", "preprocess", "train"]
+    s = Storage(root)
+    index = s.read_table("index")
+    assert index is not None and len(index) == summaries["index"]["new"] > 0
+    assert summaries["scrape"]["done"] == len(index) and summaries["scrape"]["failed"] == 0
+    chunks = s.read_table("chunks", columns=["chunk_id", "video_id"])
+    assert set(chunks.column("video_id").to_pylist()) == set(index.column("video_id").to_pylist())
+    tokens = s.read_table("tokens", columns=["chunk_id"])
+    assert sorted(tokens.column("chunk_id").to_pylist()) == sorted(
+        chunks.column("chunk_id").to_pylist()
+    )
+    assert s.listdir("train"), "no training checkpoints"
+    model_dir = summaries["train"]["export"]
+    meta = json.loads(open(os.path.join(model_dir, "voxtral.json")).read())
+    assert meta["layout"]["codec"] == "encodec"
+    assert os.path.isfile(os.path.join(model_dir, "model.safetensors"))
+
+
+def test_rerun_does_no_new_work(pipeline_root):
+    root, _ = pipeline_root
+    again = _everything(
+        ["--no-serve", *sum([["--set", s] for s in [f"storage.root={root}", *FAST]], [])]
+    )
+    assert again["index"]["new"] == 0
+    assert again["scrape"]["attempted"] == 0
+    assert again["preprocess"]["chunks"] == 0
+    assert again["train"].get("skipped"), again["train"]
+
+
+def test_serves_the_model_this_run_trained(pipeline_root):
+    from serve_app.app import start
+    from tests.serve_client import connect, free_port, speech_clip, wait_healthy
+
+    root, summaries = pipeline_root
+    port = free_port()
+    cfg = load_config(
+        DEFAULT_CONFIG,
+        [
+            f"storage.root={root}",
+            f"serve.port={port}",
+            "serve.max_turn_s=1.5",
+            "serve.end_of_turn_ms=300",
+        ],
+        env={},
+    )
+    url = start(cfg)
+    health = wait_healthy(url)
+    assert health["model_source"] == "trained"
+    assert os.path.realpath(health["model"]) == os.path.realpath(summaries["train"]["export"])
+
+    async def talk() -> int:
+        from serve_app import protocol as P
+
+        client = await connect(url, codec="pcm16", token=None)
+        try:
+            assert await client.wait_for(lambda: client.of_kind(P.Kind.HANDSHAKE), 60)
+            speech = speech_clip(root)
+            await client.send_audio(np.concatenate([speech, np.zeros(24000, np.float32)]))
+            await client.wait_for(lambda: len(client.of_kind(P.Kind.AUDIO)) > 1, 90)
+            return len(client.of_kind(P.Kind.AUDIO))
+        finally:
+            await client.ws.close()
+
+    assert asyncio.run(talk()) > 1
+
+
+def _scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        return r.read().decode()
+
+
+def test_stage_metrics_reach_the_dashboard_endpoint(pipeline_root):
+    import ray
+
+    ports = {n["MetricsExportPort"] for n in ray.nodes() if n["Alive"]}
+    wanted = [
+        "ray_voxtral_scrape_videos",
+        "ray_voxtral_preprocess_chunks",
+        "ray_voxtral_train_tokens",
+    ]
+    deadline, text = time.monotonic() + 90, ""
+    while time.monotonic() < deadline:
+        text = "".join(_scrape(p) for p in ports)
+        if all(w in text for w in wanted):
+            break
+        time.sleep(3)
+    missing = [w for w in wanted if w not in text]
+    assert not missing, f"metrics not exported: {missing}"
+
+
+@pytest.mark.skipif(
+    shutil.which("ray", path=os.path.dirname(sys.executable)) is None,
+    reason="ray CLI not in this environment",
+)
+def test_ray_job_submit_to_a_head_node(tmp_path):
+    from tests.serve_client import free_port
+
+    bindir = os.path.dirname(sys.executable)
+    ray_cli = os.path.join(bindir, "ray")
+    gcs, dash = free_port(), free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    temp = tmp_path / "ray"
+    subprocess.run(
+        [
+            ray_cli,
+            "start",
+            "--head",
+            f"--port={gcs}",
+            f"--dashboard-port={dash}",
+            "--num-cpus=4",
+            "--include-dashboard=true",
+            f"--temp-dir={temp}",
+            "--disable-usage-stats",
+        ],
+        check=True,
+        env=env,
+        timeout=180,
+    )
+    root = tmp_path / "job-run"
+    try:
+        cmd = [
+            ray_cli,
+            "job",
+            "submit",
+            f"--address=http://127.0.0.1:{dash}",
+            "--working-dir",
+            str(REPO_ROOT),
+            "--",
+            "python",
+            "jobs/everything.py",
+            "--no-serve",
+            "--set",
+            f"storage.root={root}",
+            "--set",
+            "train.max_steps=2",
+            "--set",
+            "train.checkpoint_every=2",
+            "--set",
+            "train.eval_every=2",
+        ]
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
+        log = out.stdout + out.stderr
+        assert out.returncode == 0, log[-4000:]
+        assert "succeeded" in log.lower(), log[-4000:]
+        for stage in ("index", "scrape", "preprocess", "train"):
+            assert f"== {stage}: done" in log, (stage, log[-4000:])
+        s = Storage(root)
+        assert s.read_table("tokens", columns=["chunk_id"]) is not None
+        assert any(s.exists("models", d, "voxtral.json") for d in s.listdir("models"))
+    finally:
+        # Not `ray stop`: it would also stop the test session's own Ray.
+        subprocess.run(["pkill", "-f", str(temp)], timeout=60)
