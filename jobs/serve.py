@@ -19,7 +19,9 @@ from voxtral.ray_utils import init_ray  # noqa: E402
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--detach", action="store_true", help="deploy and return (the app keeps running in Ray)"
+        "--detach",
+        action="store_true",
+        help="deploy and return: the app stays up on a running cluster (a local Ray ends with this process)",
     )
     cfg, args = parse_cli(argv, parser=parser)
     init_ray()

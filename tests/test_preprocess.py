@@ -6,6 +6,7 @@ import importlib
 import importlib.util
 import io
 import math
+import warnings
 
 import numpy as np
 import pyarrow as pa
@@ -19,7 +20,7 @@ from voxtral.codec import codec_info, load_codec
 from voxtral.config import DEFAULT_CONFIG, REPO_ROOT, Config, load_config
 from voxtral.model import base_text_size, layout_for, load_text_tokenizer, resolve_base
 from voxtral.preprocess import (
-    CODEC_JSON,
+    ChunkEncoder,
     CodecMismatchError,
     as_pcm16,
     check_codec_compatible,
@@ -29,10 +30,12 @@ from voxtral.preprocess import (
     decode_chunk,
     encode_alone,
     encode_group,
+    ensure_codec_record,
     pad_batch,
     plan_batches,
     run_preprocess,
     text_track,
+    write_batch,
 )
 from voxtral.storage import Storage
 from voxtral.tokenizer import encode_ids
@@ -92,14 +95,14 @@ def write_video(storage: Storage, video_id: str, rows: list[dict]) -> None:
 
 
 def synth_corpus(storage: Storage, n_videos: int = 5, seed: int = 0) -> None:
-    """Stand-in for the scrape stage's output: one file per video, chunks of 2–7 s (any
+    """Stand-in for the scrape stage's output: one file per video, chunks of 1.5–4.5 s (any
     sample count, so the last frame is usually partial), one at 16 kHz, one uncaptioned."""
     rng = np.random.default_rng(seed)
     for v in range(n_videos):
         rows, start = [], 0.0
         for c in range(int(rng.integers(1, 4))):
             sr = 16_000 if (v, c) == (1, 0) else 24_000
-            wav, words = speech_like(float(rng.uniform(2, 7)), sr, seed=100 * v + c)
+            wav, words = speech_like(float(rng.uniform(1.5, 4.5)), sr, seed=100 * v + c)
             rows.append(chunk_row(f"v{v}-c{c}", f"v{v}", wav, sr, None if v == 2 else words, start))
             start += len(wav) / sr
         write_video(storage, f"v{v}", rows)
@@ -116,7 +119,19 @@ def scrape_corpus(cfg: Config) -> bool:
         return False
     run_index(cfg)
     run_scrape(cfg)
-    return bool(Storage(cfg.storage.root).parquet_files("chunks"))
+    storage = Storage(cfg.storage.root)
+    if storage.parquet_files("chunks"):
+        return True
+    # Not this module's failure to report: the scrape tests cover it. Say so, and test
+    # preprocess on the stand-in corpus instead.
+    reasons = sorted(
+        {f"{r['reason']}: {r['error']}" for r in failures.read_failures(storage, "scrape")}
+    )
+    note = "; ".join(reasons)[:500]
+    warnings.warn(f"scrape gave no chunks ({note}); using a synthetic corpus", stacklevel=2)
+    for rel in ("index", "failures"):
+        storage.delete(rel)
+    return False
 
 
 def add_corrupt_row(storage: Storage) -> None:
@@ -154,7 +169,7 @@ def cfg(tmp_path_factory) -> Config:
 @pytest.fixture(scope="module")
 def corpus(cfg, ray_session) -> dict:
     storage = Storage(cfg.storage.root)
-    scraped = False  # TEMP-DEV scrape_corpus(cfg)
+    scraped = scrape_corpus(cfg)
     if not scraped:
         synth_corpus(storage)
     add_corrupt_row(storage)
@@ -290,7 +305,8 @@ def test_text_ids_in_base_vocab_and_time_ordered(corpus, cfg, text_tokenizer):
         assert starts == sorted(starts)
         assert starts[0] >= 0 and starts[-1] <= max(w["end_s"] for w in words) + 1e-3
         spoken = " ".join(w["word"] for w in sorted(words, key=lambda w: w["start_s"]))
-        assert text_tokenizer.decode(ids).split() == spoken.split()
+        # the ids spell the words (decoding may tidy spaces around punctuation)
+        assert "".join(text_tokenizer.decode(ids).split()) == "".join(spoken.split())
     assert with_text > 0
 
 
@@ -358,29 +374,44 @@ def test_mismatched_codec_is_refused(corpus, cfg):
 
 
 # -- mimi --------------------------------------------------------------------------------
-def test_mimi_tokens(tmp_path, ray_session, one_thread):
+def test_mimi_tokens(tmp_path, one_thread):
+    """The stage's steps (decode → codec actor → writer) with Mimi, in-process: the Ray plan
+    around them is codec-agnostic and tested above."""
     cfg = load_config(
         DEFAULT_CONFIG,
-        [f"storage.root={tmp_path / 'run'}", "codec.name=mimi", "tokenizer.group_ms=80"],
+        [f"storage.root={tmp_path / 'run'}", "codec.name=mimi", "preprocess.batch_size=4"],
         env={},
     )
     storage = Storage(cfg.storage.root)
+    assert ensure_codec_record(storage, cfg.codec)["name"] == "mimi"
     rows = []
     for c, seconds in enumerate((2.3, 3.1, 1.7)):
         wav, words = speech_like(seconds, 24_000, seed=c)
         rows.append(chunk_row(f"m-c{c}", "m", wav, 24_000, words))
-    write_video(storage, "m", rows)
-    summary = run_preprocess(cfg)
-    assert summary["chunks"] == 3 and summary["n_q"] == 8
-    assert storage.read_json(CODEC_JSON)["name"] == "mimi"
-    codec = load_codec(cfg.codec)
+    info = codec_info(cfg.codec)
+    packed = decode_batch(
+        pa.Table.from_pylist(rows, schema=schema.CHUNKS),
+        sample_rate=info.sample_rate,
+        hop=info.hop,
+        batch_size=4,
+        max_pad=0.5,
+    )
+    assert len(packed) == 1  # one codec batch of three lengths
+    encoder = ChunkEncoder(cfg.codec, cfg.preprocess)
+    stats = write_batch(
+        encoder(packed), root=cfg.storage.root, base="tiny", failed_before=frozenset()
+    )
+    assert stats["reason"].null_count == 3
     by_id = {r["chunk_id"]: r for r in rows}
-    for r in token_rows(storage):
+    tokens = token_rows(storage)
+    assert sorted(r["chunk_id"] for r in tokens) == sorted(by_id)
+    for r in tokens:
+        assert (r["codec"], r["n_q"]) == ("mimi", 8) and r["text_ids"]
         wav = decode_chunk(by_id[r["chunk_id"]]["audio"], 24_000)
         assert r["frames"] == math.ceil(len(wav) / 1920)
         stored = codes_from_bytes(r["codes"], 8, r["frames"])
         assert stored.min() >= 0 and stored.max() < 2048
-        alone = encode_alone(codec, wav)
+        alone = encode_alone(encoder.codec, wav)
         # Mimi's transformer rounds differently over a padded batch: codebook 0 matches,
         # deeper (random-init, near-tie) codebooks mostly do (see voxtral.preprocess).
         np.testing.assert_array_equal(stored[0], alone[0])

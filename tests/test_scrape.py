@@ -9,6 +9,7 @@ server completes what failed; a node removed mid-scrape loses nothing and duplic
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -42,6 +43,7 @@ from voxtral.index import index_local, write_rows
 from voxtral.scrape import (
     chunks_rel,
     cut_audio,
+    format_summary,
     run_scrape,
     scrape_video,
     target_sample_rate,
@@ -273,6 +275,8 @@ def test_second_pass_after_fixing_the_server_completes_the_failure(passes, media
 def test_out_of_attempts_is_left_alone(passes):
     fourth = passes["fourth"]
     assert fourth["attempted"] == 0
+    table = format_summary(passes["first"])
+    assert "x-realtime" in table and "http_404: 1" in table and "no_speech: 1" in table
     assert fourth["out_of_attempts"] == len(EXPECTED_FAILURES)
     assert fourth["done_before"] == len(GOOD) + 1
 
@@ -284,15 +288,21 @@ def test_temporary_folders_are_removed(passes):
     assert all(p.suffix == ".parquet" and not p.name.startswith(".") for p in chunks.iterdir())
 
 
-def test_local_corpus_captions_fall_in_the_right_chunk(tmp_path, ray_session):
+def test_local_corpus_captions_fall_in_the_right_chunk(tmp_path, ray_session, capsys):
     """The local source end to end: index the sample corpus, scrape it, check captions."""
     corpus = copy_sample(tmp_path / "corpus")
     cfg = make_cfg(tmp_path, f"index.local_dir={corpus}", "index.source=local")
     from voxtral.index import run_index
 
     assert run_index(cfg)["new"] == 5
-    summary = run_scrape(cfg)
+    spec = importlib.util.spec_from_file_location("jobs_scrape", REPO_ROOT / "jobs" / "scrape.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    argv = [f"--set=scrape.{k}={v}" for k, v in cfg.model_dump()["scrape"].items() if v is not None]
+    argv += [f"--set=storage.root={cfg.storage.root}", f"--set=index.local_dir={corpus}"]
+    summary = job.main(argv)  # the job entry point, as `ray job submit` runs it
     assert summary["done"] == 5 and summary["failed"] == 0, summary
+    assert "scrape summary" in capsys.readouterr().out
     index = {r["video_id"]: r for r in Storage(cfg.storage.root).read_table("index").to_pylist()}
     table = Storage(cfg.storage.root).read_table("chunks").to_pylist()
     for vid, row in index.items():

@@ -57,7 +57,7 @@ class StreamVAD:
         self.session = _silero_session()
         self._sr = np.array(rate, dtype=np.int64)
         self._lead = self.warm * self.frame + self.ctx
-        self._tail = np.zeros(self._lead, np.float32)  # audio just before ``_buf``
+        self._tail = np.zeros(self._lead, np.float32)  # the audio just before the next window
         self._parts: list[np.ndarray] = []  # samples not yet run, in arrival order
         self._pending = 0
         self.model_frames = 0  # frames that went through the model (for benchmarks)

@@ -187,7 +187,9 @@ def search_term(row: dict, cfg: Config, search: SearchFn = search_youtube) -> li
     ic = cfg.index
     try:
         entries = with_backoff(
-            lambda: search(term, ic.results_per_term, proxy=cfg.scrape.proxy),
+            lambda: search(
+                term, ic.results_per_term, timeout_s=cfg.scrape.timeout_s, proxy=cfg.scrape.proxy
+            ),
             ic.max_retries,
             ic.backoff_s,
         )

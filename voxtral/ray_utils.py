@@ -9,6 +9,7 @@ import ray
 # The runtime environment every job declares (merged with a `ray job submit` one, which
 # brings the working directory): environment variables tasks and actors need.
 RUNTIME_ENV_VARS = {
+    "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",  # see voxtral/__init__.py
     "RAY_AUTH_MODE": "disabled",
     "TOKENIZERS_PARALLELISM": "false",
     "TORCH_EXTENSIONS_DIR": os.path.expanduser("~/.cache/voxtral-torch-ext"),

@@ -89,6 +89,8 @@ def window_dataset(
             "keep_eval": keep_eval,
         },
     )
+    # Workers shard by position in this order, so it must not depend on task timing.
+    ds.context.execution_options.preserve_order = True
     return ds.materialize() if materialize else ds
 
 
