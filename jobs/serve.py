@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument(
         "--detach",
         action="store_true",
-        help="deploy and return: the app stays up on a running cluster (a local Ray ends with this process)",
+        help="deploy and return (on a running cluster; a local Ray ends with this process)",
     )
     cfg, args = parse_cli(argv, parser=parser)
     init_ray()
