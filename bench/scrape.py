@@ -127,11 +127,11 @@ def scrape_in_fresh_worker(row: dict, cfg) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cores", type=int, default=len(os.sched_getaffinity(0)))
-    ap.add_argument("--files", type=int, default=None, help="default: max(6, 2 x cores)")
+    ap.add_argument("--files", type=int, default=None, help="default: max(8, 4 x cores)")
     ap.add_argument("--minutes", type=float, default=10.0, help="length of each file")
     ap.add_argument("--long-hours", type=float, default=3.0, help="the RSS file's length")
     args = ap.parse_args()
-    n_files = args.files or max(6, 2 * args.cores)
+    n_files = args.files or max(8, 4 * args.cores)
 
     import ray
     import torch

@@ -241,7 +241,7 @@ def test_export_loads_and_generates_well_formed_streams(zero2):
     from voxtral.train.sample import generate_ids
 
     cfg, summary, _ = zero2
-    folder = Path(summary["model_dir"])
+    folder = Path(summary["export"])
     assert (folder / "model.safetensors").is_file()
     layout = Layout.from_dict(read_voxtral_json(folder)["layout"])
     assert layout == validate(cfg)

@@ -327,15 +327,18 @@ def _scrape_task(row: dict, cfg: Config) -> dict:
     if torch.get_num_threads() != 1:
         torch.set_num_threads(1)  # parallelism comes from tasks, not from threads inside one
     out = scrape_video(row, cfg)
-    m = _metrics()
-    if m is not None:
-        m["videos"].inc(1, tags={"status": out["status"]})
-        if out["audio_s"]:
-            m["hours"].inc(out["audio_s"] / 3600)
-        if out["speech_s"]:
-            m["chunk_hours"].inc(out["speech_s"] / 3600)
-        if out["status"] == "failed":
-            m["failures"].inc(1, tags={"reason": out["reason"]})
+    try:
+        m = _metrics()
+        if m is not None:
+            m["videos"].inc(1, tags={"status": out["status"]})
+            if out["audio_s"]:
+                m["hours"].inc(out["audio_s"] / 3600)
+            if out["speech_s"]:
+                m["chunk_hours"].inc(out["speech_s"] / 3600)
+            if out["status"] == "failed":
+                m["failures"].inc(1, tags={"reason": out["reason"]})
+    except Exception:  # the dashboard is a view; it must never fail the work
+        pass
     return out
 
 

@@ -121,7 +121,7 @@ def video_hash(video_id: str, seed: int) -> float:
 def eval_videos(video_ids: Iterable[str], fraction: float, seed: int) -> set[str]:
     """The held-out videos: hash below ``fraction``. With at least two videos and a
     non-zero fraction at least one is held out and one kept, so a tiny corpus still gets
-    an eval split."""
+    an eval split (only then can a video change sides as the corpus grows)."""
     ids = sorted(set(video_ids))
     if fraction <= 0 or len(ids) < 2:
         return set()

@@ -148,6 +148,38 @@ def init_deepspeed_distributed(use_gpu: bool) -> None:
     deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
 
 
+def _ray_metrics() -> dict | None:
+    """Counters and gauges for the Ray dashboard (None outside a Ray worker)."""
+    try:
+        from ray.util.metrics import Counter, Gauge
+
+        return {
+            "tokens": Counter("voxtral_train_tokens", "Tokens trained on (targets)."),
+            "audio_s": Counter("voxtral_train_audio_seconds", "Seconds of audio trained on."),
+            "tokens_per_s": Gauge("voxtral_train_tokens_per_s", "Tokens/s, all workers."),
+            "loss": Gauge("voxtral_train_loss", "Weighted training loss."),
+            "eval_loss": Gauge("voxtral_train_eval_loss", "Weighted held-out loss."),
+            "mfu": Gauge("voxtral_train_mfu", "Model FLOPs utilisation of a GPU."),
+        }
+    except Exception:  # noqa: BLE001 - metrics are optional
+        return None
+
+
+def _publish(
+    gauges: dict | None, metrics: dict, local_tokens: float, local_audio_s: float, rank: int
+) -> None:
+    if gauges is None:
+        return
+    if local_tokens > 0:
+        gauges["tokens"].inc(local_tokens)
+    if local_audio_s > 0:
+        gauges["audio_s"].inc(local_audio_s)
+    if rank == 0:
+        for key in ("tokens_per_s", "loss", "eval_loss", "mfu"):
+            if isinstance(metrics.get(key), float) and math.isfinite(metrics[key]):
+                gauges[key].set(metrics[key])
+
+
 def train_loop(config: dict) -> None:
     """Ray Train entry: ``config = {"cfg": Config.model_dump(), "layout": Layout.to_dict()}``."""
     cfg = Config.model_validate(config["cfg"])
@@ -223,6 +255,7 @@ def train_loop(config: dict) -> None:
     audio_per_s = layout.vocab.n_q * layout.frame_rate  # audio tokens per second of audio
     last = min(tc.max_steps, tc.stop_after_step or tc.max_steps)
 
+    gauges = _ray_metrics()
     acc = torch.zeros(3, len(weights), device=device)
     grad_norm = math.nan
     window_start, window_steps = time.perf_counter(), 0
@@ -244,6 +277,7 @@ def train_loop(config: dict) -> None:
         if not (do_eval or do_ckpt or step % tc.log_every == 0):
             continue
         local_tokens = float(acc[1].sum())
+        local_audio_s = float(acc[1, 2:].sum()) / audio_per_s
         total = _all_reduce(acc.clone())
         if use_gpu:
             torch.cuda.synchronize(device)
@@ -257,6 +291,8 @@ def train_loop(config: dict) -> None:
             "lr": lr,
             "grad_norm": grad_norm,
             "step_time_s": elapsed / window_steps,
+            "window_s": elapsed,
+            "audio_s": audio_tokens / audio_per_s,
             "tokens_per_s": float(total[1].sum()) / elapsed,
             "tokens_per_s_per_worker": local_tokens / elapsed,
             "audio_s_per_s": audio_tokens / audio_per_s / elapsed,
@@ -277,6 +313,7 @@ def train_loop(config: dict) -> None:
         if do_ckpt:
             folder = _save(engine, step, stream.position, rank, world, {"metrics": metrics})
         metrics = {k: v for k, v in metrics.items() if v is not None}
+        _publish(gauges, metrics, local_tokens, local_audio_s, rank)
         try:
             ray.train.report(
                 metrics,

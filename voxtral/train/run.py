@@ -161,6 +161,52 @@ def _prompt_window(
     return (wins[0] if wins else None), source
 
 
+def latest_state(storage: Storage, run_name: str) -> dict | None:
+    """``train_state.json`` of the run's newest checkpoint in storage, if any."""
+    from voxtral.train.loop import TRAIN_STATE
+
+    names = [n for n in storage.listdir("train", run_name) if n.startswith("checkpoint_")]
+    for name in sorted(names, reverse=True):
+        rel = f"train/{run_name}/{name}/{TRAIN_STATE}"
+        if storage.exists(rel):
+            return storage.read_json(rel)
+    return None
+
+
+def _totals(history: list[dict]) -> dict:
+    """Run-wide figures from the metrics log (each line covers the steps since the last)."""
+    tokens = sum(m.get("tokens", 0.0) for m in history)
+    audio_s = sum(m.get("audio_s", 0.0) for m in history)
+    train_s = sum(m.get("window_s", 0.0) for m in history)
+    return {
+        "tokens_trained": int(tokens),
+        "audio_hours_trained": round(audio_s / 3600, 4),
+        "train_hours": round(train_s / 3600, 4),
+        "x_realtime": round(audio_s / train_s, 2) if train_s else None,
+    }
+
+
+def format_summary(s: dict) -> str:
+    """The summary table printed at the end of the stage."""
+    keys = (
+        "run_name",
+        "step",
+        "finished",
+        "chunks",
+        "videos_held_out",
+        "tokens_trained",
+        "audio_hours_trained",
+        "x_realtime",
+        "tokens_per_s",
+        "loss",
+        "eval_loss",
+        "export",
+    )
+    lines = [(k, s[k]) for k in keys if s.get(k) is not None]
+    width = max(len(k) for k, _ in lines)
+    return "\n".join(["train summary", *(f"  {k:<{width}}  {v}" for k, v in lines)])
+
+
 def _export_task(cfg_dict: dict, checkpoint, prompt, source: dict, extra: dict) -> str:
     from pathlib import Path
 
@@ -190,6 +236,19 @@ def run_train(cfg: Config) -> dict:
     layout = validate(cfg)
     storage = Storage(cfg.storage.root)
     index = check_tokens(storage, cfg.codec, layout)
+    done = latest_state(storage, tc.run_name)
+    export_done = storage.exists("models", tc.run_name, "voxtral.json")
+    if done and done["step"] >= tc.max_steps and (export_done or not tc.export):
+        summary = {
+            "run_name": tc.run_name,
+            "skipped": f"already trained to step {done['step']} (train.max_steps={tc.max_steps})",
+            "step": done["step"],
+            "finished": True,
+            "export": storage.uri("models", tc.run_name) if export_done else None,
+            **_totals(read_metrics(cfg)),
+        }
+        print(format_summary(summary), flush=True)
+        return summary
     held_out = frozenset(
         eval_videos(index.column("video_id").to_pylist(), tc.eval_fraction, tc.seed)
     )
@@ -245,12 +304,15 @@ def run_train(cfg: Config) -> dict:
         "loss": final.get("loss"),
         "eval_loss": final.get("eval_loss"),
         "tokens_per_s": final.get("tokens_per_s"),
+        "export": None,
+        **_totals(history),
     }
     if tc.export and summary["finished"] and result.checkpoint is not None:
         prompt, source = _prompt_window(storage, index, held_out, layout, tc.seq_len)
         extra = {"run_name": tc.run_name, "eval_loss": final.get("eval_loss")}
         task = ray.remote(num_cpus=1, num_gpus=1 if tc.use_gpu else 0)(_export_task)
-        summary["model_dir"] = ray.get(
+        summary["export"] = ray.get(
             task.remote(cfg.model_dump(mode="json"), result.checkpoint, prompt, source, extra)
         )
+    print(format_summary(summary), flush=True)
     return summary
