@@ -9,6 +9,7 @@ import os
 import runpy
 import shutil
 import subprocess
+import tempfile
 import sys
 import time
 import urllib.request
@@ -115,6 +116,7 @@ def test_stage_metrics_reach_the_dashboard_endpoint(pipeline_root):
 
     ports = {n["MetricsExportPort"] for n in ray.nodes() if n["Alive"]}
     wanted = [
+        "ray_voxtral_index_videos",
         "ray_voxtral_scrape_videos",
         "ray_voxtral_preprocess_chunks",
         "ray_voxtral_train_tokens",
@@ -141,7 +143,7 @@ def test_ray_job_submit_to_a_head_node(tmp_path):
     gcs, dash = free_port(), free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
-    temp = tmp_path / "ray"
+    temp = tempfile.mkdtemp(prefix="vxr-", dir="/tmp")  # Ray's socket paths must stay short
     subprocess.run(
         [
             ray_cli,
@@ -191,4 +193,5 @@ def test_ray_job_submit_to_a_head_node(tmp_path):
         assert any(s.exists("models", d, "voxtral.json") for d in s.listdir("models"))
     finally:
         # Not `ray stop`: it would also stop the test session's own Ray.
-        subprocess.run(["pkill", "-f", str(temp)], timeout=60)
+        subprocess.run(["pkill", "-f", temp], timeout=60)
+        shutil.rmtree(temp, ignore_errors=True)

@@ -271,6 +271,21 @@ def write_rows(storage: Storage, rows: list[dict]) -> str | None:
     return rel
 
 
+def _export_metrics(new: list[dict], source: str) -> None:
+    """Videos and hours added to the index, as Ray dashboard counters (when Ray is up)."""
+    import ray
+
+    if not new or not ray.is_initialized():
+        return  # counters only go up: nothing to add
+    from ray.util.metrics import Counter
+
+    tags = {"source": source}
+    videos = Counter("voxtral_index_videos", "Videos added to the index.", tag_keys=("source",))
+    hours = Counter("voxtral_index_hours", "Hours of audio added to the index.", ("source",))
+    videos.inc(len(new), tags=tags)
+    hours.inc(sum(r["duration_s"] for r in new) / 3600, tags=tags)
+
+
 def run_index(cfg: Config, search: SearchFn = search_youtube) -> dict:
     """Build (or extend) the index; returns a summary of what was found and added."""
     t0 = time.perf_counter()
@@ -302,6 +317,7 @@ def run_index(cfg: Config, search: SearchFn = search_youtube) -> dict:
         )
     new = dedupe(found, seen)
     written = write_rows(storage, new)
+    _export_metrics(new, cfg.index.source)
     return {
         "source": cfg.index.source,
         "terms": len(terms),
