@@ -6,11 +6,16 @@ uv run jobs/preprocess.py [--config configs/local.yaml] [--set preprocess.num_gp
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from voxtral.config import parse_cli
-from voxtral.preprocess import run_preprocess
-from voxtral.ray_utils import init_ray
+# `ray job submit -- python jobs/…` runs this file from the uploaded working directory.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from voxtral.config import parse_cli  # noqa: E402
+from voxtral.preprocess import run_preprocess  # noqa: E402
+from voxtral.ray_utils import init_ray  # noqa: E402
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

@@ -7,11 +7,16 @@ export it to ``models/<run_name>``. Rerunning the same ``train.run_name`` resume
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from voxtral.config import parse_cli
-from voxtral.ray_utils import init_ray
-from voxtral.train.run import run_train
+# `ray job submit -- python jobs/…` runs this file from the uploaded working directory.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from voxtral.config import parse_cli  # noqa: E402
+from voxtral.ray_utils import init_ray  # noqa: E402
+from voxtral.train.run import run_train  # noqa: E402
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

@@ -9,8 +9,8 @@ import os
 import runpy
 import shutil
 import subprocess
-import tempfile
 import sys
+import tempfile
 import time
 import urllib.request
 
@@ -182,8 +182,12 @@ def test_ray_job_submit_to_a_head_node(tmp_path):
             "--set",
             "train.eval_every=2",
         ]
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
-        log = out.stdout + out.stderr
+        for _ in range(30):  # the head's job agent takes a while to come up
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
+            log = out.stdout + out.stderr
+            if "No available agent" not in log:
+                break
+            time.sleep(3)
         assert out.returncode == 0, log[-4000:]
         assert "succeeded" in log.lower(), log[-4000:]
         for stage in ("index", "scrape", "preprocess", "train"):
