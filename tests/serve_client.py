@@ -222,7 +222,10 @@ def local_serve_config(root: Path, port: int = 8000, extra: list[str] = ()):
 
 
 def server_url(root: Path) -> str:
-    """Deploy the application once (tiny model, CPU) and return its base URL."""
+    """Deploy the application once (tiny model, CPU) and return its base URL; deploy it
+    again if another test replaced or shut down Serve since."""
+    if "url" in _SERVER and not _is_up(_SERVER["url"]):  # type: ignore[arg-type]
+        del _SERVER["url"]
     if "url" not in _SERVER:
         from serve_app.app import start
         from voxtral.config import DEFAULT_CONFIG, load_config
@@ -233,6 +236,15 @@ def server_url(root: Path) -> str:
         _SERVER["cfg"] = cfg
         wait_healthy(_SERVER["url"])  # type: ignore[arg-type]
     return _SERVER["url"]  # type: ignore[return-value]
+
+
+def _is_up(url: str) -> bool:
+    import requests
+
+    try:
+        return requests.get(url + "/healthz", timeout=10).ok
+    except Exception:
+        return False
 
 
 def wait_healthy(url: str, timeout: float = 180.0) -> dict:

@@ -69,7 +69,7 @@ def test_rerun_does_no_new_work(pipeline_root):
     assert again["train"].get("skipped"), again["train"]
 
 
-def test_serves_the_model_this_run_trained(pipeline_root):
+def test_serves_the_model_this_run_trained(pipeline_root, request):
     from serve_app.app import start
     from tests.serve_client import connect, free_port, speech_clip, wait_healthy
 
@@ -85,6 +85,10 @@ def test_serves_the_model_this_run_trained(pipeline_root):
         ],
         env={},
     )
+    from ray import serve
+
+    serve.shutdown()  # Serve's HTTP port is fixed when it starts: start it on ours
+    request.addfinalizer(serve.shutdown)  # and leave none behind for other tests
     url = start(cfg)
     health = wait_healthy(url)
     assert health["model_source"] == "trained"
