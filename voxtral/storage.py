@@ -13,6 +13,8 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -76,25 +78,35 @@ class Storage:
             self.fs.delete_file(p)
 
     # -- bytes -------------------------------------------------------------------------
-    def write_bytes(self, rel: str, data: bytes) -> str:
-        """Atomically write ``data`` to ``rel`` (write then rename on local disks)."""
-        target = self.path(rel)
-        parent = target.rsplit("/", 1)[0]
-        self.fs.create_dir(parent, recursive=True)
-        if not self.local:
-            with self.fs.open_output_stream(target) as f:
-                f.write(data)
-            return target
-        tmp = f"{parent}/{TMP_PREFIX}{uuid.uuid4().hex}-{target.rsplit('/', 1)[1]}"
+    @contextmanager
+    def _local_atomic(self, target: str) -> Iterator[str]:
+        """Yield a temporary path beside ``target``; on success fsync it and rename it into
+        place, on failure remove it. A reader sees the old file or the whole new one."""
+        parent, name = target.rsplit("/", 1)
+        tmp = f"{parent}/{TMP_PREFIX}{uuid.uuid4().hex}-{name}"
         try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
+            yield tmp
+            with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, target)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+
+    def _target(self, rel: str) -> str:
+        target = self.path(rel)
+        self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+        return target
+
+    def write_bytes(self, rel: str, data: bytes) -> str:
+        """Atomically write ``data`` to ``rel`` (write then rename on local disks)."""
+        target = self._target(rel)
+        if not self.local:
+            with self.fs.open_output_stream(target) as f:
+                f.write(data)
+            return target
+        with self._local_atomic(target) as tmp, open(tmp, "wb") as f:
+            f.write(data)
         return target
 
     def put_file(self, rel: str, local_path: str | os.PathLike) -> str:
@@ -103,9 +115,7 @@ class Storage:
         Local disks: copy beside the target, then rename. Object stores: one upload, which
         only becomes visible when complete.
         """
-        target = self.path(rel)
-        parent = target.rsplit("/", 1)[0]
-        self.fs.create_dir(parent, recursive=True)
+        target = self._target(rel)
         if not self.local:
             pafs.copy_files(
                 str(local_path),
@@ -114,15 +124,8 @@ class Storage:
                 destination_filesystem=self.fs,
             )
             return target
-        tmp = f"{parent}/{TMP_PREFIX}{uuid.uuid4().hex}-{target.rsplit('/', 1)[1]}"
-        try:
+        with self._local_atomic(target) as tmp:
             shutil.copyfile(local_path, tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
         return target
 
     def read_bytes(self, rel: str) -> bytes:
