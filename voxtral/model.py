@@ -7,6 +7,7 @@ and the local profile exercise exactly the code that loads Mistral-7B.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -145,44 +146,78 @@ def prune_layers(model, keep_every: int):
 def add_speech_tokens(model, layout: Layout):
     """Resize embeddings (and the LM head) to ``layout.vocab.padded_size``; new rows start at
     the mean of the base rows, so the new tokens begin as an "average word" rather than noise
-    whose norm would swamp the pretrained ones."""
-    old = model.get_input_embeddings().weight.shape[0]
+    whose norm would swamp the pretrained ones. Works on ZeRO-3-partitioned weights too."""
+    old = model.config.vocab_size
     if old != layout.vocab.text_size:
         raise ValueError(f"model has {old} embedding rows, layout expects {layout.vocab.text_size}")
     model.resize_token_embeddings(layout.vocab.padded_size, mean_resizing=False)
     for emb in (model.get_input_embeddings(), model.get_output_embeddings()):
         if emb is None:
             continue
-        w = emb.weight
-        w[old:] = w[:old].mean(dim=0, keepdim=True)
         bias = getattr(emb, "bias", None)
-        if bias is not None:
-            bias[old:] = bias[:old].mean()
+        with _gathered([emb.weight] + ([bias] if bias is not None else [])):
+            w = emb.weight
+            w[old:] = w[:old].mean(dim=0, keepdim=True)
+            if bias is not None:
+                bias[old:] = bias[:old].mean()
     return model
+
+
+def _gathered(params: list[torch.nn.Parameter]):
+    """Whole tensors for in-place edits: ZeRO-3 gathers them, edits on rank 0 and scatters
+    the result back; ordinary parameters need nothing."""
+    if not any(hasattr(p, "ds_id") for p in params):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
 
 
 def enable_gradient_checkpointing(model):
     """Checkpointing that transformers honours: non-reentrant (no input-grad hack needed),
     the KV cache off (incompatible), and only active while ``model.training``."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     return model
 
 
-def build_speech_lm(cfg: Config, dtype: torch.dtype | None = None):
-    """Base LM → speech LM for the pipeline config. Returns (model, text tokenizer, layout)."""
+def build_speech_lm(cfg: Config, dtype: torch.dtype | None = None, ds_config: dict | None = None):
+    """Base LM → speech LM for the pipeline config. Returns (model, text tokenizer, layout).
+
+    With a ZeRO-3 ``ds_config`` (inside an initialised process group) the weights are
+    partitioned as they load (``deepspeed.zero.Init`` through transformers): no worker ever
+    holds the whole model, which is what lets 8 GPUs load a model none could hold alone.
+    """
     from transformers import AutoModelForCausalLM
 
     base = resolve_base(cfg.model)
     dtype = dtype or getattr(torch, cfg.model.dtype)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
-    tokenizer = load_text_tokenizer(base)
-    layout = make_layout(codec_info(cfg.codec), model.config.vocab_size, cfg.tokenizer)
-    prune_layers(model, cfg.model.keep_every)
-    add_speech_tokens(model, layout)
+    with _zero3_loading(ds_config):
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+        tokenizer = load_text_tokenizer(base)
+        layout = make_layout(codec_info(cfg.codec), model.config.vocab_size, cfg.tokenizer)
+        prune_layers(model, cfg.model.keep_every)
+        add_speech_tokens(model, layout)
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     return model, tokenizer, layout
+
+
+@contextlib.contextmanager
+def _zero3_loading(ds_config: dict | None):
+    """Tell transformers that ZeRO-3 is on while the model loads and resizes (it holds the
+    setting through a weak reference to this object, so it must stay alive until then)."""
+    if not ds_config or ds_config.get("zero_optimization", {}).get("stage") != 3:
+        yield
+        return
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    hf_ds = HfDeepSpeedConfig(ds_config)
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+        del hf_ds
 
 
 def save_voxtral_json(folder: str | os.PathLike, layout: Layout, extra: dict | None = None) -> None:

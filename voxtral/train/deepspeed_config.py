@@ -63,8 +63,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Decay matrices only: norms and biases (1-D) are left undecayed."""
     decay, keep = [], []
     for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else keep).append(p)
+        if p.requires_grad:  # ZeRO-3 partitions are flat: the real shape is ds_shape
+            (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else keep).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": keep, "weight_decay": 0.0},

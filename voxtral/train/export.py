@@ -48,8 +48,8 @@ def load_trained(cfg: Config, state_dict: dict[str, torch.Tensor]):
         raise RuntimeError(
             f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
-    if getattr(model, "is_gradient_checkpointing", False):
-        model.gradient_checkpointing_disable()
+    if model.is_activation_checkpointing:
+        model.activation_checkpointing_disable()
     model.config.use_cache = True  # serving generates with a KV cache
     return model.eval(), tokenizer, layout
 

@@ -199,7 +199,7 @@ def train_loop(config: dict) -> None:
         deepspeed_config,
         param_groups,
     )
-    from voxtral.train.perf import flops_per_token, matmul_params, mfu, peak_flops
+    from voxtral.train.perf import flops_per_token, matmul_params, mfu, param_count, peak_flops
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -210,16 +210,23 @@ def train_loop(config: dict) -> None:
     torch.manual_seed(tc.seed)
 
     # bf16 on GPU: ZeRO keeps the fp32 master copy; loading in bf16 halves host memory.
+    # ZeRO-3 partitions the weights while they load (see build_speech_lm).
+    ds_config = deepspeed_config(tc, world, use_gpu)
     model, _tokenizer, layout = build_speech_lm(
-        cfg, dtype=torch.bfloat16 if use_gpu else torch.float32
+        cfg, dtype=torch.bfloat16 if use_gpu else torch.float32, ds_config=ds_config
     )
+    # The share of the weights this rank materialised while building: 1 below ZeRO-3.
+    built_fraction = sum(p.numel() for p in model.parameters()) / param_count(model)
     expected = Layout.from_dict(config["layout"])
     if layout != expected:
         raise RuntimeError(f"worker layout {layout} differs from the driver's {expected}")
     model.config.use_cache = False
     n_matmul = matmul_params(model)
     flops_tok = flops_per_token(model.config, n_matmul, tc.seq_len)
-    if use_gpu:
+    if use_gpu and tc.zero_stage == 3:  # the partitions sit on the device already
+        for buf in model.buffers():
+            buf.data = buf.data.to(device)
+    elif use_gpu:
         model.to(device)
     optimizer = build_optimizer(model, tc, use_gpu)
     engine, _, _, _ = deepspeed.initialize(
@@ -227,7 +234,7 @@ def train_loop(config: dict) -> None:
         optimizer=optimizer,
         model_parameters=param_groups(model, tc.weight_decay) if optimizer is None else None,
         lr_scheduler=partial(build_scheduler, cfg=tc),
-        config=deepspeed_config(tc, world, use_gpu),
+        config=ds_config,
     )
 
     step, position = 0, Position()
@@ -287,6 +294,7 @@ def train_loop(config: dict) -> None:
             "step": step,
             "epoch": stream.position.epoch,
             "resumed_from_step": resumed_from,
+            "built_param_fraction": built_fraction,
             **stats_metrics(total, weights),
             "lr": lr,
             "grad_norm": grad_norm,

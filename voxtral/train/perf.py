@@ -27,13 +27,22 @@ PEAK_BF16_TFLOPS = (
 )
 
 
+def numel(p) -> int:
+    """Elements of a parameter, whole even when ZeRO-3 holds only a partition of it here."""
+    return getattr(p, "ds_numel", None) or p.numel()
+
+
+def param_count(model) -> int:
+    return sum(numel(p) for p in model.parameters())
+
+
 def matmul_params(model) -> int:
     """Parameters that take part in matmuls: all but the input embedding."""
-    total = sum(p.numel() for p in model.parameters())
+    total = param_count(model)
     emb = model.get_input_embeddings().weight
     out = model.get_output_embeddings()
     tied = out is not None and out.weight is emb
-    return total if tied else total - emb.numel()
+    return total if tied else total - numel(emb)
 
 
 def flops_per_token(model_config, n_matmul_params: int, context: int) -> float:
