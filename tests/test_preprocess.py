@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import io
 import math
-import warnings
 
 import numpy as np
 import pyarrow as pa
@@ -18,6 +16,7 @@ from voxtral import failures, schema
 from voxtral.audio import flac_encode
 from voxtral.codec import codec_info, load_codec
 from voxtral.config import DEFAULT_CONFIG, REPO_ROOT, Config, load_config
+from voxtral.index import run_index
 from voxtral.model import base_text_size, layout_for, load_text_tokenizer, resolve_base
 from voxtral.preprocess import (
     ChunkEncoder,
@@ -37,6 +36,7 @@ from voxtral.preprocess import (
     text_track,
     write_batch,
 )
+from voxtral.scrape import run_scrape
 from voxtral.storage import Storage
 from voxtral.tokenizer import encode_ids
 
@@ -87,51 +87,13 @@ def chunk_row(chunk_id: str, video_id: str, wav: np.ndarray, sr: int, captions, 
     }
 
 
-def write_video(storage: Storage, video_id: str, rows: list[dict]) -> None:
-    storage.write_table(
-        f"chunks/{schema.safe_name(video_id)}.parquet",
-        pa.Table.from_pylist(rows, schema=schema.CHUNKS),
-    )
-
-
-def synth_corpus(storage: Storage, n_videos: int = 5, seed: int = 0) -> None:
-    """Stand-in for the scrape stage's output: one file per video, chunks of 1.5–4.5 s (any
-    sample count, so the last frame is usually partial), one at 16 kHz, one uncaptioned."""
-    rng = np.random.default_rng(seed)
-    for v in range(n_videos):
-        rows, start = [], 0.0
-        for c in range(int(rng.integers(1, 4))):
-            sr = 16_000 if (v, c) == (1, 0) else 24_000
-            wav, words = speech_like(float(rng.uniform(1.5, 4.5)), sr, seed=100 * v + c)
-            rows.append(chunk_row(f"v{v}-c{c}", f"v{v}", wav, sr, None if v == 2 else words, start))
-            start += len(wav) / sr
-        write_video(storage, f"v{v}", rows)
-
-
-def scrape_corpus(cfg: Config) -> bool:
-    """Run the real index + scrape stages on the bundled sample, when they exist."""
-    try:
-        run_index = importlib.import_module("voxtral.index").run_index
-        run_scrape = importlib.import_module("voxtral.scrape").run_scrape
-    except (ImportError, AttributeError):
-        return False
-    if not (REPO_ROOT / cfg.index.local_dir).is_dir():
-        return False
+def scrape_sample(cfg: Config) -> None:
+    """The real index + scrape stages on the bundled sample: this stage's input."""
     run_index(cfg)
     run_scrape(cfg)
     storage = Storage(cfg.storage.root)
-    if storage.parquet_files("chunks"):
-        return True
-    # Not this module's failure to report: the scrape tests cover it. Say so, and test
-    # preprocess on the stand-in corpus instead.
-    reasons = sorted(
-        {f"{r['reason']}: {r['error']}" for r in failures.read_failures(storage, "scrape")}
-    )
-    note = "; ".join(reasons)[:500]
-    warnings.warn(f"scrape gave no chunks ({note}); using a synthetic corpus", stacklevel=2)
-    for rel in ("index", "failures"):
-        storage.delete(rel)
-    return False
+    reasons = {f"{r['reason']}: {r['error']}" for r in failures.read_failures(storage, "scrape")}
+    assert storage.parquet_files("chunks"), f"the scrape gave no chunks: {sorted(reasons)}"
 
 
 def add_corrupt_row(storage: Storage) -> None:
@@ -169,12 +131,10 @@ def cfg(tmp_path_factory) -> Config:
 @pytest.fixture(scope="module")
 def corpus(cfg, ray_session) -> dict:
     storage = Storage(cfg.storage.root)
-    scraped = scrape_corpus(cfg)
-    if not scraped:
-        synth_corpus(storage)
+    scrape_sample(cfg)
     add_corrupt_row(storage)
     summary = run_preprocess(cfg)
-    return {"storage": storage, "summary": summary, "scraped": scraped}
+    return {"storage": storage, "summary": summary}
 
 
 @pytest.fixture(scope="module")
@@ -277,10 +237,12 @@ def test_batched_codes_equal_encoding_each_chunk_alone(corpus, cfg, codec, one_t
     storage = corpus["storage"]
     audio = by_chunk(storage, "audio")
     hop = codec.info.hop
-    for r in token_rows(storage):
+    for i, r in enumerate(token_rows(storage)):
         wav = decode_chunk(audio[r["chunk_id"]], codec.sample_rate)
         stored = codes_from_bytes(r["codes"], r["n_q"], r["frames"])
         assert_same_codes(codec, wav, stored, encode_alone(codec, wav), r["chunk_id"])
+        if i >= 3:
+            continue
         # The codec called on the raw chunk agrees on every whole frame (its own padding of
         # a partial last frame is the one difference, see voxtral.preprocess).
         raw = codec.encode(torch.from_numpy(wav)[None, None])[0].numpy()
