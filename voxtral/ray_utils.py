@@ -13,6 +13,10 @@ RUNTIME_ENV_VARS = {
     "RAY_AUTH_MODE": "disabled",
     "TOKENIZERS_PARALLELISM": "false",
     "TORCH_EXTENSIONS_DIR": os.path.expanduser("~/.cache/voxtral-torch-ext"),
+    # Ray Data 2.60 reads Parquet footers in 32 new actor processes per read_parquet. Our
+    # stages read a few files per video (each actor reads 128 footers at once), and on a
+    # small machine starting 32 Python processes cost ~10 s of every read: 2 are plenty.
+    "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "2",
 }
 
 
