@@ -198,10 +198,11 @@ def test_zero_stage_trains_and_loss_falls(stage, request):
     assert cfg.train.zero_stage == stage
     assert_trained(cfg, summary, history)
     assert summary["videos_held_out"] >= 1
-    # ZeRO-3 partitions the weights as they load: each of the 2 workers built half of every
-    # large tensor (small ones, under stage3_param_persistence_threshold, stay whole).
+    # ZeRO-3 partitions the weights as they load: each of the 2 workers holds half of every
+    # large tensor. Tensors under stage3_param_persistence_threshold (1e5 elements: most of
+    # the tiny model, the norms of a 7B one) stay whole on every rank.
     built = history[0]["built_param_fraction"]
-    assert 0.5 <= built < 0.8 if stage == 3 else built == 1.0
+    assert 0.5 <= built < 0.95 if stage == 3 else built == 1.0
 
 
 def test_stopped_run_resumes_to_the_same_result(zero2, zero3):

@@ -199,7 +199,14 @@ def train_loop(config: dict) -> None:
         deepspeed_config,
         param_groups,
     )
-    from voxtral.train.perf import flops_per_token, matmul_params, mfu, param_count, peak_flops
+    from voxtral.train.perf import (
+        flops_per_token,
+        local_param_count,
+        matmul_params,
+        mfu,
+        param_count,
+        peak_flops,
+    )
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -215,8 +222,8 @@ def train_loop(config: dict) -> None:
     model, _tokenizer, layout = build_speech_lm(
         cfg, dtype=torch.bfloat16 if use_gpu else torch.float32, ds_config=ds_config
     )
-    # The share of the weights this rank materialised while building: 1 below ZeRO-3.
-    built_fraction = sum(p.numel() for p in model.parameters()) / param_count(model)
+    # The share of the weights this rank holds once built: 1 unless ZeRO-3 partitioned them.
+    built_fraction = local_param_count(model) / param_count(model)
     expected = Layout.from_dict(config["layout"])
     if layout != expected:
         raise RuntimeError(f"worker layout {layout} differs from the driver's {expected}")

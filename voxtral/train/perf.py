@@ -36,6 +36,13 @@ def param_count(model) -> int:
     return sum(numel(p) for p in model.parameters())
 
 
+def local_param_count(model) -> int:
+    """Elements this rank holds: its ZeRO-3 partition of a tensor, or the whole tensor."""
+    return sum(
+        p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters()
+    )
+
+
 def matmul_params(model) -> int:
     """Parameters that take part in matmuls: all but the input embedding."""
     total = param_count(model)
