@@ -112,6 +112,11 @@ def percentile(xs: list[float], q: float) -> float:
     return round(float(np.percentile(np.asarray(xs), q)), 1) if xs else float("nan")
 
 
+def rtf(turns: list[dict]) -> float:
+    """Wall seconds per second of audio generated (below 1: faster than real time)."""
+    return round(sum(r["wall_s"] for r in turns) / sum(r["audio_s"] for r in turns), 4)
+
+
 # -- the model side alone ---------------------------------------------------------------------
 async def engine_turns(sched, n: int, clip: np.ndarray, tag: str) -> list[dict]:
     """N conversations at once: prefill the clip, end the turn, generate; per session the
@@ -157,8 +162,8 @@ def run_engine(cfg, source: dict, n: int, rounds: int) -> tuple[dict, dict]:
     out = {
         "first_audio_ms_p50": percentile(firsts, 50),
         "first_audio_ms_p95": percentile(firsts, 95),
-        "rtf_1": round(sum(r["wall_s"] for r in single) / sum(r["audio_s"] for r in single), 4),
-        "rtf_n": round(sum(r["wall_s"] for r in many) / sum(r["audio_s"] for r in many), 4),
+        "rtf_1": rtf(single),
+        "rtf_n": rtf(many),
     }
     return out, info
 
@@ -249,8 +254,8 @@ def run_stack(cfg, n: int, rounds: int) -> tuple[dict, dict]:
         "first_audio_ms_p95": percentile(firsts, 95),
         "first_audio_ms_p50_1": percentile([r["first_s"] * 1000 for r in single], 50),
         "server_first_audio_ms_p50": percentile(server, 50),
-        "rtf_1": round(sum(r["wall_s"] for r in single) / sum(r["audio_s"] for r in single), 4),
-        "rtf_n": round(sum(r["wall_s"] for r in many) / sum(r["audio_s"] for r in many), 4),
+        "rtf_1": rtf(single),
+        "rtf_n": rtf(many),
     }
     return out, info
 

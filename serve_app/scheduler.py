@@ -143,14 +143,15 @@ class Scheduler:
 
     async def feed(self, sid: str, pcm: np.ndarray) -> int:
         """User audio (24 kHz float) → codes → prefilled whole groups. Returns ids held."""
-        fut: Future = Future()
-        self._jobs.put(_Feed(sid, np.asarray(pcm, dtype=np.float32), False, fut))
-        return await asyncio.wrap_future(fut)
+        return await self._enqueue_feed(sid, np.asarray(pcm, dtype=np.float32), end=False)
 
     async def end_turn(self, sid: str) -> int:
         """The user has finished: pad what is left to a whole group and prefill it."""
+        return await self._enqueue_feed(sid, None, end=True)
+
+    async def _enqueue_feed(self, sid: str, pcm: np.ndarray | None, end: bool) -> int:
         fut: Future = Future()
-        self._jobs.put(_Feed(sid, None, True, fut))
+        self._jobs.put(_Feed(sid, pcm, end, fut))
         return await asyncio.wrap_future(fut)
 
     def _prefill(self, c: Conversation, pcm: np.ndarray | None, end: bool) -> int:

@@ -24,17 +24,16 @@ from voxtral.storage import Storage
 FAST = ["train.max_steps=6", "train.checkpoint_every=3", "train.eval_every=3"]
 
 
-def _everything(argv: list[str]) -> dict:
+def _everything(root) -> dict:
+    """``jobs/everything.py --no-serve`` on the local profile, into ``root``, in this process."""
     main = runpy.run_path(str(REPO_ROOT / "jobs" / "everything.py"), run_name="everything")["main"]
-    return main(argv)
+    return main(["--no-serve", *(a for s in [f"storage.root={root}", *FAST] for a in ("--set", s))])
 
 
 @pytest.fixture(scope="module")
 def pipeline_root(tmp_path_factory, ray_session):
     root = tmp_path_factory.mktemp("pipeline") / "run"
-    first = _everything(
-        ["--no-serve", *sum([["--set", s] for s in [f"storage.root={root}", *FAST]], [])]
-    )
+    first = _everything(root)
     return root, first
 
 
@@ -60,9 +59,7 @@ def test_everything_produces_every_stage_output(pipeline_root):
 
 def test_rerun_does_no_new_work(pipeline_root):
     root, _ = pipeline_root
-    again = _everything(
-        ["--no-serve", *sum([["--set", s] for s in [f"storage.root={root}", *FAST]], [])]
-    )
+    again = _everything(root)
     assert again["index"]["new"] == 0
     assert again["scrape"]["attempted"] == 0
     assert again["preprocess"]["chunks"] == 0

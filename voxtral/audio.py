@@ -223,7 +223,6 @@ class DecodeStats:
     bad_packets: int = 0
     packets: int = 0
     header_duration_s: float | None = None
-    stopped_early: bool = False
 
 
 def _looks_like_text(path: str) -> bool:
@@ -274,7 +273,8 @@ def decode_stream(
             except StopIteration:
                 break
             except av.error.FFmpegError:
-                stats.stopped_early = True
+                # The container ends here (often trailing garbage): keep what was decoded;
+                # the caller's length check against the header says if that was too little.
                 break
             stats.packets += 1
             try:

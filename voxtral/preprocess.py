@@ -635,7 +635,7 @@ def run_preprocess(cfg: Config) -> dict[str, Any]:
     """Encode every chunk not yet in ``tokens/``; print and return the stage summary."""
     import ray
 
-    from voxtral.ray_utils import init_ray
+    from voxtral.ray_utils import init_ray, read_parquet
 
     t0, t0_unix = time.perf_counter(), time.time()
     pre = cfg.preprocess
@@ -656,9 +656,7 @@ def run_preprocess(cfg: Config) -> dict[str, Any]:
     if files:
         init_ray()
         _warn_if_no_gpus(pre)
-        ds = ray.data.read_parquet(files, filesystem=storage.fs).select_columns(
-            ["chunk_id", "video_id", "audio", "captions"]
-        )
+        ds = read_parquet(files, storage.fs, ["chunk_id", "video_id", "audio", "captions"])
         ds = ds.map_batches(
             decode_batch,
             batch_size=pre.sort_window,

@@ -13,6 +13,7 @@ finished videos and retries failed ones until ``scrape.max_attempts``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import tempfile
@@ -327,7 +328,7 @@ def _scrape_task(row: dict, cfg: Config) -> dict:
     if torch.get_num_threads() != 1:
         torch.set_num_threads(1)  # parallelism comes from tasks, not from threads inside one
     out = scrape_video(row, cfg)
-    try:
+    with contextlib.suppress(Exception):  # the dashboard is a view: never fail the work
         m = _metrics()
         if m is not None:
             m["videos"].inc(1, tags={"status": out["status"]})
@@ -337,8 +338,6 @@ def _scrape_task(row: dict, cfg: Config) -> dict:
                 m["chunk_hours"].inc(out["speech_s"] / 3600)
             if out["status"] == "failed":
                 m["failures"].inc(1, tags={"reason": out["reason"]})
-    except Exception:  # the dashboard is a view; it must never fail the work
-        pass
     return out
 
 

@@ -64,21 +64,12 @@ def window_dataset(
 ):
     """``tokens/`` → a Ray Dataset of windows of one split (file order kept).
 
-    Read with Ray Data's first Parquet reader: the second one starts a pool of 32
-    footer-reading actors per read, which on a small node costs more than the whole
-    read (every worker reads the split, every epoch). ``materialize`` holds the windows
-    in the object store once, for corpora small enough that re-reading them is the cost.
+    ``materialize`` holds the windows in the object store once, for corpora small enough
+    that re-reading them (every worker reads the split, every epoch) is the cost.
     """
-    import ray.data
+    from voxtral.ray_utils import read_parquet
 
-    ctx = ray.data.DataContext.get_current()
-    v2, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
-    try:
-        ds = ray.data.read_parquet(
-            storage.parquet_files("tokens"), filesystem=storage.fs, columns=TOKEN_COLUMNS
-        )
-    finally:
-        ctx.use_datasource_v2 = v2
+    ds = read_parquet(storage.parquet_files("tokens"), storage.fs, TOKEN_COLUMNS)
     ds = ds.map_batches(
         _windows,
         batch_format="numpy",
