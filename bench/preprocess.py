@@ -145,7 +145,10 @@ def main() -> None:
     p.add_argument("--unique", type=int, default=64)
     p.add_argument("--extras", action="store_true", help="also check batch/autocast/TF32 codes")
     p.add_argument("--root", default=None)
+    p.add_argument("--quick", action="store_true", help="smoke run: seconds of work")
     args = p.parse_args()
+    if args.quick:
+        args.unique, args.codec_seconds, args.hours = 4, 4.0, args.hours or 0.01
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device here")

@@ -130,7 +130,10 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=None, help="default: max(8, 4 x cores)")
     ap.add_argument("--minutes", type=float, default=10.0, help="length of each file")
     ap.add_argument("--long-hours", type=float, default=3.0, help="the RSS file's length")
+    ap.add_argument("--quick", action="store_true", help="smoke run: seconds of work")
     args = ap.parse_args()
+    if args.quick:
+        args.files, args.minutes, args.long_hours = 2, 0.5, 0.02
     n_files = args.files or max(8, 4 * args.cores)
 
     import ray

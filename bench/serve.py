@@ -8,6 +8,7 @@ alone and N at once; generation is left unpaced here so it runs as fast as it ca
 
     uv run bench/serve.py                 # full stack: Ray Serve + websockets, local profile
     uv run bench/serve.py --engine        # the model side alone, in process (no Ray)
+    uv run bench/serve.py --url http://127.0.0.1:8000    # an endpoint that is already up
     python bench/serve.py --engine --base 1b --set serve.num_gpus=1 --set model.dtype=bfloat16
 
 ``--base`` swaps the tiny model for a larger random-init Mistral of the same tokenizer
@@ -219,15 +220,19 @@ async def ws_turns(url: str, token: str | None, n: int, clip: np.ndarray) -> lis
     return await asyncio.gather(*(one(i) for i in range(n)))
 
 
-def run_stack(cfg, n: int, rounds: int) -> tuple[dict, dict]:
+def run_stack(cfg, n: int, rounds: int, url: str | None = None) -> tuple[dict, dict]:
+    """The full stack: websocket sessions against ``url`` (an endpoint already running),
+    or against the app this function starts on a local Ray and deletes afterwards."""
     import requests
     from ray import serve
 
     from serve_app.app import APP_NAME, start
     from voxtral.ray_utils import init_ray
 
-    init_ray()
-    url = start(cfg)
+    own = url is None
+    if own:
+        init_ray()
+        url = start(cfg)
     deadline = time.time() + 300
     while time.time() < deadline:
         try:
@@ -246,7 +251,8 @@ def run_stack(cfg, n: int, rounds: int) -> tuple[dict, dict]:
     try:
         single, many = asyncio.run(main())
     finally:
-        serve.delete(APP_NAME)
+        if own:
+            serve.delete(APP_NAME)
     firsts = [r["first_s"] * 1000 for r in many if r["first_s"] is not None]
     server = [r["server_ms"] for r in many if r["server_ms"] is not None]
     out = {
@@ -266,7 +272,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--engine", action="store_true", help="model side only, no Ray")
     parser.add_argument("--base", choices=["tiny", *SIZES], default="tiny")
+    parser.add_argument("--url", help="measure this running endpoint instead of starting one")
+    parser.add_argument("--quick", action="store_true", help="smoke run: seconds of work")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.sessions, args.rounds = 2, 1
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     root = Path(tempfile.mkdtemp(prefix="voxtral-bench-"))
     overrides = [f"storage.root={root}", "serve.lead_ms=1000000", *args.overrides]
@@ -293,7 +303,7 @@ def main(argv=None) -> dict:
         figures, info = run_engine(cfg, source, args.sessions, args.rounds)
         device = info["device"]
     else:
-        figures, info = run_stack(cfg, args.sessions, args.rounds)
+        figures, info = run_stack(cfg, args.sessions, args.rounds, args.url)
         device = "cuda" if cfg.serve.num_gpus > 0 else "cpu"
     if device == "cuda":
         import torch

@@ -117,7 +117,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs; the best is kept")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: seconds of work")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.seconds, args.batches = 4.0, "1"
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -114,7 +114,10 @@ def main(argv=None) -> dict:
     p.add_argument("--grad-ckpt", action="store_true")
     p.add_argument("--no-split", action="store_true", help="pack without splitting windows")
     p.add_argument("--config", default=None, help="pipeline config (default configs/local.yaml)")
+    p.add_argument("--quick", action="store_true", help="smoke run: seconds of work")
     args = p.parse_args(argv)
+    if args.quick:
+        args.steps, args.warmup = 2, 1
     args.model = args.model or ("1b" if args.device == "cuda" else "tiny")
 
     from voxtral.config import DEFAULT_CONFIG, load_config

@@ -20,7 +20,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-serve", action="store_true", help="stop after training")
     cfg, args = parse_cli(argv, parser=parser)
-    init_ray()
+    print(f"== ray: {init_ray()}", flush=True)
     summaries = run_stages(cfg)
     if not args.no_serve:
         serve(cfg, blocking=True)

@@ -13,7 +13,7 @@ from voxtral.ray_utils import init_ray  # noqa: E402
 def main(argv: list[str] | None = None) -> dict:
     cfg, _ = parse_cli(argv, description=__doc__)
     if cfg.index.source != "local":
-        init_ray()
+        print(f"== ray: {init_ray()}", flush=True)
     summary = run_index(cfg)
     print(format_summary(summary))
     return summary

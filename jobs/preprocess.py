@@ -20,7 +20,7 @@ from voxtral.ray_utils import init_ray  # noqa: E402
 
 def main(argv: Sequence[str] | None = None) -> dict:
     cfg, _ = parse_cli(argv, description="Encode scraped chunks into codec tokens.")
-    init_ray()
+    print(f"== ray: {init_ray()}", flush=True)
     summary = run_preprocess(cfg)
     print(json.dumps(summary, sort_keys=True), flush=True)
     return summary

@@ -12,7 +12,7 @@ from voxtral.scrape import format_summary, run_scrape  # noqa: E402
 
 def main(argv: list[str] | None = None) -> dict:
     cfg, _ = parse_cli(argv, description=__doc__)
-    init_ray()
+    print(f"== ray: {init_ray()}", flush=True)
     summary = run_scrape(cfg)
     print(format_summary(summary))
     return summary

@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> str:
         help="deploy and return (on a running cluster; a local Ray ends with this process)",
     )
     cfg, args = parse_cli(argv, parser=parser)
-    init_ray()
+    print(f"== ray: {init_ray()}", flush=True)
     return start(cfg, blocking=not args.detach)
 
 

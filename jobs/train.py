@@ -21,7 +21,7 @@ from voxtral.train.run import run_train  # noqa: E402
 
 def main(argv: Sequence[str] | None = None) -> dict:
     cfg, _ = parse_cli(argv, description="Train the speech LM with Ray Train and DeepSpeed.")
-    init_ray()
+    print(f"== ray: {init_ray()}", flush=True)
     summary = run_train(cfg)
     print(json.dumps(summary, sort_keys=True, default=str), flush=True)
     return summary

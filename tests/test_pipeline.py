@@ -1,5 +1,5 @@
 """End to end: `jobs/everything.py` on the local profile, its rerun, serving what it trained,
-the dashboard metrics, and `ray job submit` to a `ray start --head` cluster."""
+and the dashboard metrics. (`ray job submit` to a head node: tests/test_readme.py.)"""
 
 from __future__ import annotations
 
@@ -7,10 +7,6 @@ import asyncio
 import json
 import os
 import runpy
-import shutil
-import subprocess
-import sys
-import tempfile
 import time
 import urllib.request
 
@@ -130,80 +126,3 @@ def test_stage_metrics_reach_the_dashboard_endpoint(pipeline_root):
         time.sleep(3)
     missing = [w for w in wanted if w not in text]
     assert not missing, f"metrics not exported: {missing}"
-
-
-@pytest.mark.skipif(
-    shutil.which("ray", path=os.path.dirname(sys.executable)) is None,
-    reason="ray CLI not in this environment",
-)
-def test_ray_job_submit_to_a_head_node(tmp_path):
-    from tests.serve_client import free_port
-
-    bindir = os.path.dirname(sys.executable)
-    ray_cli = os.path.join(bindir, "ray")
-    gcs, dash, agent = free_port(), free_port(), free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    env.pop("RAY_ADDRESS", None)
-    temp = tempfile.mkdtemp(prefix="vxr-", dir="/tmp")  # Ray's socket paths must stay short
-    subprocess.run(
-        [
-            ray_cli,
-            "start",
-            "--head",
-            f"--port={gcs}",
-            f"--dashboard-port={dash}",
-            # The agent's HTTP port (where jobs are submitted) defaults to 52365, which the
-            # test session's own Ray already holds: without this the head has no job agent.
-            f"--dashboard-agent-listen-port={agent}",
-            "--num-cpus=4",
-            "--include-dashboard=true",
-            f"--temp-dir={temp}",
-            "--disable-usage-stats",
-        ],
-        check=True,
-        env=env,
-        timeout=180,
-    )
-    root = tmp_path / "job-run"
-    # Two of the sample's dialogues (one trains, one is held out) keep the job short: what
-    # this test checks is the submission, not the stages, which the tests above cover.
-    sample = tmp_path / "sample"
-    sample.mkdir()
-    for name in ("interview_en.mp3", "interview_en.vtt", "podcast_en.ogg", "podcast_en.vtt"):
-        shutil.copy(REPO_ROOT / "data" / "sample" / name, sample / name)
-    try:
-        cmd = [
-            ray_cli,
-            "job",
-            "submit",
-            f"--address=http://127.0.0.1:{dash}",
-            "--working-dir",
-            str(REPO_ROOT),
-            "--",
-            "python",
-            "jobs/everything.py",
-            "--no-serve",
-            "--set",
-            f"storage.root={root}",
-            "--set",
-            f"index.local_dir={sample}",
-            "--set",
-            "train.max_steps=1",
-            "--set",
-            "train.checkpoint_every=1",
-            "--set",
-            "train.eval_every=1",
-        ]
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
-        log = out.stdout + out.stderr
-        assert out.returncode == 0, log[-4000:]
-        assert "succeeded" in log.lower(), log[-4000:]
-        for stage in ("index", "scrape", "preprocess", "train"):
-            assert f"== {stage}: done" in log, (stage, log[-4000:])
-        s = Storage(root)
-        assert s.read_table("tokens", columns=["chunk_id"]) is not None
-        assert any(s.exists("models", d, "voxtral.json") for d in s.listdir("models"))
-    finally:
-        # Not `ray stop`: it would also stop the test session's own Ray.
-        subprocess.run(["pkill", "-f", temp], timeout=60)
-        shutil.rmtree(temp, ignore_errors=True)
