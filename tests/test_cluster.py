@@ -49,6 +49,16 @@ def test_node_types_cover_every_stage(cluster):
     assert "uv" in setup and "-e ." in setup
 
 
+def test_every_node_keeps_rays_token_authentication(cluster):
+    """Ray turns token authentication on only when RAY_AUTH_MODE=token is in the environment
+    of every `ray start`, with the same token on every node."""
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [c for c in cluster[key] if "ray start" in c]
+        assert starts and all("RAY_AUTH_MODE=token" in c for c in starts), (key, starts)
+    assert cluster["file_mounts"].get("/home/ray/.ray/auth_token") == "~/.ray/auth_token"
+    assert "disabled" not in CLUSTER.read_text()
+
+
 def test_real_run_profile_is_sized_for_the_cluster(cluster):
     cfg = load_config(REPO_ROOT / "configs" / "youtube-mistral7b.yaml", env={})
     assert cfg.storage.root.startswith(("s3://", "gs://"))  # shared by every node
