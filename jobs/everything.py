@@ -11,8 +11,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from serve_app.app import start  # noqa: E402
 from voxtral.config import parse_cli  # noqa: E402
-from voxtral.pipeline import run_stages, serve  # noqa: E402
+from voxtral.pipeline import run_stages  # noqa: E402
 from voxtral.ray_utils import init_ray  # noqa: E402
 
 
@@ -21,9 +22,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--no-serve", action="store_true", help="stop after training")
     cfg, args = parse_cli(argv, parser=parser)
     print(f"== ray: {init_ray()}", flush=True)
-    summaries = run_stages(cfg)
+    summaries = run_stages(cfg, report=lambda line: print(line, flush=True))
     if not args.no_serve:
-        serve(cfg, blocking=True)
+        start(cfg, blocking=True)
     return summaries
 
 
