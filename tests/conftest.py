@@ -14,6 +14,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from voxtral.config import DEFAULT_CONFIG, Config, load_config  # noqa: E402
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that needs the session's Ray (through the fixture below) as ``ray``,
+    so ``-m "not ray"`` selects the tests that run without a cluster."""
+    for item in items:
+        if "ray_session" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray for the test session (4 logical CPUs on 2 cores, so a 2-worker train

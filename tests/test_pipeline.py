@@ -16,6 +16,8 @@ import pytest
 from voxtral.config import DEFAULT_CONFIG, REPO_ROOT, load_config
 from voxtral.storage import Storage
 
+pytestmark = pytest.mark.slow
+
 # A short run: the sample corpus, a few train steps. Everything else is configs/local.yaml.
 FAST = ["train.max_steps=6", "train.checkpoint_every=3", "train.eval_every=3"]
 

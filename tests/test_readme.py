@@ -225,3 +225,12 @@ def test_bench_quick_prints_its_json_line(name):
     assert not missing, (missing, figures)
     for key in BENCH_KEYS[name] - {"codec", "mfu"}:
         assert isinstance(figures[key], int | float) and figures[key] >= 0, (key, figures)
+
+
+def test_quick_inner_loop_leaves_out_the_slow_tests():
+    """``uv run pytest -m "not slow"`` (the README's inner loop) selects tests, and none of
+    the end-to-end ones; collected only, since running it here would run the suite twice."""
+    out = uv_run("pytest", "-m", "not slow", "--collect-only", "-q", env=user_env(), timeout=300)
+    ids = [line for line in out.splitlines() if "::" in line]
+    assert len(ids) > 100, out[-2000:]
+    assert not [i for i in ids if i.startswith(("tests/test_readme.py", "tests/test_pipeline.py"))]
