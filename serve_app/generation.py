@@ -6,7 +6,9 @@ interrupt, rebuilt when it outgrows the context, or dropped the moment its clien
 To step many conversations at once, their caches are left-padded to a common length and
 stacked; positions stay each conversation's own, and the padding is masked out. Streams are
 always whole groups long, so every row of a batch is at the same slot of its group and one
-allowed-token mask and one set of sampling settings serve the whole step.
+allowed-token mask and one set of sampling settings serve the whole step. The sampling math
+itself lives in :mod:`voxtral.sampling` (shared with the training sample); ``Sampling`` and
+``sample_tokens`` are imported from there (the scheduler and tests import them from here).
 """
 
 from __future__ import annotations
@@ -15,44 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from voxtral.sampling import Sampling, sample_tokens
 from voxtral.tokenizer import Layout
-
-
-@dataclass(frozen=True)
-class Sampling:
-    temperature: float = 1.0
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1 = off
-
-
-def sample_tokens(
-    logits: torch.Tensor,
-    allowed: torch.Tensor,
-    s: Sampling,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """``[B, V]`` logits → ``[B]`` ids, only ever among ``allowed`` (``[V]`` or ``[B, V]``).
-
-    Temperature 0 is greedy. top-k and top-p are applied after the mask, so they pick among
-    the tokens of the slot's kind rather than among tokens that would be dropped anyway.
-    """
-    x = logits.float().masked_fill(~allowed.to(logits.device), float("-inf"))
-    if s.temperature <= 0:
-        return x.argmax(dim=-1)
-    x = x / s.temperature
-    if s.top_k > 0 and s.top_k < x.shape[-1]:
-        kth = torch.topk(x, s.top_k, dim=-1).values[..., -1:]
-        x = x.masked_fill(x < kth, float("-inf"))
-    if s.top_p < 1.0:
-        sorted_x, order = torch.sort(x, dim=-1, descending=True)
-        probs = torch.softmax(sorted_x, dim=-1)
-        # drop a token when the tokens ranked above it already cover top_p
-        drop = (probs.cumsum(dim=-1) - probs) > s.top_p
-        drop[..., 0] = False
-        x = x.scatter(-1, order, sorted_x.masked_fill(drop, float("-inf")))
-    probs = torch.softmax(x, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: [1, heads, length, head_dim]
 

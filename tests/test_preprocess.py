@@ -8,6 +8,8 @@ import math
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.dataset as pds
+import pyarrow.fs as pafs
 import pytest
 import soundfile as sf
 import torch
@@ -19,10 +21,13 @@ from voxtral.config import DEFAULT_CONFIG, REPO_ROOT, Config, load_config
 from voxtral.index import run_index
 from voxtral.model import base_text_size, layout_for, load_text_tokenizer, resolve_base
 from voxtral.preprocess import (
+    CODEC_JSON,
+    LEGACY_CODEC_JSON,
     ChunkEncoder,
     CodecMismatchError,
     as_pcm16,
     check_codec_compatible,
+    codec_record,
     codes_from_bytes,
     codes_to_bytes,
     decode_batch,
@@ -32,6 +37,7 @@ from voxtral.preprocess import (
     ensure_codec_record,
     pad_batch,
     plan_batches,
+    read_codec_record,
     run_preprocess,
     text_track,
     write_batch,
@@ -280,6 +286,38 @@ def test_corrupt_row_lands_in_failures(corpus):
     assert "FLAC" in rows[0]["error"]
 
 
+STAGE_FOLDERS = ("index", "chunks", "tokens", "failures")
+
+
+def test_every_stage_folder_opens_as_a_parquet_dataset(corpus):
+    """Side files (the codec record) carry the ``_`` prefix dataset readers skip, so each
+    output folder opens whole in pyarrow, pandas and Ray Data, with every row once."""
+    import pandas as pd
+    import ray
+
+    storage = corpus["storage"]
+    chunk_ids = set(chunk_table(storage)["chunk_id"].to_pylist())
+    failed = sum(len(failures.read_failures(storage, s)) for s in storage.listdir("failures"))
+    want = {
+        "index": storage.read_table("index").num_rows,
+        "chunks": len(chunk_ids),
+        "tokens": len(chunk_ids - {CORRUPT_ID}),
+        "failures": failed,
+    }
+    assert want["tokens"] > 0 and want["failures"] >= 1  # the corrupt chunk
+    assert storage.exists(CODEC_JSON) and not storage.exists(LEGACY_CODEC_JSON)
+    for folder in STAGE_FOLDERS:
+        ds = pds.dataset(storage.path(folder), format="parquet")
+        assert ds.count_rows() == want[folder], folder
+        files = storage.fs.get_file_info(pafs.FileSelector(storage.path(folder), recursive=True))
+        side = [
+            f for f in files if f.type == pafs.FileType.File and not f.path.endswith(".parquet")
+        ]
+        assert all(f.base_name[0] in "_." for f in side), (folder, [f.path for f in side])
+    assert len(pd.read_parquet(storage.path("tokens"))) == want["tokens"]
+    assert ray.data.read_parquet(storage.path("tokens")).count() == want["tokens"]
+
+
 def test_tokens_fit_the_multimodal_layout(corpus, cfg):
     layout = layout_for(cfg)
     check_codec_compatible(corpus["storage"], layout)
@@ -315,6 +353,20 @@ def test_rerun_adds_nothing(corpus, cfg, capsys):
     assert failures.attempts(storage, "preprocess") == {CORRUPT_ID: 1}
 
 
+def test_rerun_of_a_run_with_the_legacy_codec_json(corpus, cfg):
+    """A root from before the rename (``tokens/codec.json``) reruns as it did, and the rerun
+    moves the record to ``tokens/_codec.json``."""
+    storage = corpus["storage"]
+    record = read_codec_record(storage)
+    storage.write_json(LEGACY_CODEC_JSON, record)
+    storage.delete(CODEC_JSON)
+    assert check_codec_compatible(storage, cfg.codec) == record
+    summary = run_preprocess(cfg)
+    assert summary["chunks"] == 0 and summary["already_done"] == len(token_rows(storage))
+    assert storage.read_json(CODEC_JSON) == record
+    assert not storage.exists(LEGACY_CODEC_JSON)
+
+
 def test_mismatched_codec_is_refused(corpus, cfg):
     storage = corpus["storage"]
     record = check_codec_compatible(storage, cfg.codec)
@@ -333,6 +385,27 @@ def test_mismatched_codec_is_refused(corpus, cfg):
         run_preprocess(cfg.model_copy(update={"codec": mimi}))
     with pytest.raises(FileNotFoundError, match="run preprocess first"):
         check_codec_compatible(Storage(storage.base + "-empty"), cfg.codec)
+
+
+def test_legacy_codec_json_is_read(tmp_path, cfg):
+    storage = Storage(tmp_path / "old-run")
+    assert read_codec_record(storage) is None
+    legacy = codec_record(cfg.codec)
+    storage.write_json(LEGACY_CODEC_JSON, legacy)
+    assert read_codec_record(storage) == legacy
+    assert check_codec_compatible(storage, cfg.codec) == legacy
+    mimi = cfg.codec.model_copy(update={"name": "mimi"})
+    with pytest.raises(CodecMismatchError, match="encodec.*mimi"):
+        check_codec_compatible(storage, mimi)
+    # a refused run leaves the old record where it was
+    with pytest.raises(CodecMismatchError):
+        ensure_codec_record(storage, mimi)
+    assert storage.exists(LEGACY_CODEC_JSON) and not storage.exists(CODEC_JSON)
+    # the new name wins over the old one
+    storage.write_json(CODEC_JSON, {**legacy, "n_q": legacy["n_q"] * 2})
+    assert read_codec_record(storage)["n_q"] == legacy["n_q"] * 2
+    with pytest.raises(CodecMismatchError, match="n_q"):
+        check_codec_compatible(storage, cfg.codec)
 
 
 # -- mimi --------------------------------------------------------------------------------

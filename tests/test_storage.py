@@ -150,7 +150,7 @@ def test_folder_of_parquet_files(store):
     store.write_table("tokens/b.parquet", tokens_table(2, start=2))
     store.write_table("tokens/a.parquet", tokens_table(2, start=0))
     store.write_table("tokens/sub/c.parquet", tokens_table(1, start=9))  # recursive
-    store.write_json("tokens/codec.json", {"codec": "encodec"})  # not Parquet: skipped
+    store.write_json("tokens/_codec.json", {"codec": "encodec"})  # not Parquet: skipped
     names = [p.rsplit("/", 1)[1] for p in store.parquet_files("tokens")]
     assert names == ["a.parquet", "b.parquet", "c.parquet"]
     table = store.read_table("tokens", columns=["video_id", "frames"])

@@ -29,9 +29,12 @@ Failures are ``failures/preprocess/<chunk>.parquet`` rows; a rerun retries them 
 ``preprocess.max_attempts``, except audio that cannot be decoded (retrying changes nothing).
 Run one preprocess job per ``storage.root`` at a time.
 
-**Codec record.** ``tokens/codec.json`` names the codec, its codebooks, rates and weights.
+**Codec record.** ``tokens/_codec.json`` names the codec, its codebooks, rates and weights.
 A run with another codec on the same root is refused before any work, and training calls
-:func:`check_codec_compatible` to refuse tokens made with another codec.
+:func:`check_codec_compatible` to refuse tokens made with another codec. The leading ``_``
+is what Parquet readers (pyarrow, Ray Data, DuckDB, pandas) skip, so ``tokens/`` opens as a
+dataset. Earlier runs wrote ``tokens/codec.json``: it is still read, and a preprocess rerun
+renames it.
 """
 
 from __future__ import annotations
@@ -63,7 +66,9 @@ log = logging.getLogger(__name__)
 
 STAGE = "preprocess"
 TOKENS_DIR = "tokens"
-CODEC_JSON = f"{TOKENS_DIR}/codec.json"
+CODEC_JSON = f"{TOKENS_DIR}/_codec.json"
+LEGACY_CODEC_JSON = f"{TOKENS_DIR}/codec.json"
+"""The record's name before it took the ``_`` prefix that dataset readers skip."""
 PCM16_SCALE = 32768.0
 PERMANENT_REASONS = frozenset({"corrupt_flac", "bad_audio"})
 """Failures a rerun does not retry: the chunk's bytes are what they are."""
@@ -119,7 +124,7 @@ class CodecMismatchError(ValueError):
 
 # -- codec record --------------------------------------------------------------------------
 def codec_record(cfg: CodecConfig) -> dict[str, Any]:
-    """What ``tokens/codec.json`` says about the codec that made the codes."""
+    """What ``tokens/_codec.json`` says about the codec that made the codes."""
     info = codec_info(cfg)
     return {
         "name": info.name,
@@ -186,19 +191,28 @@ def record_differences(found: dict[str, Any], expected: dict[str, Any]) -> list[
     return diffs
 
 
+def read_codec_record(storage: Storage) -> dict[str, Any] | None:
+    """The stored codec record: ``tokens/_codec.json``, else the legacy ``tokens/codec.json``
+    of runs made before the rename; None before the first preprocess run."""
+    for rel in (CODEC_JSON, LEGACY_CODEC_JSON):
+        if storage.exists(rel):
+            return storage.read_json(rel)
+    return None
+
+
 def check_codec_compatible(
     storage: Storage, expected: Layout | CodecInfo | CodecConfig
 ) -> dict[str, Any]:
-    """Refuse tokens made with another codec than ``expected``; return ``tokens/codec.json``.
+    """Refuse tokens made with another codec than ``expected``; return the stored record.
 
     ``expected`` is the model's layout (training, serving), a codec's numbers, or a codec
     config (which also pins the weights: random-init and pretrained codes are unrelated).
     """
-    if not storage.exists(CODEC_JSON):
+    found = read_codec_record(storage)
+    if found is None:
         raise FileNotFoundError(
             f"{storage.uri(CODEC_JSON)} not found: no tokens here yet; run preprocess first"
         )
-    found = storage.read_json(CODEC_JSON)
     want = _expected_record(expected)
     diffs = record_differences(found, want)
     if diffs:
@@ -211,9 +225,18 @@ def check_codec_compatible(
 
 
 def ensure_codec_record(storage: Storage, cfg: CodecConfig) -> dict[str, Any]:
-    """Write ``tokens/codec.json`` on the first run; later runs must use the same codec."""
-    if storage.exists(CODEC_JSON):
-        return check_codec_compatible(storage, cfg)
+    """Write ``tokens/_codec.json`` on the first run; later runs must use the same codec.
+
+    A legacy ``tokens/codec.json`` that matches is moved to the new name (written first,
+    then the old one removed, so a reader always finds one), after which ``tokens/`` holds
+    only files that Parquet readers take or skip.
+    """
+    if read_codec_record(storage) is not None:
+        found = check_codec_compatible(storage, cfg)
+        if not storage.exists(CODEC_JSON):
+            storage.write_json(CODEC_JSON, found)
+            storage.delete(LEGACY_CODEC_JSON)
+        return found
     rec = codec_record(cfg)
     storage.write_json(CODEC_JSON, rec)
     return rec

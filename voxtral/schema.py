@@ -1,13 +1,17 @@
-"""The Parquet contracts between stages (DESIGN.md, "Stages and their data").
+"""The Parquet contracts between stages (the data flow is in README.md).
 
 Each stage writes under ``storage.root``:
 
 - ``index/<batch>.parquet``: one row per video to scrape.
 - ``chunks/<video_id>.parquet``: every chunk of one video in one atomically written file, so
   a video is either fully scraped or absent (never partial).
-- ``tokens/<batch>.parquet``: codec codes and timed text ids per chunk; ``tokens/codec.json``
-  records the codec that made them.
+- ``tokens/<batch>.parquet``: codec codes and timed text ids per chunk; ``tokens/_codec.json``
+  records the codec that made them (runs before the rename wrote ``tokens/codec.json``).
 - ``failures/<stage>/<item_id>.parquet``: one row per failed item with its attempt count.
+
+Every one of these folders opens as a Parquet dataset (pyarrow, Ray Data, DuckDB, pandas):
+a file in it that is not Parquet must start with ``_`` (or ``.``, like the ``.tmp-`` files of
+an atomic write), the prefixes those readers skip.
 """
 
 from __future__ import annotations

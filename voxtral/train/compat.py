@@ -1,6 +1,6 @@
 """Training refuses tokens made with another codec or layout than the model's.
 
-One place for the checks: ``tokens/codec.json`` through preprocess's own
+One place for the checks: ``tokens/_codec.json`` through preprocess's own
 :func:`voxtral.preprocess.check_codec_compatible` (against the codec config, which also pins
 the weights: random-init and pretrained codes are unrelated), and every row's ``codec`` and
 ``n_q`` against the model's layout (a folder could mix runs).

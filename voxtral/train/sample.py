@@ -1,8 +1,9 @@
 """A listening check for a trained model: continue a held-out prompt, constrained to the
 layout, and decode the audio.
 
-Sampling is masked so each position only emits ids of its slot's kind (the same rule the
-server applies), so any model, even a random one, yields a well-formed stream.
+Ids are drawn by :func:`voxtral.sampling.sample_tokens`, the server's sampler: each position
+only emits ids of its slot's kind, so any model, even a random one, yields a well-formed
+stream, and the sample sounds the way the served model would.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from voxtral.sampling import Sampling, sample_tokens
 from voxtral.tokenizer import Layout
 
 
@@ -24,10 +26,12 @@ def generate_ids(
     seed: int = 0,
 ) -> np.ndarray:
     """Continue ``prompt`` (a stream starting at ``<bos>``) by ``new_tokens`` ids, with a KV
-    cache; returns only the new ids."""
+    cache; returns only the new ids. Sampling runs on the CPU with a generator seeded by
+    ``seed``, so the ids do not depend on the device the model is on."""
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
+    settings = Sampling(temperature=temperature, top_k=top_k)
     g = torch.Generator(device="cpu").manual_seed(seed)
     ids = torch.tensor(np.array(prompt, dtype=np.int64), device=device)[None]
     cache = DynamicCache()
@@ -37,21 +41,11 @@ def generate_ids(
         res = model(input_ids=step_input, cache=cache, use_cache=True, logits_to_keep=1)
         logits = res.logits[0, -1].float().cpu()
         pos = ids.shape[1] + i
-        logits = logits.masked_fill(~layout.allowed_mask(pos)[: logits.shape[0]], -torch.inf)
-        nxt = sample_logits(logits, temperature, top_k, g)
+        allowed = layout.allowed_mask(pos)[: logits.shape[0]]
+        nxt = int(sample_tokens(logits, allowed, settings, g))
         out.append(nxt)
         step_input = torch.tensor([[nxt]], device=device)
     return np.asarray(out, dtype=np.int64)
-
-
-def sample_logits(logits: torch.Tensor, temperature: float, top_k: int, g: torch.Generator) -> int:
-    if temperature <= 0:
-        return int(logits.argmax())
-    logits = logits / temperature
-    if 0 < top_k < logits.shape[0]:
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, -torch.inf)
-    return int(torch.multinomial(torch.softmax(logits, -1), 1, generator=g))
 
 
 def prompt_from_window(layout: Layout, window: np.ndarray, seconds: float) -> np.ndarray:
@@ -62,4 +56,5 @@ def prompt_from_window(layout: Layout, window: np.ndarray, seconds: float) -> np
 
 
 def tokens_for_seconds(layout: Layout, seconds: float) -> int:
+    """How many ids ``seconds`` of stream take: whole groups, at least one."""
     return max(1, round(seconds / layout.group_s)) * layout.group_len
