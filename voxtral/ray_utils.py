@@ -40,35 +40,45 @@ def is_alive(address: str, timeout_s: float = 2.0) -> bool:
         return False
 
 
-def init_ray(**kwargs) -> str:
-    """Join the cluster this process belongs to, else start a local Ray; say which.
+def cluster_to_join() -> tuple[str | None, str]:
+    """The address ``init_ray`` joins (None: start a local Ray), and why, in words.
 
-    ``RAY_ADDRESS`` (set by ``ray job submit``, or by the user) is joined as given. Otherwise
-    the head that the last ``ray start`` recorded is joined only if its GCS still answers:
-    plain ``ray.init()`` would wait forever on a head that was killed. A local Ray is private
-    to this process, so it runs without Ray's token authentication unless ``RAY_AUTH_MODE``
-    says otherwise; a cluster keeps whatever its head was started with. ``kwargs``
-    (``num_cpus``, ``include_dashboard``, …) size a local Ray; a cluster has its own.
+    ``RAY_ADDRESS`` (set by ``ray job submit``, or by the user) is taken as given. Otherwise
+    the head that the last ``ray start`` recorded is taken only if its GCS still answers:
+    plain ``ray.init()`` would wait forever on a head that was killed.
+    """
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"], "RAY_ADDRESS"
+    recorded = recorded_cluster()
+    if recorded is None:
+        return None, "no cluster recorded on this machine"
+    if is_alive(recorded):
+        return recorded, "the last `ray start` on this machine"
+    return None, f"the cluster recorded at {recorded} does not answer"
+
+
+def init_ray(**kwargs) -> str:
+    """Join the cluster this process belongs to (:func:`cluster_to_join`), else start a local
+    Ray; return what it did, for the job to print.
+
+    A local Ray lives and dies with this process and defaults to ``RAY_AUTH_MODE=disabled``
+    (the embedded run, the tests); export ``RAY_AUTH_MODE=token`` to keep Ray's token
+    authentication on there too. A cluster keeps whatever its head was started with.
+    ``kwargs`` (``num_cpus``, ``include_dashboard``, …) size a local Ray; a cluster has its own.
     """
     if ray.is_initialized():
         return "already connected to Ray"
     for key, value in RUNTIME_ENV_VARS.items():
         os.environ.setdefault(key, value)
     runtime_env = {"env_vars": {k: os.environ[k] for k in RUNTIME_ENV_VARS}}
-    address, said = os.environ.get("RAY_ADDRESS") or None, ""
-    if address is None:
-        recorded = recorded_cluster()
-        if recorded and is_alive(recorded):
-            address = recorded
-        elif recorded:
-            said = f" (the cluster recorded at {recorded} does not answer)"
+    address, why = cluster_to_join()
     if address is None:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         ray.init(address="local", runtime_env=runtime_env, **kwargs)
-        said = f"started a local Ray{said}"
+        said = f"started a local Ray ({why})"
     else:
         ray.init(address=address, runtime_env=runtime_env)
-        said = f"joined the Ray cluster at {address}"
+        said = f"joined the Ray cluster at {address} ({why})"
     ray.data.DataContext.get_current().enable_progress_bars = True
     log.info(said)
     return said
