@@ -285,6 +285,7 @@ def main(argv=None) -> dict:
     args.overrides = overrides
     cfg = config_from_args(args)
     if args.base != "tiny":  # export it like a trained model and serve that
+        from voxtral.codec import codec_info
         from voxtral.model import build_speech_lm, export_speech_lm
 
         model, tok, layout = build_speech_lm(cfg)
@@ -293,7 +294,7 @@ def main(argv=None) -> dict:
             tok,
             layout,
             root / "models" / f"random-{args.base}",
-            extra={"codec_config": cfg.codec.model_dump()},
+            codec=codec_info(cfg.codec),
         )
         cfg = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"model": str(folder)})})
     from serve_app.model_source import resolve_model

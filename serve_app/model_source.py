@@ -14,9 +14,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from voxtral.config import ENCODEC_BANDWIDTH_NQ, CodecConfig, Config
-from voxtral.model import TINY, VOXTRAL_JSON
-from voxtral.storage import Storage
+import pyarrow.fs as pafs
+
+from voxtral.codec import codec_info, model_codec
+from voxtral.config import CodecConfig, Config
+from voxtral.model import TINY, VOXTRAL_JSON, build_speech_lm, export_speech_lm
+from voxtral.storage import TMP_PREFIX, Storage, publish_folder
 from voxtral.tokenizer import Layout
 
 TINY_EXPORT = "tiny-random"
@@ -59,32 +62,13 @@ def resolve_model(cfg: Config) -> ModelSource:
 
 def export_tiny(cfg: Config, storage: Storage) -> None:
     """The tiny random speech LM of the local profile, exported like a trained one."""
-    import pyarrow.fs as pafs
-
-    from voxtral.model import build_speech_lm, export_speech_lm
-
     model, tokenizer, layout = build_speech_lm(cfg)
-    staging = Path(tempfile.mkdtemp(prefix=".tmp-tiny-export-"))
+    staging = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{TINY_EXPORT}-"))
     try:
-        meta = {"codec_config": cfg.codec.model_dump(), "base": TINY, "source": TINY_EXPORT}
-        export_speech_lm(model, tokenizer, layout, staging, extra=meta)
-        target = storage.path("models", TINY_EXPORT)
-        if storage.local:
-            Path(target).parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(target).parent / f".tmp-{TINY_EXPORT}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(staging, tmp)
-            try:
-                tmp.rename(target)
-            except OSError:  # another process published it first
-                shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            pafs.copy_files(
-                str(staging),
-                target,
-                source_filesystem=pafs.LocalFileSystem(),
-                destination_filesystem=storage.fs,
-            )
+        meta = {"base": TINY, "source": TINY_EXPORT}
+        export_speech_lm(model, tokenizer, layout, staging, extra=meta, codec=codec_info(cfg.codec))
+        # another process may have published it first: theirs is the same model
+        storage.put_folder(f"models/{TINY_EXPORT}", staging, replace=False, last=VOXTRAL_JSON)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -96,39 +80,27 @@ def materialize(uri: str) -> Path:
         if not (p / VOXTRAL_JSON).is_file():
             raise FileNotFoundError(f"{uri}: not a Voxtral model folder (no {VOXTRAL_JSON})")
         return p
-    import pyarrow.fs as pafs
-
     fs, path = pafs.FileSystem.from_uri(uri)
     stamp = fs.get_file_info(f"{path}/{VOXTRAL_JSON}")
     key = hashlib.sha1(f"{uri}@{stamp.mtime}".encode()).hexdigest()[:16]
     local = Path(tempfile.gettempdir()) / "voxtral-models" / key
     if not (local / VOXTRAL_JSON).is_file():
         local.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=local.parent))
-        pafs.copy_files(
-            path, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem()
-        )
+        tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=local.parent))
         try:
-            tmp.rename(local)
-        except OSError:
+            pafs.copy_files(
+                path, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem()
+            )
+            publish_folder(tmp, local, replace=False)  # or another replica cached it first
+        finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return local
 
 
 def codec_config_for(meta: dict, layout: Layout, cfg: Config) -> CodecConfig:
-    """The codec that made the model's codes: recorded in ``voxtral.json`` when the export
-    says so, else derived from the layout; weights (pretrained flag) from the serve config."""
-    recorded = meta.get("codec_config") or meta.get("codec")
-    if isinstance(recorded, dict) and recorded.get("name") == layout.codec:
-        base = CodecConfig.model_validate(
-            {k: v for k, v in recorded.items() if k in CodecConfig.model_fields}
-        )
-    elif layout.codec == "encodec":
-        inverse = {n: bw for bw, n in ENCODEC_BANDWIDTH_NQ.items()}
-        if layout.vocab.n_q not in inverse:
-            raise ValueError(f"no EnCodec bandwidth gives {layout.vocab.n_q} codebooks")
-        base = CodecConfig(name="encodec", bandwidth=inverse[layout.vocab.n_q])
-    else:
-        base = CodecConfig(name=layout.codec, n_q=layout.vocab.n_q)
+    """The codec that made the model's codes, from the record in ``voxtral.json`` (older
+    exports: see :func:`voxtral.codec.model_codec`); the weights (pretrained flag) come from
+    the serve config when it names the same codec."""
+    base = model_codec(meta, layout).to_config()
     pretrained = cfg.codec.pretrained if cfg.codec.name == base.name else base.pretrained
     return base.model_copy(update={"pretrained": pretrained})

@@ -1,17 +1,33 @@
 """Codecs (random init, the tests' and offline demo's path): shapes, ranges, encode → decode
-of a real speech clip, bad input, and local checkpoints."""
+of a real speech clip, bad input, and local checkpoints; the codec record (stored form,
+compatibility, the tokens record, ``voxtral.json`` old and new)."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 from _speech import codec, speech_clip
 
+from voxtral import schema
 from voxtral.audio import prepare
-from voxtral.codec import EncodecCodec, codec_info, load_codec
-from voxtral.config import CodecConfig
+from voxtral.codec import (
+    CodecInfo,
+    CodecMismatchError,
+    EncodecCodec,
+    check_codec_compatible,
+    codec_info,
+    ensure_codec_record,
+    load_codec,
+    model_codec,
+    read_codec_record,
+)
+from voxtral.config import CodecConfig, TokenizerConfig
+from voxtral.model import read_voxtral_json, save_voxtral_json
+from voxtral.storage import Storage
+from voxtral.tokenizer import make_layout
 
 EXPECTED = {
     # name: (n_q, codebook_size, sample_rate, frame_rate, hop)
@@ -195,3 +211,98 @@ def test_checkpoint_formats(tmp_path):
         back = _load_state_dict(str(tmp_path / name))
         assert back.keys() == state.keys()
         assert all(torch.equal(back[k], state[k]) for k in state)
+
+
+# -- the codec record ----------------------------------------------------------------------
+RECORD_CONFIGS = [
+    CodecConfig(name="encodec"),
+    CodecConfig(name="encodec", bandwidth=6.0, pretrained=True),
+    CodecConfig(name="mimi", n_q=4, pretrained="/ckpt/mimi.safetensors"),
+    CodecConfig(name="mimi"),
+]
+
+
+@pytest.mark.parametrize("cfg", RECORD_CONFIGS, ids=lambda c: f"{c.name}-{c.pretrained}")
+def test_record_round_trips_through_its_stored_form(cfg):
+    record = codec_info(cfg)
+    stored = json.loads(json.dumps(record.to_dict()))  # as tokens/_codec.json holds it
+    assert CodecInfo.from_dict(stored) == record
+    keys = {"name", "n_q", "codebook_size", "sample_rate", "frame_rate", "weights"}
+    assert set(stored) == keys | ({"bandwidth"} if cfg.name == "encodec" else set())
+    assert stored["weights"] == {True: "pretrained", False: "random"}.get(
+        cfg.pretrained, cfg.pretrained
+    )
+    # the config rebuilt from the record builds the same codec with the same weights
+    rebuilt = record.to_config()
+    assert codec_info(rebuilt) == record and rebuilt.pretrained == cfg.pretrained
+    # a later version's extra keys are ignored; a record without its numbers is refused
+    assert CodecInfo.from_dict({**stored, "future": 1}) == record
+    with pytest.raises(ValueError, match="lacks n_q, frame_rate"):
+        CodecInfo.from_dict({k: v for k, v in stored.items() if k not in ("n_q", "frame_rate")})
+
+
+def test_record_differences_are_named():
+    encodec = codec_info(CodecConfig(name="encodec"))
+    assert encodec.differences(encodec) == []
+    diffs = encodec.differences(codec_info(CodecConfig(name="mimi")))
+    assert [d.split()[0] for d in diffs] == ["name", "n_q", "codebook_size", "frame_rate"]
+    assert "n_q 2 ≠ 8" in diffs
+    pretrained = codec_info(CodecConfig(name="encodec", pretrained=True))
+    assert encodec.differences(pretrained) == ["weights 'random' ≠ 'pretrained'"]
+    assert encodec.differences(codec_info(CodecConfig(bandwidth=3.0))) == [
+        "n_q 2 ≠ 4",
+        "bandwidth 1.5 ≠ 3.0",
+    ]
+    # a layout pins no weights: only the numbers are compared, frame rates to rounding
+    layout = make_layout(pretrained, 512, TokenizerConfig())
+    assert encodec.differences(CodecInfo.from_layout(layout)) == []
+    close = CodecInfo("encodec", 2, 1024, 24_000, 75.0 + 1e-12)
+    assert close.differences(CodecInfo("encodec", 2, 1024, 24_000, 75.0)) == []
+    # a stored record without weights does not match a config that pins them
+    unweighted = CodecInfo.from_dict({k: v for k, v in encodec.to_dict().items() if k != "weights"})
+    assert unweighted.differences(encodec) == ["weights None ≠ 'random'"]
+
+
+def test_model_codec_reads_new_and_legacy_voxtral_json(tmp_path):
+    """Exports store the record (``codec``); older ``voxtral.json`` files had a
+    ``codec_config`` or nothing, and still give the codec they were trained with."""
+    cfg = CodecConfig(name="encodec", bandwidth=3.0, pretrained=True)
+    layout = make_layout(codec_info(cfg), 512, TokenizerConfig())
+    save_voxtral_json(tmp_path, layout, {"step": 3}, codec=codec_info(cfg))
+    meta = read_voxtral_json(tmp_path)
+    assert meta["codec"] == codec_info(cfg).to_dict() and "codec_config" not in meta
+    assert model_codec(meta, layout) == codec_info(cfg)
+    assert model_codec(meta, layout).to_config() == cfg
+    # legacy: the config it recorded, when it names the layout's codec
+    legacy = {"layout": meta["layout"], "codec_config": cfg.model_dump()}
+    assert model_codec(legacy, layout) == codec_info(cfg)
+    # legacy without a usable config: from the layout (EnCodec: the bandwidth of its n_q)
+    for old in ({}, {"codec_config": {"name": "mimi"}}, {"codec": "encodec"}):
+        assert model_codec(old, layout) == codec_info(CodecConfig(bandwidth=3.0))
+    mimi = make_layout(codec_info(CodecConfig(name="mimi", n_q=5)), 512, TokenizerConfig())
+    assert model_codec({}, mimi).to_config() == CodecConfig(name="mimi", n_q=5)
+    odd = make_layout(CodecInfo("encodec", 3, 1024, 24_000, 75.0), 512, TokenizerConfig())
+    with pytest.raises(ValueError, match="no EnCodec bandwidth gives 3 codebooks"):
+        model_codec({}, odd)
+    # a record that cannot have made the layout's codes is refused, not trusted
+    wrong = {"codec": codec_info(CodecConfig(bandwidth=6.0)).to_dict()}
+    with pytest.raises(CodecMismatchError, match="n_q 8 ≠ 4"):
+        model_codec(wrong, layout)
+
+
+def test_tokens_record_is_written_checked_and_moved(tmp_path):
+    storage = Storage(tmp_path / "run")
+    cfg = CodecConfig(name="encodec")
+    assert read_codec_record(storage) is None
+    with pytest.raises(FileNotFoundError, match="run preprocess first"):
+        check_codec_compatible(storage, codec_info(cfg))
+    assert ensure_codec_record(storage, cfg) == codec_info(cfg)
+    assert storage.read_json(schema.CODEC_RECORD) == codec_info(cfg).to_dict()
+    with pytest.raises(CodecMismatchError, match=r"made with encodec .* but mimi .*name"):
+        ensure_codec_record(storage, CodecConfig(name="mimi"))
+    # a legacy tokens/codec.json is read, and moved to the new name by the next run
+    storage.write_bytes(schema.LEGACY_CODEC_RECORD, storage.read_bytes(schema.CODEC_RECORD))
+    storage.delete(schema.CODEC_RECORD)
+    assert read_codec_record(storage) == codec_info(cfg)
+    assert ensure_codec_record(storage, cfg) == codec_info(cfg)
+    assert storage.listdir("tokens") == ["_codec.json"]

@@ -16,32 +16,32 @@ import torch
 
 from voxtral import failures, schema
 from voxtral.audio import flac_encode
-from voxtral.codec import codec_info, load_codec
+from voxtral.codec import (
+    CodecInfo,
+    CodecMismatchError,
+    check_codec_compatible,
+    codec_info,
+    ensure_codec_record,
+    load_codec,
+    read_codec_record,
+)
 from voxtral.config import DEFAULT_CONFIG, REPO_ROOT, Config, load_config
 from voxtral.index import run_index
 from voxtral.model import base_text_size, layout_for, load_text_tokenizer, resolve_base
 from voxtral.preprocess import (
-    CODEC_JSON,
-    LEGACY_CODEC_JSON,
     ChunkEncoder,
-    CodecMismatchError,
     as_pcm16,
-    check_codec_compatible,
-    codec_record,
-    codes_from_bytes,
-    codes_to_bytes,
     decode_batch,
     decode_chunk,
     encode_alone,
     encode_group,
-    ensure_codec_record,
     pad_batch,
     plan_batches,
-    read_codec_record,
     run_preprocess,
     text_track,
     write_batch,
 )
+from voxtral.schema import CODEC_RECORD, LEGACY_CODEC_RECORD, codes_from_bytes, codes_to_bytes
 from voxtral.scrape import run_scrape
 from voxtral.storage import Storage
 from voxtral.tokenizer import encode_ids
@@ -305,7 +305,7 @@ def test_every_stage_folder_opens_as_a_parquet_dataset(corpus):
         "failures": failed,
     }
     assert want["tokens"] > 0 and want["failures"] >= 1  # the corrupt chunk
-    assert storage.exists(CODEC_JSON) and not storage.exists(LEGACY_CODEC_JSON)
+    assert storage.exists(CODEC_RECORD) and not storage.exists(LEGACY_CODEC_RECORD)
     for folder in STAGE_FOLDERS:
         ds = pds.dataset(storage.path(folder), format="parquet")
         assert ds.count_rows() == want[folder], folder
@@ -320,7 +320,7 @@ def test_every_stage_folder_opens_as_a_parquet_dataset(corpus):
 
 def test_tokens_fit_the_multimodal_layout(corpus, cfg):
     layout = layout_for(cfg)
-    check_codec_compatible(corpus["storage"], layout)
+    check_codec_compatible(corpus["storage"], CodecInfo.from_layout(layout))
     r = token_rows(corpus["storage"])[0]
     ids = encode_ids(
         layout,
@@ -358,54 +358,56 @@ def test_rerun_of_a_run_with_the_legacy_codec_json(corpus, cfg):
     moves the record to ``tokens/_codec.json``."""
     storage = corpus["storage"]
     record = read_codec_record(storage)
-    storage.write_json(LEGACY_CODEC_JSON, record)
-    storage.delete(CODEC_JSON)
-    assert check_codec_compatible(storage, cfg.codec) == record
+    storage.write_json(LEGACY_CODEC_RECORD, record.to_dict())
+    storage.delete(CODEC_RECORD)
+    assert check_codec_compatible(storage, codec_info(cfg.codec)) == record
     summary = run_preprocess(cfg)
     assert summary["chunks"] == 0 and summary["already_done"] == len(token_rows(storage))
-    assert storage.read_json(CODEC_JSON) == record
-    assert not storage.exists(LEGACY_CODEC_JSON)
+    assert storage.read_json(CODEC_RECORD) == record.to_dict()
+    assert not storage.exists(LEGACY_CODEC_RECORD)
 
 
 def test_mismatched_codec_is_refused(corpus, cfg):
     storage = corpus["storage"]
-    record = check_codec_compatible(storage, cfg.codec)
-    assert record["name"] == "encodec" and record["n_q"] == codec_info(cfg.codec).n_q
+    record = check_codec_compatible(storage, codec_info(cfg.codec))
+    assert record == codec_info(cfg.codec)
     mimi = cfg.codec.model_copy(update={"name": "mimi"})
     with pytest.raises(CodecMismatchError, match="encodec.*mimi"):
         check_codec_compatible(storage, codec_info(mimi))
     mimi_tokenizer = cfg.tokenizer.model_copy(update={"group_ms": 80.0})
     other_layout = layout_for(cfg.model_copy(update={"codec": mimi, "tokenizer": mimi_tokenizer}))
     with pytest.raises(CodecMismatchError, match="n_q"):
-        check_codec_compatible(storage, other_layout)
+        check_codec_compatible(storage, CodecInfo.from_layout(other_layout))
     with pytest.raises(CodecMismatchError, match="weights"):
-        check_codec_compatible(storage, cfg.codec.model_copy(update={"pretrained": True}))
+        check_codec_compatible(
+            storage, codec_info(cfg.codec.model_copy(update={"pretrained": True}))
+        )
     # preprocess itself refuses to add mimi tokens to encodec ones, before any work
     with pytest.raises(CodecMismatchError):
         run_preprocess(cfg.model_copy(update={"codec": mimi}))
     with pytest.raises(FileNotFoundError, match="run preprocess first"):
-        check_codec_compatible(Storage(storage.base + "-empty"), cfg.codec)
+        check_codec_compatible(Storage(storage.base + "-empty"), codec_info(cfg.codec))
 
 
 def test_legacy_codec_json_is_read(tmp_path, cfg):
     storage = Storage(tmp_path / "old-run")
     assert read_codec_record(storage) is None
-    legacy = codec_record(cfg.codec)
-    storage.write_json(LEGACY_CODEC_JSON, legacy)
-    assert read_codec_record(storage) == legacy
-    assert check_codec_compatible(storage, cfg.codec) == legacy
+    legacy = codec_info(cfg.codec).to_dict()
+    storage.write_json(LEGACY_CODEC_RECORD, legacy)
+    assert read_codec_record(storage) == codec_info(cfg.codec)
+    assert check_codec_compatible(storage, codec_info(cfg.codec)) == codec_info(cfg.codec)
     mimi = cfg.codec.model_copy(update={"name": "mimi"})
     with pytest.raises(CodecMismatchError, match="encodec.*mimi"):
-        check_codec_compatible(storage, mimi)
+        check_codec_compatible(storage, codec_info(mimi))
     # a refused run leaves the old record where it was
     with pytest.raises(CodecMismatchError):
         ensure_codec_record(storage, mimi)
-    assert storage.exists(LEGACY_CODEC_JSON) and not storage.exists(CODEC_JSON)
+    assert storage.exists(LEGACY_CODEC_RECORD) and not storage.exists(CODEC_RECORD)
     # the new name wins over the old one
-    storage.write_json(CODEC_JSON, {**legacy, "n_q": legacy["n_q"] * 2})
-    assert read_codec_record(storage)["n_q"] == legacy["n_q"] * 2
+    storage.write_json(CODEC_RECORD, {**legacy, "n_q": legacy["n_q"] * 2})
+    assert read_codec_record(storage).n_q == legacy["n_q"] * 2
     with pytest.raises(CodecMismatchError, match="n_q"):
-        check_codec_compatible(storage, cfg.codec)
+        check_codec_compatible(storage, codec_info(cfg.codec))
 
 
 # -- mimi --------------------------------------------------------------------------------
@@ -418,7 +420,7 @@ def test_mimi_tokens(tmp_path, one_thread):
         env={},
     )
     storage = Storage(cfg.storage.root)
-    assert ensure_codec_record(storage, cfg.codec)["name"] == "mimi"
+    assert ensure_codec_record(storage, cfg.codec).name == "mimi"
     rows = []
     for c, seconds in enumerate((2.3, 3.1, 1.7)):
         wav, words = speech_like(seconds, 24_000, seed=c)
@@ -473,8 +475,6 @@ class FlakyCodec:
     """A codec that rejects any batch holding a chunk of exactly ``bad_len`` samples."""
 
     def __init__(self, bad_len: int):
-        from voxtral.codec import CodecInfo
-
         self.info = CodecInfo("fake", 2, 16, 8000, 100.0)
         self.bad_len, self.device = bad_len, torch.device("cpu")
 

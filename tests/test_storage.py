@@ -1,8 +1,12 @@
-"""Storage: paths under storage.root, atomic writes, Parquet round trips, failure records."""
+"""Storage: paths under storage.root, atomic writes, Parquet round trips, failure records,
+and publishing a finished folder."""
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -10,7 +14,7 @@ import pyarrow.fs as pafs
 import pytest
 
 from voxtral import failures, schema
-from voxtral.storage import TMP_PREFIX, Storage
+from voxtral.storage import TMP_PREFIX, Storage, publish_folder
 
 
 @pytest.fixture
@@ -181,3 +185,152 @@ def test_safe_name():
     assert len(schema.safe_name("a" * 500)) == 200
     with pytest.raises(ValueError, match="empty file name"):
         schema.safe_name("...")
+
+
+# -- publishing a folder -------------------------------------------------------------------
+def _folder(path, files: dict[str, str]):
+    for name, text in files.items():
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        (path / name).write_text(text)
+    return path
+
+
+def _contents(path) -> dict[str, str] | None:
+    if not path.exists():
+        return None
+    return {p.relative_to(path).as_posix(): p.read_text() for p in path.rglob("*") if p.is_file()}
+
+
+OLD = {"voxtral.json": "old", "model.safetensors": "old weights"}
+NEW = {"voxtral.json": "new", "model.safetensors": "new weights", "sub/sample.wav": "new"}
+
+
+@pytest.fixture
+def spied(monkeypatch, store):
+    """Every rename and copy publishing does, recording what a reader of
+    ``models/m`` finds before and after each step."""
+    target = store.path("models/m")
+    seen: list[dict | None] = []
+    rename, copytree, copy2 = os.rename, shutil.copytree, shutil.copy2
+
+    def look():
+        seen.append(_contents(Path(target)))
+
+    def spy_rename(a, b):
+        look()
+        rename(a, b)
+        look()
+
+    def spy_copy(a, b, **kw):
+        copy2(a, b, **kw)
+        look()
+
+    monkeypatch.setattr(os, "rename", spy_rename)
+    monkeypatch.setattr(shutil, "copytree", _with_copy_function(copytree, spy_copy))
+    return seen
+
+
+def _with_copy_function(copytree, copy_function):
+    """``shutil.copytree`` copying each file with ``copy_function`` (its recursive calls
+    pass their arguments on positionally)."""
+
+    def patched(src, dst, *args, **kw):
+        if args:
+            return copytree(src, dst, *args, **kw)
+        return copytree(src, dst, copy_function=copy_function, **kw)
+
+    return patched
+
+
+def _cannot_rename(monkeypatch, folder):
+    """``os.rename`` of ``folder`` fails as across disks, so publishing copies it."""
+    rename = os.rename
+
+    def patched(a, b):
+        if Path(a) == folder:
+            raise OSError(errno.EXDEV, "cross-device link")
+        rename(a, b)
+
+    monkeypatch.setattr(os, "rename", patched)
+
+
+@pytest.mark.parametrize("cross_device", [False, True])
+def test_put_folder_replaces_and_readers_never_see_half(
+    store, tmp_path, spied, monkeypatch, cross_device
+):
+    store.put_folder("models/m", _folder(tmp_path / "a", OLD))
+    target = Path(store.path("models/m"))
+    assert _contents(target) == OLD
+    staging = _folder(tmp_path / "b", NEW)
+    if cross_device:  # the staging folder is on another disk: copied beside the target first
+        _cannot_rename(monkeypatch, staging)
+    spied.clear()
+    assert store.put_folder("models/m", staging) is True
+    assert _contents(target) == NEW
+    assert spied and all(s in (None, OLD, NEW) for s in spied), spied
+    assert os.listdir(target.parent) == ["m"]  # no staging copy or old folder left behind
+
+
+def test_put_folder_failure_midway_keeps_the_old_folder(store, tmp_path, monkeypatch):
+    store.put_folder("models/m", _folder(tmp_path / "a", OLD))
+    target = Path(store.path("models/m"))
+    rename = os.rename
+
+    def fail_into_place(a, b):
+        if Path(b) == target and TMP_PREFIX + "old-" not in str(a):
+            raise OSError("disk full")
+        rename(a, b)
+
+    monkeypatch.setattr(os, "rename", fail_into_place)
+    with pytest.raises(OSError, match="disk full"):
+        store.put_folder("models/m", _folder(tmp_path / "b", NEW))
+    assert _contents(target) == OLD
+    assert os.listdir(target.parent) == ["m"]
+    # a copy that fails halfway (another disk, disk full) leaves the old folder too
+    monkeypatch.setattr(os, "rename", rename)
+    copied: list[str] = []
+
+    def copy_then_fail(a, b, **kw):
+        if copied:
+            raise OSError("disk full")
+        copied.append(shutil.copy2(a, b, **kw))
+
+    staging = _folder(tmp_path / "c", NEW)
+    _cannot_rename(monkeypatch, staging)
+    monkeypatch.setattr(shutil, "copytree", _with_copy_function(shutil.copytree, copy_then_fail))
+    with pytest.raises(OSError, match="disk full"):
+        store.put_folder("models/m", staging)
+    assert _contents(target) == OLD
+    assert os.listdir(target.parent) == ["m"]
+
+
+def test_publish_without_replace_keeps_the_first(tmp_path):
+    target = tmp_path / "cache" / "m"
+    target.parent.mkdir()
+    assert publish_folder(_folder(tmp_path / "a", OLD), target, replace=False) is True
+    staging = _folder(tmp_path / "b", NEW)
+    assert publish_folder(staging, target, replace=False) is False  # another process won
+    assert _contents(target) == OLD and not staging.exists()
+    with pytest.raises(FileNotFoundError):  # other errors are not taken for a lost race
+        publish_folder(tmp_path / "missing", tmp_path / "cache" / "n", replace=False)
+
+
+def test_put_folder_on_an_object_store_uploads_the_marker_last(tmp_path, monkeypatch):
+    """No folder rename there: the marker readers wait for goes last (here one that sorts
+    first), after an older folder is removed; ``replace=False`` keeps a finished folder and
+    redoes a half one (no marker)."""
+    store = Storage(tmp_path / "bucket")
+    monkeypatch.setattr(store, "local", False)  # the object-store path, on a local disk
+    order = []
+    put_file = store.put_file
+    monkeypatch.setattr(store, "put_file", lambda rel, p: order.append(rel) or put_file(rel, p))
+    files = {"_done": "1", "a/b.bin": "b", "z.bin": "z"}
+    store.write_bytes("models/m/stale.bin", b"x")
+    assert store.put_folder("models/m", _folder(tmp_path / "a", files), last="_done")
+    assert order == ["models/m/a/b.bin", "models/m/z.bin", "models/m/_done"]
+    assert _contents(Path(store.path("models/m"))) == files
+    assert not store.put_folder("models/m", _folder(tmp_path / "b", OLD), False, "_done")
+    assert _contents(Path(store.path("models/m"))) == files
+    store.delete("models/m/_done")  # the upload of a publisher that died halfway
+    assert store.put_folder("models/m", _folder(tmp_path / "c", OLD), False, "voxtral.json")
+    assert _contents(Path(store.path("models/m"))) == OLD

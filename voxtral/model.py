@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 
-from voxtral.codec import codec_info
+from voxtral.codec import CodecInfo, codec_info
 from voxtral.config import Config, ModelConfig
+from voxtral.storage import publish_folder
 from voxtral.tokenizer import Layout, make_layout
 
 TINY = "tiny"
@@ -46,7 +47,7 @@ def tiny_mistral_dir() -> Path:
 def write_tiny_mistral(path: str | os.PathLike, vocab_size: int = 512, layers: int = 4) -> Path:
     """Write a tiny random-init Mistral folder with a byte-level BPE tokenizer.
 
-    Deterministic (fixed seed), written to a temporary folder and renamed into place.
+    Deterministic (fixed seed), written to a temporary folder and published into place.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
@@ -87,13 +88,11 @@ def write_tiny_mistral(path: str | os.PathLike, vocab_size: int = 512, layers: i
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        try:
-            os.rename(tmp, path)
-        except OSError:  # another process won the race: theirs is identical
-            if not (path / "config.json").is_file():
-                raise
+        publish_folder(tmp, path, replace=False)  # if another process won: theirs is identical
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} holds no config.json: not a tiny model folder")
     return path
 
 
@@ -121,10 +120,12 @@ def base_text_size(base: str) -> int:
     return AutoConfig.from_pretrained(base).vocab_size
 
 
-def layout_for(cfg: Config) -> Layout:
-    """The layout of a pipeline config (base vocabulary + codec + tokenizer section)."""
-    base = resolve_base(cfg.model)
-    return make_layout(codec_info(cfg.codec), base_text_size(base), cfg.tokenizer)
+def layout_for(cfg: Config, text_size: int | None = None) -> Layout:
+    """The layout of a pipeline config (base vocabulary + codec + tokenizer section);
+    ``text_size`` is the base vocabulary when the caller has the model loaded already."""
+    if text_size is None:
+        text_size = base_text_size(resolve_base(cfg.model))
+    return make_layout(codec_info(cfg.codec), text_size, cfg.tokenizer)
 
 
 def prune_layers(model, keep_every: int):
@@ -195,7 +196,7 @@ def build_speech_lm(cfg: Config, dtype: torch.dtype | None = None, ds_config: di
     with _zero3_loading(ds_config):
         model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
         tokenizer = load_text_tokenizer(base)
-        layout = make_layout(codec_info(cfg.codec), model.config.vocab_size, cfg.tokenizer)
+        layout = layout_for(cfg, model.config.vocab_size)
         prune_layers(model, cfg.model.keep_every)
         add_speech_tokens(model, layout)
     if cfg.model.gradient_checkpointing:
@@ -220,8 +221,17 @@ def _zero3_loading(ds_config: dict | None):
         del hf_ds
 
 
-def save_voxtral_json(folder: str | os.PathLike, layout: Layout, extra: dict | None = None) -> None:
+def save_voxtral_json(
+    folder: str | os.PathLike,
+    layout: Layout,
+    extra: dict | None = None,
+    codec: CodecInfo | None = None,
+) -> None:
+    """``voxtral.json``: the layout, the codec record (``codec``, which serving rebuilds the
+    codec from; see :func:`voxtral.codec.model_codec`) and the caller's extra fields."""
     data = {"format": 1, "layout": layout.to_dict(), **(extra or {})}
+    if codec is not None:
+        data["codec"] = codec.to_dict()
     Path(folder, VOXTRAL_JSON).write_text(json.dumps(data, indent=2, sort_keys=True))
 
 
@@ -232,13 +242,21 @@ def read_voxtral_json(folder: str | os.PathLike) -> dict:
     return json.loads(p.read_text())
 
 
-def export_speech_lm(model, tokenizer, layout: Layout, folder: str | os.PathLike, extra=None):
-    """A Hugging Face folder (safetensors + tokenizer) plus ``voxtral.json``."""
+def export_speech_lm(
+    model,
+    tokenizer,
+    layout: Layout,
+    folder: str | os.PathLike,
+    extra: dict | None = None,
+    codec: CodecInfo | None = None,
+) -> Path:
+    """A Hugging Face folder (safetensors + tokenizer) plus ``voxtral.json`` (with ``codec``,
+    the record of the codec that made the training codes, when given)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
-    save_voxtral_json(folder, layout, extra)
+    save_voxtral_json(folder, layout, extra, codec)
     return folder
 
 

@@ -29,12 +29,12 @@ Failures are ``failures/preprocess/<chunk>.parquet`` rows; a rerun retries them 
 ``preprocess.max_attempts``, except audio that cannot be decoded (retrying changes nothing).
 Run one preprocess job per ``storage.root`` at a time.
 
-**Codec record.** ``tokens/_codec.json`` names the codec, its codebooks, rates and weights.
-A run with another codec on the same root is refused before any work, and training calls
-:func:`check_codec_compatible` to refuse tokens made with another codec. The leading ``_``
-is what Parquet readers (pyarrow, Ray Data, DuckDB, pandas) skip, so ``tokens/`` opens as a
-dataset. Earlier runs wrote ``tokens/codec.json``: it is still read, and a preprocess rerun
-renames it.
+**Codec record.** ``tokens/_codec.json`` names the codec, its codebooks, rates and weights
+(:class:`voxtral.codec.CodecInfo`, written by :func:`voxtral.codec.ensure_codec_record`).
+A run with another codec on the same root is refused before any work, and training refuses
+tokens made with another codec. The leading ``_`` is what Parquet readers (pyarrow, Ray
+Data, DuckDB, pandas) skip, so ``tokens/`` opens as a dataset. Earlier runs wrote
+``tokens/codec.json``: it is still read, and a preprocess rerun renames it.
 """
 
 from __future__ import annotations
@@ -57,18 +57,22 @@ import torch
 
 from voxtral import failures, schema
 from voxtral.audio import AudioError, flac_decode, prepare
-from voxtral.codec import Codec, CodecInfo, codec_info, load_codec
+from voxtral.codec import (
+    Codec,
+    CodecInfo,
+    CodecMismatchError,  # noqa: F401 - imported from here by tests/test_train.py
+    codec_info,
+    ensure_codec_record,
+    load_codec,
+)
 from voxtral.config import CodecConfig, Config, ModelConfig, PreprocessConfig
+from voxtral.schema import TOKENS_DIR, codes_to_bytes
 from voxtral.storage import Storage
-from voxtral.tokenizer import Layout, timed_text_ids
+from voxtral.tokenizer import timed_text_ids
 
 log = logging.getLogger(__name__)
 
 STAGE = "preprocess"
-TOKENS_DIR = "tokens"
-CODEC_JSON = f"{TOKENS_DIR}/_codec.json"
-LEGACY_CODEC_JSON = f"{TOKENS_DIR}/codec.json"
-"""The record's name before it took the ``_`` prefix that dataset readers skip."""
 PCM16_SCALE = 32768.0
 PERMANENT_REASONS = frozenset({"corrupt_flac", "bad_audio"})
 """Failures a rerun does not retry: the chunk's bytes are what they are."""
@@ -118,128 +122,9 @@ STATS = pa.schema(
 )
 
 
-class CodecMismatchError(ValueError):
-    """Tokens made with another codec (name, codebooks, rates or weights) than expected."""
-
-
-# -- codec record --------------------------------------------------------------------------
 def codec_record(cfg: CodecConfig) -> dict[str, Any]:
-    """What ``tokens/_codec.json`` says about the codec that made the codes."""
-    info = codec_info(cfg)
-    return {
-        "name": info.name,
-        "n_q": info.n_q,
-        "codebook_size": info.codebook_size,
-        "sample_rate": info.sample_rate,
-        "frame_rate": info.frame_rate,
-        "weights": _weights_name(cfg),
-        **({"bandwidth": cfg.bandwidth} if info.name == "encodec" else {}),
-    }
-
-
-def _weights_name(cfg: CodecConfig) -> str:
-    if cfg.pretrained is True:
-        return "pretrained"
-    if cfg.pretrained is False:
-        return "random"
-    return str(cfg.pretrained)
-
-
-def _expected_record(expected: Layout | CodecInfo | CodecConfig) -> dict[str, Any]:
-    if isinstance(expected, CodecConfig):
-        return codec_record(expected)
-    if isinstance(expected, Layout):
-        v = expected.vocab
-        return {
-            "name": expected.codec,
-            "n_q": v.n_q,
-            "codebook_size": v.codebook_size,
-            "sample_rate": expected.sample_rate,
-            "frame_rate": expected.frame_rate,
-        }
-    if isinstance(expected, CodecInfo):
-        return {
-            "name": expected.name,
-            "n_q": expected.n_q,
-            "codebook_size": expected.codebook_size,
-            "sample_rate": expected.sample_rate,
-            "frame_rate": expected.frame_rate,
-        }
-    raise TypeError(f"expected a Layout, CodecInfo or CodecConfig, got {type(expected).__name__}")
-
-
-def _describe(rec: dict[str, Any]) -> str:
-    weights = f", {rec['weights']} weights" if rec.get("weights") else ""
-    return (
-        f"{rec.get('name')} (n_q={rec.get('n_q')}, {rec.get('codebook_size')} codes, "
-        f"{rec.get('sample_rate')} Hz, {rec.get('frame_rate'):g} frames/s{weights})"
-    )
-
-
-def record_differences(found: dict[str, Any], expected: dict[str, Any]) -> list[str]:
-    """The keys of ``expected`` whose values ``found`` does not share."""
-    diffs = []
-    for key, want in expected.items():
-        got = found.get(key)
-        same = (
-            got is not None and math.isclose(float(got), float(want))
-            if key == "frame_rate"
-            else got == want
-        )
-        if not same:
-            diffs.append(f"{key} {got!r} ≠ {want!r}")
-    return diffs
-
-
-def read_codec_record(storage: Storage) -> dict[str, Any] | None:
-    """The stored codec record: ``tokens/_codec.json``, else the legacy ``tokens/codec.json``
-    of runs made before the rename; None before the first preprocess run."""
-    for rel in (CODEC_JSON, LEGACY_CODEC_JSON):
-        if storage.exists(rel):
-            return storage.read_json(rel)
-    return None
-
-
-def check_codec_compatible(
-    storage: Storage, expected: Layout | CodecInfo | CodecConfig
-) -> dict[str, Any]:
-    """Refuse tokens made with another codec than ``expected``; return the stored record.
-
-    ``expected`` is the model's layout (training, serving), a codec's numbers, or a codec
-    config (which also pins the weights: random-init and pretrained codes are unrelated).
-    """
-    found = read_codec_record(storage)
-    if found is None:
-        raise FileNotFoundError(
-            f"{storage.uri(CODEC_JSON)} not found: no tokens here yet; run preprocess first"
-        )
-    want = _expected_record(expected)
-    diffs = record_differences(found, want)
-    if diffs:
-        raise CodecMismatchError(
-            f"tokens under {storage.uri(TOKENS_DIR)} were made with {_describe(found)}, but "
-            f"{_describe(want)} is expected ({'; '.join(diffs)}). Re-run preprocess with this "
-            "codec into another storage.root, or use the codec config that made these tokens."
-        )
-    return found
-
-
-def ensure_codec_record(storage: Storage, cfg: CodecConfig) -> dict[str, Any]:
-    """Write ``tokens/_codec.json`` on the first run; later runs must use the same codec.
-
-    A legacy ``tokens/codec.json`` that matches is moved to the new name (written first,
-    then the old one removed, so a reader always finds one), after which ``tokens/`` holds
-    only files that Parquet readers take or skip.
-    """
-    if read_codec_record(storage) is not None:
-        found = check_codec_compatible(storage, cfg)
-        if not storage.exists(CODEC_JSON):
-            storage.write_json(CODEC_JSON, found)
-            storage.delete(LEGACY_CODEC_JSON)
-        return found
-    rec = codec_record(cfg)
-    storage.write_json(CODEC_JSON, rec)
-    return rec
+    """What ``tokens/_codec.json`` holds for ``cfg`` (imported by tests/test_train.py)."""
+    return codec_info(cfg).to_dict()
 
 
 # -- per-chunk functions -------------------------------------------------------------------
@@ -394,19 +279,6 @@ def failure_reason(exc: BaseException) -> str:
     if isinstance(exc, AudioError):
         return "bad_audio"
     return "codec_error"
-
-
-def codes_to_bytes(codes: np.ndarray) -> bytes:
-    """``[n_q, frames]`` codes → the ``codes`` column: int16 little-endian, C order."""
-    return np.ascontiguousarray(codes, dtype="<i2").tobytes()
-
-
-def codes_from_bytes(data: bytes, n_q: int, frames: int) -> np.ndarray:
-    """The ``codes`` column → ``[n_q, frames]`` int16."""
-    arr = np.frombuffer(data, dtype="<i2")
-    if arr.size != n_q * frames:
-        raise ValueError(f"codes hold {arr.size} values, expected {n_q}×{frames}")
-    return arr.reshape(n_q, frames)
 
 
 def probe_clip(sample_rate: int, seconds: float = 3.0) -> np.ndarray:

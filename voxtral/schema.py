@@ -18,7 +18,14 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pyarrow as pa
+
+TOKENS_DIR = "tokens"
+CODEC_RECORD = f"{TOKENS_DIR}/_codec.json"
+"""The codec record of ``tokens/`` (:class:`voxtral.codec.CodecInfo` as a dict)."""
+LEGACY_CODEC_RECORD = f"{TOKENS_DIR}/codec.json"
+"""The record's name before it took the ``_`` prefix that dataset readers skip."""
 
 INDEX = pa.schema(
     [
@@ -61,6 +68,20 @@ TOKENS = pa.schema(
         ("text_starts_s", pa.list_(pa.float32())),  # start time of each text id, chunk-relative
     ]
 )
+
+
+def codes_to_bytes(codes: np.ndarray) -> bytes:
+    """``[n_q, frames]`` codes → the ``codes`` column: int16 little-endian, C order."""
+    return np.ascontiguousarray(codes, dtype="<i2").tobytes()
+
+
+def codes_from_bytes(data: bytes, n_q: int, frames: int) -> np.ndarray:
+    """The ``codes`` column → ``[n_q, frames]`` int16 (a read-only view of ``data``)."""
+    arr = np.frombuffer(data, dtype="<i2")
+    if arr.size != n_q * frames:
+        raise ValueError(f"codes hold {arr.size} values, expected n_q×frames={n_q}×{frames}")
+    return arr.reshape(n_q, frames)
+
 
 FAILURES = pa.schema(
     [

@@ -4,10 +4,13 @@ Every stage reads and writes through this class so one code path serves a laptop
 multi-node cluster. Writes are atomic: on a local disk a file is written beside its target
 and renamed into place; on object stores a single PUT is already all-or-nothing. A task
 killed halfway therefore never leaves a half file that a later run would take for done.
+Folders (model exports) are published the same way by :func:`publish_folder` and
+:meth:`Storage.put_folder`: finished beside the target, then renamed into place.
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -23,6 +26,41 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 TMP_PREFIX = ".tmp-"
+
+
+def publish_folder(staging: str | os.PathLike, target: str | os.PathLike, replace: bool) -> bool:
+    """Move the finished folder ``staging`` to ``target`` by renames only, so a reader finds
+    the old folder or the whole new one, never a half one. ``staging`` must be on the
+    target's filesystem (e.g. a ``.tmp-`` folder beside it); it is gone afterwards.
+
+    ``replace=False``: a folder already at ``target`` (another process published first) is
+    kept, ``staging`` removed, and False returned. ``replace=True``: the old folder is renamed
+    aside, the new one renamed in, then the old one removed; between the two renames a reader
+    finds no folder, and if the second rename fails the old folder is put back.
+    """
+    staging, target = Path(staging), Path(target)
+    if not replace:
+        try:
+            os.rename(staging, target)  # atomic; fails if another process published first
+        except OSError as exc:
+            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+            shutil.rmtree(staging, ignore_errors=True)
+            return False
+        return True
+    old = None
+    if target.exists():
+        old = target.with_name(f"{TMP_PREFIX}old-{uuid.uuid4().hex[:8]}-{target.name}")
+        os.rename(target, old)
+    try:
+        os.rename(staging, target)
+    except BaseException:
+        if old is not None:
+            os.rename(old, target)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return True
 
 
 class Storage:
@@ -127,6 +165,41 @@ class Storage:
         with self._local_atomic(target) as tmp:
             shutil.copyfile(local_path, tmp)
         return target
+
+    def put_folder(
+        self, rel: str, local_dir: str | os.PathLike, replace: bool = True, last: str = ""
+    ) -> bool:
+        """Publish a finished local folder at ``rel``; see :func:`publish_folder` for
+        ``replace`` and the return value. The caller removes ``local_dir`` afterwards.
+
+        Local disks: the folder is moved (copied when on another filesystem) beside the
+        target, then renamed into place. Object stores have no folder rename: the files are
+        uploaded one by one, ``last`` (a marker such as ``voxtral.json`` that readers look
+        for) after all the others, so a reader that waits for it never sees a half folder.
+        """
+        target = self.path(rel)
+        parent, name = target.rsplit("/", 1)
+        self.fs.create_dir(parent, recursive=True)
+        if self.local:
+            tmp = f"{parent}/{TMP_PREFIX}{uuid.uuid4().hex}-{name}"
+            try:
+                try:
+                    os.rename(local_dir, tmp)  # same filesystem: nothing is copied
+                except OSError as exc:
+                    if exc.errno != errno.EXDEV:
+                        raise
+                    shutil.copytree(local_dir, tmp)
+                return publish_folder(tmp, target, replace)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        if not replace and (self.exists(rel, last) if last else self.exists(rel)):
+            return False
+        self.delete(rel)  # an older folder, or the half upload of a publisher that died
+        files = sorted(p for p in Path(local_dir).rglob("*") if p.is_file())
+        files.sort(key=lambda p: p.relative_to(local_dir).as_posix() == last)
+        for f in files:
+            self.put_file(f"{rel}/{f.relative_to(local_dir).as_posix()}", f)
+        return True
 
     def read_bytes(self, rel: str) -> bytes:
         with self.fs.open_input_file(self.path(rel)) as f:

@@ -1,16 +1,18 @@
 """Training refuses tokens made with another codec or layout than the model's.
 
-One place for the checks: ``tokens/_codec.json`` through preprocess's own
-:func:`voxtral.preprocess.check_codec_compatible` (against the codec config, which also pins
-the weights: random-init and pretrained codes are unrelated), and every row's ``codec`` and
-``n_q`` against the model's layout (a folder could mix runs).
+One place for the checks: the codec record ``tokens/_codec.json`` through
+:func:`voxtral.codec.check_codec_compatible` (against the codec config, which also pins the
+weights: random-init and pretrained codes are unrelated, and against the layout), and every
+row's ``codec`` and ``n_q`` against the model's layout (a folder could mix runs).
 """
 
 from __future__ import annotations
 
 import pyarrow as pa
 
+from voxtral.codec import CodecInfo, check_codec_compatible, codec_info
 from voxtral.config import CodecConfig
+from voxtral.schema import TOKENS_DIR
 from voxtral.storage import Storage
 from voxtral.tokenizer import Layout
 
@@ -31,13 +33,13 @@ def check_row_codec(codec: str, n_q: int, layout: Layout, where: str) -> None:
 def check_tokens(storage: Storage, codec: CodecConfig, layout: Layout) -> pa.Table:
     """Check ``tokens/`` against the codec config and layout; returns its ``chunk_id,
     video_id, frames`` columns. Reads only small columns: cheap, before any worker starts."""
-    from voxtral.preprocess import check_codec_compatible
-
-    if not storage.parquet_files("tokens"):
-        raise FileNotFoundError(f"no tokens under {storage.uri('tokens')}: run preprocess first")
-    check_codec_compatible(storage, codec)
-    check_codec_compatible(storage, layout)
-    table = storage.read_table("tokens", columns=["chunk_id", "video_id", "codec", "n_q", "frames"])
+    if not storage.parquet_files(TOKENS_DIR):
+        raise FileNotFoundError(f"no tokens under {storage.uri(TOKENS_DIR)}: run preprocess first")
+    check_codec_compatible(storage, codec_info(codec))
+    check_codec_compatible(storage, CodecInfo.from_layout(layout))
+    table = storage.read_table(
+        TOKENS_DIR, columns=["chunk_id", "video_id", "codec", "n_q", "frames"]
+    )
     pairs = table.group_by(["codec", "n_q"]).aggregate([("chunk_id", "min")])
     for row in pairs.to_pylist():
         check_row_codec(row["codec"], int(row["n_q"]), layout, f"(e.g. {row['chunk_id_min']})")

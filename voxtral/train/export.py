@@ -3,7 +3,8 @@
 Consolidation reads the fp32 master weights from the optimizer shards of the final
 checkpoint (DeepSpeed's ``zero_to_fp32``), so the export is the exact trained weights on
 both ZeRO stages, not a bf16 copy gathered from the GPUs. The folder is written under a
-temporary name and renamed into place, so ``serve`` never loads half an export.
+temporary name and published into place (:meth:`voxtral.storage.Storage.put_folder`), so
+``serve`` never loads half an export. Its ``voxtral.json`` holds the codec record.
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ import json
 import os
 import shutil
 import tempfile
-import uuid
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from voxtral.codec import codec_info, load_codec
 from voxtral.config import Config
+from voxtral.model import VOXTRAL_JSON, build_speech_lm, export_speech_lm
 from voxtral.storage import TMP_PREFIX, Storage
 from voxtral.tokenizer import Layout, decode_ids
 from voxtral.train.sample import generate_ids, prompt_from_window, tokens_for_seconds
@@ -38,8 +40,6 @@ def consolidated_state_dict(folder: str, tag: str) -> dict[str, torch.Tensor]:
 
 def load_trained(cfg: Config, state_dict: dict[str, torch.Tensor]):
     """A fresh speech LM for ``cfg`` with the trained weights in; (model, tokenizer, layout)."""
-    from voxtral.model import build_speech_lm
-
     model, tokenizer, layout = build_speech_lm(cfg, dtype=torch.float32)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     params = {n for n, _ in model.named_parameters()}
@@ -60,8 +60,6 @@ def write_sample(
     """Generate ``train.sample_seconds`` after ``train.prompt_seconds`` of ``window`` and
     write prompt + continuation as a WAV (decoded with the codec) and a JSON note."""
     import soundfile as sf
-
-    from voxtral.codec import load_codec
 
     tc = cfg.train
     prompt = prompt_from_window(layout, window, tc.prompt_seconds)
@@ -95,49 +93,21 @@ def export_run(
     extra: dict,
 ) -> str:
     """Consolidate, export to ``storage.root/models/<run_name>`` and add the sample."""
-    from voxtral.model import export_speech_lm
-
     storage = Storage(cfg.storage.root)
     model, tokenizer, layout = load_trained(cfg, consolidated_state_dict(checkpoint_folder, tag))
     if torch.cuda.is_available() and cfg.train.use_gpu:
         model.to("cuda")
     name = cfg.train.run_name
-    staging = (
-        Path(tempfile.mkdtemp(prefix=TMP_PREFIX))
-        if not storage.local
-        else Path(storage.makedirs("models"), f"{TMP_PREFIX}{name}-{uuid.uuid4().hex[:8]}")
-    )
+    # beside the target on a local disk, so publishing it is a rename, not a copy
+    near = storage.makedirs("models") if storage.local else None
+    staging = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{name}-", dir=near))
     try:
         if cfg.train.sample_seconds > 0 and prompt_window is not None:
-            staging.mkdir(parents=True, exist_ok=True)
             write_sample(model, tokenizer, layout, cfg, prompt_window, staging, prompt_source)
         model.to("cpu", dtype=getattr(torch, cfg.model.dtype))
-        meta = {"codec_config": cfg.codec.model_dump(), "base": cfg.model.base, **extra}
-        export_speech_lm(model, tokenizer, layout, staging, extra=meta)
-        return _publish(storage, staging, name)
+        meta = {"base": cfg.model.base, **extra}
+        export_speech_lm(model, tokenizer, layout, staging, extra=meta, codec=codec_info(cfg.codec))
+        storage.put_folder(f"models/{name}", staging, last=VOXTRAL_JSON)
+        return storage.uri("models", name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def _publish(storage: Storage, staging: Path, name: str) -> str:
-    """Move the finished folder to ``models/<name>`` (replacing an older export)."""
-    import pyarrow.fs as pafs
-
-    target = storage.path("models", name)
-    if storage.local:
-        old = None
-        if os.path.exists(target):
-            old = storage.path("models", f"{TMP_PREFIX}old-{name}-{uuid.uuid4().hex[:8]}")
-            os.rename(target, old)
-        os.rename(staging, target)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
-    else:
-        storage.delete("models", name)
-        pafs.copy_files(
-            str(staging),
-            target,
-            source_filesystem=pafs.LocalFileSystem(),
-            destination_filesystem=storage.fs,
-        )
-    return storage.uri("models", name)
