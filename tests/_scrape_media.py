@@ -101,14 +101,17 @@ def encode(
     container: str,
     stereo: bool = False,
     bit_rate: int | None = None,
+    channels: int | None = None,
 ) -> Path:
-    """Mono 24 kHz float audio → a media file (stereo: the two channels at different gains)."""
+    """Mono 24 kHz float audio → a media file (stereo: the two channels at different gains;
+    ``channels`` 6 or 8: 5.1 or 7.1, gains falling from 0.9 to 0.2)."""
     import torch
 
     x = resample(torch.from_numpy(audio), SR, rate).numpy()
-    data = np.stack([x * 0.9, x * 0.5]) if stereo else x[None]
-    data = np.clip(data, -1, 1)
-    layout = "stereo" if stereo else "mono"
+    n = channels or (2 if stereo else 1)
+    gains = [0.9, 0.5] if n == 2 else np.linspace(0.9, 0.2, n) if n > 2 else [1.0]
+    data = np.clip(np.stack([x * g for g in gains]), -1, 1)
+    layout = {1: "mono", 2: "stereo", 6: "5.1", 8: "7.1"}[n]
     with av.open(str(path), "w", format=container) as c:
         st = c.add_stream(codec, rate=rate, layout=layout)
         if bit_rate:
@@ -164,8 +167,9 @@ def silent_hour(path: Path, seconds: float = 3600.0) -> Path:
 @dataclass
 class Route:
     """How the server answers one path: ``file`` (serve it), ``status`` (that HTTP code),
-    ``slow`` (wait ``delay_s`` first), ``cut`` (announce the whole file, send half), or
-    ``flaky`` (503 until the server is fixed, then the file)."""
+    ``slow`` (wait ``delay_s`` first), ``cut`` (announce the whole file, send half),
+    ``flaky`` (503 until the server is fixed, then the file) or ``unsized`` (the file with
+    no Content-Length: its end is the closed connection)."""
 
     kind: str
     path: Path | None = None
@@ -215,7 +219,11 @@ def serve(routes: dict[str, Route]) -> Loopback:
             data_len = route.path.stat().st_size
             self.send_response(200)
             self.send_header("Content-Type", CONTENT_TYPES.get(route.path.suffix, "audio/mpeg"))
-            self.send_header("Content-Length", str(data_len))
+            if route.kind == "unsized":
+                self.send_header("Connection", "close")
+                self.close_connection = True
+            else:
+                self.send_header("Content-Length", str(data_len))
             self.send_header("Accept-Ranges", "none")
             self.end_headers()
             if not body:

@@ -165,9 +165,9 @@ class CountCalls:
 
 
 def _mlp_calls_in_train_step(model, ids) -> tuple[int, dict]:
+    """Layer 1's MLP calls in one forward and backward, in the mode the model is in."""
     counter = CountCalls(model.model.layers[1].mlp)
     try:
-        model.train()
         model.zero_grad()
         model(input_ids=ids, labels=ids).loss.backward()
     finally:
@@ -182,6 +182,14 @@ def test_gradient_checkpointing_recomputes_in_training():
     assert ckpt.model.gradient_checkpointing and not plain.model.gradient_checkpointing
     assert ckpt.config.use_cache is False  # a cache cannot be checkpointed
     ids = batch(layout)
+    # Built models come back in eval mode (from_pretrained's): checkpointing is switched on
+    # but does nothing until someone calls train(). train_loop does (tested through the
+    # loop in test_train.py::test_train_loop_trains_in_training_mode_from_the_first_step).
+    assert not plain.training and not ckpt.training
+    n_built, _ = _mlp_calls_in_train_step(ckpt, ids)
+    assert n_built == 1
+    plain.train()
+    ckpt.train()
     n_plain, g_plain = _mlp_calls_in_train_step(plain, ids)
     n_ckpt, g_ckpt = _mlp_calls_in_train_step(ckpt, ids)
     assert n_plain == 1

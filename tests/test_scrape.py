@@ -132,6 +132,9 @@ def make_cfg(root: Path, *overrides: str) -> Config:
             "scrape.retries=0",
             "scrape.max_attempts=3",
             "scrape.concurrency=4",
+            # The media server is on 127.0.0.1 and its rows are "youtube" rows (the HTTP
+            # path), which a real index must not point at loopback: allowed for tests only.
+            "scrape.allow_private_hosts=true",
             *overrides,
         ],
         env={},
@@ -350,9 +353,111 @@ def test_a_killed_task_leaves_nothing_and_the_rerun_completes(tmp_path, ray_sess
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not storage.exists(chunks_rel(row["video_id"]))
-    assert storage.listdir("chunks") == [] and failures.read_failures(storage, "scrape") == []
+    assert storage.listdir("chunks") == []
+    # The attempt was counted before the work started, so the killed one still counts.
+    (failed,) = failures.read_failures(storage, "scrape")
+    assert (failed["item_id"], failed["reason"], failed["attempts"]) == (
+        row["video_id"],
+        "interrupted",
+        1,
+    )
+    # A task that keeps getting killed (Ray retries it) stops at scrape.max_attempts with
+    # its row, without doing the work again, so the stage finishes.
+    once = make_cfg(tmp_path, f"index.local_dir={corpus}", "scrape.max_attempts=1")
+    out = scrape_video(row, once)
+    assert (out["status"], out["reason"], out["audio_s"]) == ("failed", "interrupted", 0.0)
+    assert failures.read_failures(storage, "scrape")[0]["attempts"] == 1
     out = scrape_video(row, cfg)
     assert out["status"] == "done" and out["chunks"] >= math.floor(long.speech_s / MAX_S)
+    assert failures.read_failures(storage, "scrape") == []
+
+
+ODD = {  # name → (rate, channels, codec): the rates and layouts that used to kill a worker
+    "rate1hz.wav": (1, 1),
+    "rate2401.wav": (2401, 1),
+    "rate47999.wav": (47999, 1),
+    "rate384k.wav": (384000, 1),
+    "ch8_48k.wav": (48000, 8),
+}
+CAP_MB = 768
+"""Address space a capped scrape may add to what its imports and a first video took."""
+CAPPED = """
+import json, resource, sys
+from voxtral.config import Config
+from voxtral.scrape import scrape_video
+cfg = Config.model_validate_json(sys.argv[1])
+warm, *rows = json.loads(sys.argv[2])
+assert scrape_video(warm, cfg)["status"] == "done"  # imports, silero, yt-dlp: all loaded
+vm = next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmSize:"))
+_, hard = resource.getrlimit(resource.RLIMIT_AS)
+resource.setrlimit(resource.RLIMIT_AS, ((vm << 10) + (int(sys.argv[3]) << 20), hard))
+print(json.dumps([scrape_video(r, cfg) for r in rows]))
+"""
+
+
+def _rows(srv, names: list[str], seconds: float = 20.0) -> list[dict]:
+    return [
+        {"video_id": video_id(n), "url": srv.url(n), "title": n, "channel": "loopback",
+         "duration_s": seconds, "search_term": "test", "source": "youtube"}
+        for n in names
+    ]  # fmt: skip
+
+
+def test_odd_rates_and_channels_scrape_in_bounded_memory(tmp_path):
+    """1 Hz to 384 kHz and 8 channels, each scraped under an address-space cap: a chunk or
+    a failure row for its content, never an allocation failure or a dead process."""
+    speech = sample_speech("podcast_en", 20)
+    media = tmp_path / "media"
+    media.mkdir()
+    encode(media / "warm.wav", speech.audio, SR, "pcm_s16le", "wav")
+    for name, (rate, channels) in ODD.items():
+        encode(media / name, speech.audio, rate, "pcm_s16le", "wav", channels=channels)
+    srv = serve({n: Route("file", media / n) for n in ["warm.wav", *ODD]})
+    try:
+        cfg = make_cfg(tmp_path)
+        rows = _rows(srv, ["warm.wav", *ODD])
+        proc = subprocess.run(
+            [sys.executable, "-c", CAPPED, cfg.model_dump_json(), json.dumps(rows), str(CAP_MB)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    finally:
+        srv.close()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = {r["video_id"]: r for r in json.loads(proc.stdout.strip().splitlines()[-1])}
+    storage = Storage(cfg.storage.root)
+    rows_failed = {r["item_id"]: r for r in failures.read_failures(storage, "scrape")}
+    for name in ODD:
+        r = results[video_id(name)]
+        if r["status"] == "done":
+            assert r["chunks"] >= 1 and storage.exists(chunks_rel(video_id(name)))
+            assert video_id(name) not in rows_failed
+        else:
+            assert rows_failed[video_id(name)]["reason"] == r["reason"], r
+    for name in ("rate47999.wav", "rate384k.wav", "ch8_48k.wav"):  # full-band speech
+        assert results[video_id(name)]["status"] == "done", results[video_id(name)]
+    assert results[video_id("rate2401.wav")]["reason"] in ("", "no_speech")  # 1.2 kHz band
+    assert results[video_id("rate1hz.wav")]["reason"] in ("no_speech", "too_short")
+
+
+def test_downloads_stop_at_the_size_and_duration_caps(tmp_path):
+    speech = sample_speech("podcast_en", 20)
+    path = encode(tmp_path / "big.wav", speech.audio, 48000, "pcm_s16le", "wav")  # ~1.8 MB
+    srv = serve({"big.wav": Route("file", path), "unsized.wav": Route("unsized", path)})
+    try:
+        small = make_cfg(tmp_path, "scrape.max_download_mb=1")
+        for name in ("big.wav", "unsized.wav"):  # announced, then found on the way
+            out = scrape_video(_rows(srv, [name])[0], small)
+            assert (out["status"], out["reason"]) == ("failed", "too_large"), out
+        short = make_cfg(tmp_path, "index.max_duration_s=10", "storage.root=" + str(tmp_path / "b"))
+        out = scrape_video(_rows(srv, ["big.wav"])[0], short)
+        assert (out["status"], out["reason"]) == ("failed", "too_long"), out
+        row = failures.read_failures(Storage(short.storage.root), "scrape")[0]
+        assert row["reason"] == "too_long" and row["attempts"] == 1
+        assert scrape_video(_rows(srv, ["big.wav"])[0], make_cfg(tmp_path))["status"] == "done"
+    finally:
+        srv.close()
 
 
 # -- the pieces ----------------------------------------------------------------------------------
@@ -360,18 +465,40 @@ def test_a_killed_task_leaves_nothing_and_the_rerun_completes(tmp_path, ray_sess
 
 def test_stream_resampler_equals_resampling_the_whole_signal():
     rng = np.random.default_rng(1)
-    for a, b in [(48000, 24000), (44100, 24000), (8000, 24000), (24000, 8000), (22050, 16000)]:
+    pairs = [(48000, 24000), (44100, 24000), (8000, 24000), (24000, 8000), (22050, 16000)]
+    odd = [(1, 24000), (7, 24000), (2401, 24000), (47999, 24000), (383999, 24000)]
+    for a, b in pairs + odd:
         x = rng.standard_normal(a * 3 + 17).astype(np.float32)
         whole = resample(torch.from_numpy(x), a, b).numpy()
+        assert abs(len(whole) - len(x) * b / a) <= 1, (a, b)
         rs, parts, i = StreamResampler(a, b), [], 0
         while i < len(x):
-            n = int(rng.integers(1, a // 2))
+            n = int(rng.integers(1, max(2, a // 2)))
             parts.append(rs.push(x[i : i + n]))
             i += n
         parts.append(rs.flush())
         got = np.concatenate(parts)
         assert got.shape == whole.shape
         np.testing.assert_allclose(got, whole, atol=1e-4)
+
+
+def test_awkward_rates_go_through_libswresample_in_time_and_level():
+    """Past torchaudio's small kernels, libswresample (a fixed-size filter bank at any
+    ratio; memory is checked on whole files in the capped scrape test below): a tone comes
+    through at its level and in time."""
+    from voxtral.audio import uses_torchaudio
+
+    assert uses_torchaudio(48000, 24000) and uses_torchaudio(44100, 24000)
+    assert uses_torchaudio(1, 24000)  # under ~30 Hz libswresample gives nothing: tiny kernel
+    for a in (2401, 47999, 383999):
+        assert not uses_torchaudio(a, SR)
+        t = np.arange(a * 2) / a
+        tone = (0.5 * np.sin(2 * np.pi * 300 * t)).astype(np.float32)
+        rs = StreamResampler(a, SR)
+        out = np.concatenate([rs.push(tone[i : i + a // 3]) for i in range(0, len(tone), a // 3)])
+        out = np.concatenate([out, rs.flush()])
+        ref = 0.5 * np.sin(2 * np.pi * 300 * np.arange(len(out)) / SR)
+        np.testing.assert_allclose(out[SR // 10 : -SR // 10], ref[SR // 10 : -SR // 10], atol=0.01)
 
 
 def test_decode_stream_downmixes_by_averaging(tmp_path):
@@ -497,6 +624,29 @@ def test_only_http_and_local_files_under_the_corpus_are_fetched(tmp_path):
         with pytest.raises(ScrapeFailure) as err:
             check_url(url, source, root)
         assert err.value.reason == "bad_url", url
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:8000/a.mp3",
+        "http://localhost/a.mp3",
+        "http://[::1]/a.mp3",
+        "http://[::ffff:127.0.0.1]/a.mp3",
+        "http://169.254.169.254/latest/meta-data/",  # the cloud metadata service
+        "http://10.1.2.3/a.mp3",
+        "https://192.168.0.7/a.mp3",
+        "http://[fe80::1]/a.mp3",
+        "http://0.0.0.0/a.mp3",
+        "http://224.0.0.1/a.mp3",
+    ],
+)
+def test_private_and_link_local_hosts_are_refused_for_non_local_rows(url):
+    with pytest.raises(ScrapeFailure, match="non-public address") as err:
+        check_url(url, "youtube", None)
+    assert err.value.reason == "bad_url"
+    check_url(url, "youtube", None, allow_private=True)  # a trusted index (the tests' server)
+    check_url("http://93.184.216.34/a.mp3", "youtube", None)  # a public address passes
 
 
 def test_error_reasons_from_ytdlp_exceptions():

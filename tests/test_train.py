@@ -18,6 +18,7 @@ import pyarrow as pa
 import pytest
 
 from voxtral.config import DEFAULT_CONFIG, Config, ConfigError, load_config
+from voxtral.schema import CODEC_RECORD
 from voxtral.storage import Storage
 
 TRAIN = [
@@ -46,7 +47,6 @@ def write_tokens(cfg: Config, videos: int = 6, chunks: int = 2, seconds: float =
     """Token rows a model can learn quickly: each codebook follows a per-video pattern."""
     from voxtral.codec import codec_info
     from voxtral.model import load_text_tokenizer, resolve_base
-    from voxtral.preprocess import codec_record
     from voxtral.schema import TOKENS
 
     info = codec_info(cfg.codec)
@@ -86,7 +86,7 @@ def write_tokens(cfg: Config, videos: int = 6, chunks: int = 2, seconds: float =
     half = len(rows) // 2
     st.write_table("tokens/part-000.parquet", pa.Table.from_pylist(rows[:half], schema=TOKENS))
     st.write_table("tokens/part-001.parquet", pa.Table.from_pylist(rows[half:], schema=TOKENS))
-    st.write_json("tokens/codec.json", codec_record(cfg.codec))
+    st.write_json(CODEC_RECORD, codec_info(cfg.codec).to_dict())
 
 
 @pytest.fixture(scope="module")
@@ -286,7 +286,7 @@ def test_bad_train_config_is_refused_when_loaded(override, key, tmp_path):
 
 
 def test_bad_configs_fail_before_any_work(root):
-    from voxtral.preprocess import CodecMismatchError
+    from voxtral.codec import CodecMismatchError
     from voxtral.train.run import run_train
 
     storage = Storage(root)
@@ -296,3 +296,242 @@ def test_bad_configs_fail_before_any_work(root):
         # 4 codebooks: groups of 1 + 3 * 4 = 13, so seq_len 521 is valid for that layout
         run_train(make_cfg(root, "codec.bandwidth=3.0", "train.seq_len=521", "train.run_name=bad2"))
     assert not storage.exists("train", "bad1") and not storage.exists("train", "bad2")
+
+
+# -- the loop itself, in one process ------------------------------------------------------
+# Ray Train's local mode (``num_workers=0``) runs ``train_loop`` in this process, on a real
+# one-rank gloo group and real DeepSpeed, so the loop's internals can be watched and a fault
+# injected by patching ``voxtral.train.loop._forward``. What the loop hands to
+# ``ray.train.report`` is recorded, checkpoints copied as Ray's storage would keep them.
+LOCAL = [
+    "train.num_workers=1",
+    "train.export=false",
+    "train.log_every=1",
+    "train.warmup_steps=1",
+    "model.gradient_checkpointing=true",
+]
+
+
+class Reported:
+    """Wraps ``ray.train.report``: keeps every report's metrics and a copy of each
+    checkpoint folder (the loop deletes its own once reported)."""
+
+    def __init__(self, keep: Path):
+        import ray.train
+
+        self.keep, self.real = keep, ray.train.report
+        self.metrics: list[dict] = []
+        self.checkpoints: dict[int, Path] = {}
+
+    def __call__(self, metrics, checkpoint=None, checkpoint_dir_name=None, **kw):
+        import shutil
+
+        self.metrics.append(dict(metrics))
+        if checkpoint is not None:
+            dest = self.keep / checkpoint_dir_name
+            shutil.copytree(checkpoint.path, dest)
+            self.checkpoints[metrics["step"]] = dest
+        self.real(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name, **kw)
+
+
+def run_local(cfg: Config, monkeypatch, reported: Reported) -> Reported:
+    """``train_loop`` through ``TorchTrainer`` in local mode, reports going to ``reported``."""
+    import socket
+
+    import ray.train
+    import torch.distributed as dist
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from voxtral.train.data import eval_videos
+    from voxtral.train.loop import train_loop
+    from voxtral.train.run import validate, window_dataset
+
+    layout = validate(cfg)
+    storage = Storage(cfg.storage.root)
+    videos = [f"vid{v}" for v in range(6)]
+    held_out = frozenset(eval_videos(videos, cfg.train.eval_fraction, cfg.train.seed))
+    datasets = {
+        split: window_dataset(storage, layout, cfg.train.seq_len, held_out, split == "eval", True)
+        for split in ("train", "eval")
+    }
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in dict(
+        RANK=0, LOCAL_RANK=0, WORLD_SIZE=1, LOCAL_WORLD_SIZE=1, MASTER_ADDR="127.0.0.1"
+    ).items():
+        monkeypatch.setenv(key, str(value))
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    monkeypatch.setattr(ray.train, "report", reported)
+
+    def train_then_release(config: dict) -> None:
+        import deepspeed.comm
+
+        try:
+            train_loop(config)
+        finally:  # DeepSpeed's destroy also drops its cached groups: the next run makes new
+            deepspeed.comm.destroy_process_group()
+
+    trainer = TorchTrainer(
+        train_then_release,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "layout": layout.to_dict()},
+        scaling_config=ScalingConfig(num_workers=0),
+        run_config=RunConfig(name=cfg.train.run_name, storage_path=str(reported.keep)),
+        datasets=datasets,
+    )
+    trainer.fit()
+    assert not dist.is_initialized()
+    return reported
+
+
+class WatchForward:
+    """Replaces ``loop._forward``: per call, whether autograd was on, the module's training
+    flag and how often layer 1's MLP had run so far; ``bad`` steps (1-based training calls)
+    get a NaN loss and NaN stats; ``snapshots[step]`` holds the weights as that step began."""
+
+    def __init__(self, real, bad: set[int] = frozenset(), snapshot: bool = False, poison: int = 0):
+        self.real, self.bad, self.snapshot, self.poison = real, bad, snapshot, poison
+        self.calls: list[tuple[bool, bool, int]] = []
+        self.snapshots: dict[int, list] = {}
+        self.mlp = None
+        self.step = 0
+
+    def __call__(self, engine, batch, weights):
+        import torch
+
+        grad = torch.is_grad_enabled()
+        mlp_calls = self.mlp.calls if self.mlp is not None else -1
+        self.calls.append((grad, engine.module.training, mlp_calls))
+        if grad:
+            self.step += 1
+            if self.step == self.poison:  # a weight turns NaN (a bad update, a bit flip)
+                norm = dict(engine.module.named_parameters())["model.norm.weight"]
+                norm.data.view(-1)[0] = float("nan")  # used by every forward
+            if self.snapshot:  # (ZeRO-3: the rank's flat shard, here all of it)
+                self.snapshots[self.step] = {
+                    name: getattr(p, "ds_tensor", p).detach().clone()
+                    for name, p in engine.module.named_parameters()
+                }
+        loss, stats = self.real(engine, batch, weights)
+        if grad and self.step in self.bad:
+            return loss + float("nan"), stats + float("nan")
+        return loss, stats
+
+
+def watch(
+    monkeypatch, bad: set[int] = frozenset(), snapshot: bool = False, poison: int = 0
+) -> WatchForward:
+    import voxtral.model
+    import voxtral.train.loop as loop
+    from tests.test_model import CountCalls
+
+    watcher = WatchForward(loop._forward, bad, snapshot, poison)
+    build = voxtral.model.build_speech_lm
+
+    def build_and_count(*args, **kwargs):
+        model, tok, layout = build(*args, **kwargs)
+        watcher.mlp = CountCalls(model.model.layers[1].mlp)
+        return model, tok, layout
+
+    monkeypatch.setattr(voxtral.model, "build_speech_lm", build_and_count)
+    monkeypatch.setattr(loop, "_forward", watcher)
+    return watcher
+
+
+def test_train_loop_trains_in_training_mode_from_the_first_step(root, tmp_path, monkeypatch):
+    """``from_pretrained`` hands back a model in eval mode; the loop must switch it to
+    training before its first step (dropout, gradient checkpointing) and back after each
+    eval."""
+    cfg = make_cfg(
+        root,
+        *LOCAL,
+        "train.run_name=mode",
+        "train.max_steps=4",
+        "train.eval_every=2",
+        "train.checkpoint_every=4",
+        "train.eval_max_batches=1",
+    )
+    watcher = watch(monkeypatch)
+    run_local(cfg, monkeypatch, Reported(tmp_path))
+    train_calls = [c for c in watcher.calls if c[0]]
+    eval_calls = [c for c in watcher.calls if not c[0]]
+    assert len(train_calls) == 4 and eval_calls
+    assert all(training for _, training, _ in train_calls), watcher.calls
+    assert not any(training for _, training, _ in eval_calls), watcher.calls
+    # Gradient checkpointing is live from step 1: each training forward runs the MLP twice
+    # (forward, then recomputed in backward); an eval forward runs it once.
+    counts = [c[2] for c in watcher.calls] + [watcher.mlp.calls]
+    ran = [b - a for a, b in zip(counts, counts[1:], strict=False)]
+    assert ran == [2 if grad else 1 for grad, _, _ in watcher.calls], watcher.calls
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_nonfinite_steps_are_skipped_and_a_streak_stops_the_run(stage, root, tmp_path, monkeypatch):
+    from voxtral.train.export import consolidated_state_dict
+    from voxtral.train.loop import NonFiniteTraining, checkpoint_tag
+
+    cfg = make_cfg(
+        root,
+        *LOCAL,
+        f"train.run_name=nan{stage}",
+        f"train.zero_stage={stage}",
+        "train.max_steps=10",
+        "train.log_every=2",
+        "train.eval_every=4",
+        "train.checkpoint_every=4",
+        "train.eval_max_batches=1",
+        "train.max_nonfinite_steps=3",
+    )
+    watcher = watch(monkeypatch, bad={3, 6, 7, 8}, snapshot=True)
+    reported = Reported(tmp_path)
+    with pytest.raises(NonFiniteTraining, match=r"3 training steps in a row .*\(step 4\)"):
+        run_local(cfg, monkeypatch, reported)
+    by_step = {m["step"]: m for m in reported.metrics}
+    snap = watcher.snapshots  # the weights as each step began
+
+    def same(a: int, b: int) -> bool:
+        return all(bool((snap[a][k] == snap[b][k]).all()) for k in snap[a])
+
+    # Step 3 was skipped: no update, counted, and its NaN kept out of the window's loss.
+    assert not same(2, 3) and same(3, 4) and not same(4, 5)
+    assert by_step[2]["nonfinite_steps"] == 0 and by_step[4]["nonfinite_steps"] == 1
+    assert np.isfinite(by_step[4]["loss"]) and np.isfinite(by_step[4]["eval_loss"])
+    # The streak 6, 7, 8 stopped the run at step 8: no update in it, nothing saved after 4.
+    assert by_step[6]["nonfinite_steps"] == 2 and same(6, 7) and same(7, 8)
+    assert max(by_step) == 6 and sorted(reported.checkpoints) == [4]
+    # The checkpoint left is step 4's: finite, and the weights that training went on from.
+    state = consolidated_state_dict(str(reported.checkpoints[4]), checkpoint_tag(4))
+    shared = [k for k in snap[5] if k in state]
+    assert len(shared) >= len(snap[5]) - 1  # (a tied head may be stored once)
+    for k in shared:
+        assert bool(state[k].isfinite().all()), k
+        n = state[k].numel()
+        assert torch_equal(state[k].flatten(), snap[5][k].flatten()[:n]), k
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a.to(torch.float32), b.to(torch.float32))
+
+
+def test_non_finite_weights_are_never_checkpointed(root, tmp_path, monkeypatch):
+    from voxtral.train.loop import NonFiniteTraining
+
+    cfg = make_cfg(
+        root,
+        *LOCAL,
+        "train.run_name=nanweights",
+        "train.max_steps=8",
+        "train.log_every=2",
+        "train.eval_every=2",
+        "train.checkpoint_every=2",
+        "train.eval_max_batches=1",
+        "train.max_nonfinite_steps=5",
+    )
+    watch(monkeypatch, poison=3)  # from step 3 on, every loss is NaN and every step skipped
+    reported = Reported(tmp_path)
+    with pytest.raises(NonFiniteTraining, match=r"weights are non-finite at step 4.*\(step 2\)"):
+        run_local(cfg, monkeypatch, reported)
+    assert sorted(reported.checkpoints) == [2]

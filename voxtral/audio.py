@@ -48,13 +48,47 @@ def as_float_mono(wav: np.ndarray | torch.Tensor, channels_first: bool = True) -
     return t
 
 
+MAX_KERNEL = 1 << 20
+"""Largest torchaudio resampling kernel (elements, 4 MB) used; past it, libswresample."""
+_TA_WIDTH, _TA_ROLLOFF = 6, 0.99  # torchaudio's default lowpass_filter_width and rolloff
+
+
+def _kernel_size(sr: int, target_sr: int) -> int:
+    """Elements of the polyphase kernel torchaudio builds for ``sr`` → ``target_sr``: one
+    filter per output phase, as wide as the reduced input rate. It grows with the rates'
+    reduced ratio (2,401 → 24,000 Hz: 58 M; 47,999 → 24,000 Hz: 1.2 G)."""
+    g = math.gcd(sr, target_sr)
+    orig, new = sr // g, target_sr // g
+    width = math.ceil(_TA_WIDTH * orig / (min(orig, new) * _TA_ROLLOFF))
+    return new * (orig + 2 * width)
+
+
+def uses_torchaudio(sr: int, target_sr: int) -> bool:
+    """Whether ``sr`` → ``target_sr`` is resampled by torchaudio (a small exact kernel: the
+    common rates, and rates under ~30 Hz, which libswresample cannot take) rather than by
+    libswresample (a filter bank of fixed size whatever the ratio)."""
+    return _kernel_size(sr, target_sr) <= MAX_KERNEL
+
+
+def _check_rates(sr: int, target_sr: int) -> None:
+    if sr <= 0 or target_sr <= 0:
+        raise AudioError(f"sample rates must be positive, got {sr} → {target_sr}")
+
+
 def resample(wav: torch.Tensor, sr: int, target_sr: int) -> torch.Tensor:
-    """Band-limited resampling along the last axis (identity when the rates match)."""
-    if sr <= 0:
-        raise AudioError(f"sample rate must be positive, got {sr}")
+    """Band-limited resampling along the last axis (identity when the rates match), in
+    memory bounded at any pair of rates (see :func:`uses_torchaudio`)."""
+    _check_rates(sr, target_sr)
     if sr == target_sr:
         return wav
-    return AF.resample(wav, sr, target_sr)
+    if uses_torchaudio(sr, target_sr):
+        return AF.resample(wav, sr, target_sr)
+    rows = wav.detach().cpu().float().reshape(-1, wav.shape[-1]).numpy()
+    out = []
+    for row in rows:
+        rs = _SwrResampler(sr, target_sr)
+        out.append(np.concatenate([rs.push(row), rs.flush()]))
+    return torch.from_numpy(np.stack(out)).reshape(*wav.shape[:-1], -1)
 
 
 def prepare(wav: np.ndarray | torch.Tensor, sr: int, target_sr: int) -> torch.Tensor:
@@ -150,29 +184,59 @@ class _MonoMixer:
         return np.ascontiguousarray(mono, dtype=np.float32)
 
 
-def frame_to_mono(frame) -> np.ndarray:
-    """One decoded ``av.AudioFrame`` → mono float32 samples (channels averaged)."""
-    mixer = _MonoMixer(frame.format.name, len(frame.layout.channels))
-    mixer.add(frame)
-    return mixer.take()
+class _SwrResampler:
+    """libswresample through PyAV, streamed: its polyphase filter bank has a fixed number of
+    phases (interpolated between for awkward ratios), so memory stays a few MB at any rate
+    and its output lines up in time with torchaudio's."""
+
+    def __init__(self, orig_sr: int, new_sr: int):
+        import av
+
+        self.orig = orig_sr
+        self._rs = av.AudioResampler(format="flt", layout="mono", rate=new_sr)
+
+    @staticmethod
+    def _out(frames) -> np.ndarray:
+        parts = [f.to_ndarray().reshape(-1) for f in frames]
+        return np.concatenate(parts).astype(np.float32, copy=False) if parts else _EMPTY
+
+    def push(self, x: np.ndarray) -> np.ndarray:
+        import av
+
+        if not len(x):
+            return _EMPTY
+        frame = av.AudioFrame.from_ndarray(
+            np.ascontiguousarray(x, dtype=np.float32)[None], format="flt", layout="mono"
+        )
+        frame.sample_rate = self.orig
+        return self._out(self._rs.resample(frame))
+
+    def flush(self) -> np.ndarray:
+        return self._out(self._rs.resample(None))
 
 
 class StreamResampler:
     """Block-wise band-limited resampling that matches resampling the whole signal.
 
-    Each call keeps ``context`` input samples on both sides of the part it finalises, so
-    the FIR kernel sees the same neighbours it would see in one big call; block edges
-    stay aligned because every finalised span is a whole number of kernel phases.
+    With torchaudio (small kernels, see :func:`uses_torchaudio`) each call keeps ``context``
+    input samples on both sides of the part it finalises, so the FIR kernel sees the same
+    neighbours it would see in one big call; block edges stay aligned because every
+    finalised span is a whole number of kernel phases. Other ratios stream through
+    libswresample, which is what :func:`resample` uses for them too.
     """
 
     def __init__(self, orig_sr: int, new_sr: int):
-        if orig_sr <= 0 or new_sr <= 0:
-            raise AudioError(f"sample rates must be positive, got {orig_sr} → {new_sr}")
+        _check_rates(orig_sr, new_sr)
         import torchaudio.transforms as T
 
         g = math.gcd(orig_sr, new_sr)
         self.orig, self.new = orig_sr // g, new_sr // g
         self.identity = orig_sr == new_sr
+        self._swr = None
+        if not self.identity and not uses_torchaudio(orig_sr, new_sr):
+            self._swr = _SwrResampler(orig_sr, new_sr)
+            self.context = 0
+            return
         self._tf = None if self.identity else T.Resample(orig_sr, new_sr)
         width = 0 if self.identity else int(self._tf.width)
         self.context = self.orig * math.ceil((width + 1) / self.orig)
@@ -188,6 +252,8 @@ class StreamResampler:
         x = np.asarray(x, dtype=np.float32)
         if self.identity:
             return x
+        if self._swr is not None:
+            return self._swr.push(x)
         buf = np.concatenate([self._buf, x]) if len(self._buf) else x
         k, o, n = self.context, self.orig, self.new
         ready = ((len(buf) - k) // o) * o
@@ -202,6 +268,8 @@ class StreamResampler:
 
     def flush(self) -> np.ndarray:
         """Finish the stream: the remaining output, as if the signal ended in zeros."""
+        if self._swr is not None:
+            return self._swr.flush()
         if self.identity or not len(self._buf):
             return np.zeros(0, np.float32)
         k, o, n = self.context, self.orig, self.new

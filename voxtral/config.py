@@ -79,6 +79,12 @@ class ScrapeConfig(Section):
     tmp_dir: str | None = None
     """Where downloads wait while they are cut (a disk with room for a few videos per
     task); None = the system temporary folder. Each task's folder is removed when done."""
+    max_download_mb: int = Field(1024, ge=1)
+    """A download that announces or reaches more than this stops (``too_large``)."""
+    allow_private_hosts: bool = False
+    """Fetch non-local rows from loopback, private or link-local addresses too. Off: a
+    hostile index must not reach the cluster's own services (metadata endpoints,
+    dashboards). Only for an index you trust, e.g. the tests' loopback media server."""
 
     @model_validator(mode="after")
     def _chunk_bounds(self) -> ScrapeConfig:
@@ -201,7 +207,11 @@ class TrainConfig(Section):
     """Cap on held-out batches per worker per eval."""
     checkpoint_every: int = Field(200, ge=1)
     keep_checkpoints: int | None = Field(2, ge=1)
-    """Checkpoints kept in storage (oldest deleted); None keeps all."""
+    """Checkpoints kept in storage: the best by eval loss, plus always the latest (a restart
+    resumes from it); None keeps all."""
+    max_nonfinite_steps: int = Field(10, ge=1)
+    """Steps in a row with a NaN/inf loss or gradient (each skipped: no update) before the
+    run stops with an error; its latest checkpoint still holds the last good weights."""
     max_failures: int = Field(2, ge=-1)
     """Worker failures recovered from the latest checkpoint (-1: no limit)."""
     shuffle_buffer: int = Field(256, ge=1)
@@ -256,10 +266,27 @@ class TrainConfig(Section):
             )
 
 
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
+"""Names and addresses that reach only this machine (127.0.0.0/8 is checked separately)."""
+
+
+def is_loopback(host: str | None) -> bool:
+    """True for a loopback address or name (``127.x.y.z``, ``::1``, ``localhost``)."""
+    if not host:
+        return False
+    host = host.strip().lower()
+    return host in LOOPBACK_HOSTS or host.startswith("127.") or host == "::ffff:127.0.0.1"
+
+
 class ServeConfig(Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     token: str | None = None
+    """Shared secret clients pass as ``?token=`` or ``Authorization: Bearer``; None = no
+    token, which is allowed only on a loopback host (or with ``allow_anonymous``)."""
+    allow_anonymous: bool = False
+    """Serve without a token on a non-loopback host (anyone who reaches the port may talk
+    to the model). Off: such a start fails, and tokenless servers take loopback clients only."""
     model: str | None = None
     """Exported model folder; unset = newest export under storage.root, else the tiny model."""
     num_gpus: float = Field(0.0, ge=0)
@@ -270,7 +297,18 @@ class ServeConfig(Section):
     max_message_bytes: int = Field(1 << 20, ge=1024)
     max_session_s: float = Field(1800.0, gt=0)
     idle_timeout_s: float = Field(60.0, gt=0)
-    allowed_origins: list[str] = Field(default_factory=lambda: ["*"])
+    allowed_origins: list[str] = Field(default_factory=list)
+    """Browser origins (``https://voice.example.com``) allowed besides the page's own
+    (same-origin is always allowed); ``"*"`` allows every origin."""
+    max_sessions_per_client: int = Field(4, ge=1)
+    """Open sessions per client address on one Gateway replica (behind a reverse proxy
+    every client shares the proxy's address: raise it or limit per client there)."""
+    max_messages_per_s: float = Field(100.0, gt=0)
+    """Messages a session may send per second on average (bursts up to two seconds' worth);
+    past it the session is closed with 1008. Clients send 25–50 audio messages a second."""
+    max_pending_ops: int = Field(32, ge=4)
+    """Model operations one session may have queued (after coalescing) before it is closed
+    with 1008."""
     text_temperature: float = Field(0.7, ge=0)
     text_top_k: int = Field(50, ge=0)
     text_top_p: float = Field(0.95, gt=0, le=1)
@@ -294,6 +332,29 @@ class ServeConfig(Section):
     """Oldest whole groups are dropped (and the rest prefilled again) past this."""
     seed: int | None = None
     """Sampling seed (reproducible conversations in tests); None = random."""
+
+    @field_validator("token")
+    @classmethod
+    def _token_not_empty(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError(
+                "must not be empty (an empty token would accept an empty password); "
+                "unset it (null) for no token, or set a long random secret"
+            )
+        if v is not None and v != v.strip():
+            raise ValueError("must not start or end with whitespace")
+        return v
+
+    def check_exposure(self, host: str | None = None) -> None:
+        """Refuse to listen on a non-loopback ``host`` (default ``serve.host``) without a
+        token unless ``allow_anonymous`` says so: closed by default."""
+        host = self.host if host is None else host
+        if self.token is None and not self.allow_anonymous and not is_loopback(host):
+            raise ConfigError(
+                f"serve.host={host} is reachable from other machines but serve.token is not "
+                "set: set serve.token (e.g. VOXTRAL_SERVE__TOKEN=$(openssl rand -hex 24)), "
+                "or listen on 127.0.0.1, or set serve.allow_anonymous=true to serve anyone"
+            )
 
 
 class Config(Section):

@@ -1,13 +1,18 @@
 """Fetching one video's audio with yt-dlp's Python API, and naming what went wrong.
 
 Only ``http(s)`` URLs are fetched, plus ``file://`` URLs under the local corpus folder for
-the local source (yt-dlp's ``enable_file_urls`` is switched on for that case only). The
-downloaded file is named from a fixed stem inside a private temporary folder, never from a
-title, and no shell is involved anywhere.
+the local source (yt-dlp's ``enable_file_urls`` is switched on for that case only). Hosts
+that resolve to loopback, private, link-local or otherwise reserved addresses are refused
+for non-local rows (an index row must not make a worker fetch from the cluster's own
+network), unless ``scrape.allow_private_hosts`` says so (the tests' loopback server). The
+download stops as soon as it passes ``scrape.max_download_mb`` or the announced duration
+passes ``index.max_duration_s``. The downloaded file is named from a fixed stem inside a
+private temporary folder, never from a title, and no shell is involved anywhere.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import socket
@@ -49,7 +54,31 @@ def local_file(url: str, local_root: Path) -> Path:
     return path
 
 
-def check_url(url: str, source: str, local_root: Path | None) -> None:
+def _public(address: str) -> bool:
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not ip.is_multicast
+
+
+def check_host(host: str) -> None:
+    """Refuse a host that is, or resolves to, a non-public address (loopback, private,
+    link-local such as the cloud metadata service, reserved, multicast). A name that does
+    not resolve passes: the download fails on it anyway, with the network's reason."""
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError):
+        return
+    private = sorted({i[4][0] for i in infos if not _public(str(i[4][0]))})
+    if private:
+        raise ScrapeFailure(
+            "bad_url",
+            f"{host!r} resolves to a non-public address ({', '.join(private)}); set "
+            "scrape.allow_private_hosts=true only for an index you trust",
+        )
+
+
+def check_url(url: str, source: str, local_root: Path | None, allow_private: bool = False) -> None:
     """Refuse any URL the index should not contain, before anything is fetched."""
     if source == "local":
         if local_root is None:
@@ -59,6 +88,8 @@ def check_url(url: str, source: str, local_root: Path | None) -> None:
     parsed = urlparse(url)
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise ScrapeFailure("bad_url", f"only http(s) URLs are fetched, got {url!r}")
+    if not allow_private:
+        check_host(parsed.hostname)
 
 
 class _Quiet:
@@ -140,13 +171,49 @@ def pick_caption_track(info: dict) -> dict | None:
     return None
 
 
-def download(url: str, outdir: str, cfg: ScrapeConfig, allow_file: bool = False) -> Downloaded:
-    """Download the best audio stream of ``url`` into ``outdir`` (no re-encoding)."""
+class _SizeCap:
+    """yt-dlp progress hook that stops a download once it announces or reaches more than
+    ``limit`` bytes (a missing Content-Length does not get past it)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+
+    def __call__(self, d: dict) -> None:
+        size = max(d.get("downloaded_bytes") or 0, d.get("total_bytes") or 0)
+        if size > self.limit:
+            raise ScrapeFailure(
+                "too_large",
+                f"the download is over scrape.max_download_mb ({size} > {self.limit} bytes)",
+            )
+
+
+def check_duration(seconds: float | None, max_duration_s: float | None) -> None:
+    """``too_long`` for audio announced or decoded past ``index.max_duration_s``."""
+    if seconds and max_duration_s and seconds > max_duration_s:
+        raise ScrapeFailure(
+            "too_long", f"{seconds:.0f} s is over index.max_duration_s={max_duration_s:.0f}"
+        )
+
+
+def download(
+    url: str,
+    outdir: str,
+    cfg: ScrapeConfig,
+    allow_file: bool = False,
+    max_duration_s: float | None = None,
+) -> Downloaded:
+    """Download the best audio stream of ``url`` into ``outdir`` (no re-encoding), within
+    ``scrape.max_download_mb`` and, when the site says how long it is, ``max_duration_s``."""
     from yt_dlp import YoutubeDL
 
     params = ydl_params(cfg, outdir, allow_file)
+    params["progress_hooks"] = [_SizeCap(cfg.max_download_mb << 20)]
     with YoutubeDL(params) as ydl:
-        info = ydl.extract_info(url, download=True)
+        # Extract first, download second: a video announced as too long costs no bytes.
+        info = ydl.extract_info(url, download=False)
+        if info and info.get("_type", "video") == "video":
+            check_duration(info.get("duration"), max_duration_s)
+            info = ydl.process_ie_result(info, download=True)
         if not info or info.get("_type") == "playlist" or not info.get("requested_downloads"):
             raise ScrapeFailure("not_a_video", f"{url} is not a single video")
         path = info["requested_downloads"][0].get("filepath")
@@ -206,9 +273,10 @@ def _chain(exc: BaseException) -> list[BaseException]:
 
 def classify(exc: BaseException) -> str:
     """A short reason for a download error: ``http_404``, ``timeout``, ``truncated``, …"""
-    if isinstance(exc, ScrapeFailure):
-        return exc.reason
     chain = _chain(exc)
+    for e in chain:  # our own reason, raised inside yt-dlp (a progress hook) and wrapped
+        if isinstance(e, ScrapeFailure):
+            return e.reason
     for e in chain:
         status = getattr(e, "status", None) or getattr(e, "code", None)
         if type(e).__name__ == "HTTPError" and isinstance(status, int):

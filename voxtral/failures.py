@@ -16,10 +16,21 @@ def _rel(stage: str, item_id: str) -> str:
     return f"failures/{stage}/{schema.safe_name(item_id)}.parquet"
 
 
+INTERRUPTED = "interrupted"
+"""Reason of an attempt that never ended: its process was killed (out of memory) or lost."""
+
+
 def record_failure(
-    storage: Storage, stage: str, item_id: str, video_id: str, reason: str, error: str
+    storage: Storage,
+    stage: str,
+    item_id: str,
+    video_id: str,
+    reason: str,
+    error: str,
+    new_attempt: bool = True,
 ) -> dict:
-    """Write (or bump) the failure row of one item and return it."""
+    """Write the failure row of one item and return it. ``new_attempt`` counts one more
+    attempt; False gives the reason of the attempt that :func:`begin_attempt` counted."""
     rel = _rel(stage, item_id)
     old = storage.read_table(rel) if storage.exists(rel) else None
     previous = old.column("attempts")[0].as_py() if old is not None and len(old) else 0
@@ -29,14 +40,36 @@ def record_failure(
         "stage": stage,
         "reason": reason,
         "error": error[:2000],
-        "attempts": previous + 1,
+        "attempts": previous + 1 if new_attempt else max(previous, 1),
     }
     storage.write_table(rel, pa.Table.from_pylist([row], schema=schema.FAILURES))
     return row
 
 
+def begin_attempt(storage: Storage, stage: str, item_id: str, video_id: str) -> dict:
+    """Count an attempt before its work starts, as an ``interrupted`` failure that the end
+    of the attempt replaces (a reason, or nothing on success). A process killed on the way
+    (out of memory) writes nothing more, so without this every rerun would try the same
+    item again, forever."""
+    return record_failure(
+        storage,
+        stage,
+        item_id,
+        video_id,
+        INTERRUPTED,
+        "the attempt did not finish: its process was killed (out of memory?) or lost",
+    )
+
+
 def clear_failure(storage: Storage, stage: str, item_id: str) -> None:
     storage.delete(_rel(stage, item_id))
+
+
+def read_failure(storage: Storage, stage: str, item_id: str) -> dict | None:
+    """The failure row of one item, if it has one."""
+    rel = _rel(stage, item_id)
+    table = storage.read_table(rel) if storage.exists(rel) else None
+    return table.to_pylist()[0] if table is not None and len(table) else None
 
 
 def read_failures(storage: Storage, stage: str) -> list[dict]:

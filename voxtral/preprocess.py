@@ -60,7 +60,6 @@ from voxtral.audio import AudioError, flac_decode, prepare
 from voxtral.codec import (
     Codec,
     CodecInfo,
-    CodecMismatchError,  # noqa: F401 - imported from here by tests/test_train.py
     codec_info,
     ensure_codec_record,
     load_codec,
@@ -120,11 +119,6 @@ STATS = pa.schema(
         ("reason", pa.string()),
     ]
 )
-
-
-def codec_record(cfg: CodecConfig) -> dict[str, Any]:
-    """What ``tokens/_codec.json`` holds for ``cfg`` (imported by tests/test_train.py)."""
-    return codec_info(cfg).to_dict()
 
 
 # -- per-chunk functions -------------------------------------------------------------------

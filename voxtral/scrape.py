@@ -1,4 +1,4 @@
-"""Stage 2, scrape: index rows → ``chunks/<video_id>.parquet`` (DESIGN.md, stage 2).
+"""Stage 2, scrape: index rows → ``chunks/<video_id>.parquet``.
 
 One video per task. The task downloads the best audio stream (``voxtral.download``),
 decodes it as a stream at the codec rate (``voxtral.audio.decode_stream``), finds speech
@@ -8,7 +8,13 @@ that is moved into place only when the whole video succeeded. So memory is bound
 few minutes of audio whatever the video's length, and a task killed halfway leaves nothing.
 
 A failure is a ``failures/scrape`` row with a reason, never a crashed job; a rerun skips
-finished videos and retries failed ones until ``scrape.max_attempts``.
+finished videos and retries failed ones until ``scrape.max_attempts``. The attempt is
+counted before the work starts, so a task killed on the way (out of memory, a lost node)
+still uses one: its row says ``interrupted``.
+
+Hostile media are bounded too: any sample rate resamples in a few MB
+(``voxtral.audio.resample``), downloads stop at ``scrape.max_download_mb`` and audio past
+``index.max_duration_s`` (announced or decoded) fails as ``too_long``.
 """
 
 from __future__ import annotations
@@ -38,14 +44,20 @@ from voxtral.audio import (
 )
 from voxtral.captions import CaptionIndex, parse_vtt
 from voxtral.chunking import FRAME_S, ChunkPlanner, StreamVAD
+from voxtral.codec import codec_info
 from voxtral.config import Config
-from voxtral.download import ScrapeFailure, check_url, classify, download, local_file
+from voxtral.download import (
+    ScrapeFailure,
+    check_duration,
+    check_url,
+    classify,
+    download,
+    local_file,
+)
 from voxtral.index import resolve_path
 from voxtral.storage import Storage
 
 STAGE = "scrape"
-CODEC_SAMPLE_RATE = 24000
-"""Both codecs (EnCodec and Mimi) run at 24 kHz; chunks are stored at that rate."""
 PAD_S = 0.25
 """Silence kept before a chunk's first and after its last speech."""
 ROW_GROUP = 32
@@ -55,8 +67,8 @@ TRUNCATION_SLACK = 0.9
 
 
 def target_sample_rate(cfg: Config) -> int:
-    """The rate chunks are stored at: the codec's (24 kHz for both EnCodec and Mimi)."""
-    return CODEC_SAMPLE_RATE
+    """The rate chunks are stored at: the configured codec's (24 kHz for EnCodec and Mimi)."""
+    return codec_info(cfg.codec).sample_rate
 
 
 def chunks_rel(video_id: str) -> str:
@@ -180,10 +192,14 @@ def cut_audio(
             kept["speech_s"] += ch.speech * FRAME_S
             kept["audio_s"] += dur_s
 
+    max_samples = cfg.index.max_duration_s * sr
     try:
         for block in decode_stream(path, sr, stats=stats):
             if not len(block):
                 continue
+            check_duration(stats.header_duration_s, cfg.index.max_duration_s)
+            if samples.end + len(block) > max_samples:  # the header may lie or say nothing
+                check_duration((samples.end + len(block)) / sr, cfg.index.max_duration_s)
             samples.append(block)
             emit(planner.push(vad.push(to_vad.push(block))))
             samples.drop_before(planner.pos * hop)
@@ -260,13 +276,30 @@ def scrape_video(row: dict, cfg: Config, storage: Storage | None = None) -> dict
         return result
     local = row.get("source") == "local"
     local_root = resolve_path(cfg.index.local_dir) if local else None
+    before = failures.read_failure(storage, STAGE, video_id)
+    if before and before["attempts"] >= cfg.scrape.max_attempts:
+        # Only a retry of a task that died mid-way (Ray retries killed tasks) gets here:
+        # the plan leaves such videos out. Doing the work again would kill it again.
+        result.update(status="failed", reason=before["reason"])
+        result["error"] = f"out of attempts ({before['attempts']}): {before['error']}"[:2000]
+        return result
+    # Counted before the work: a task killed on the way still used an attempt.
+    failures.begin_attempt(storage, STAGE, video_id, video_id)
     try:
         if cfg.scrape.tmp_dir:
             os.makedirs(cfg.scrape.tmp_dir, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=TMP_PREFIX, dir=cfg.scrape.tmp_dir) as tmp:
             try:
-                check_url(row["url"], row.get("source", ""), local_root)
-                got = download(row["url"], tmp, cfg.scrape, allow_file=local)
+                check_url(
+                    row["url"], row.get("source", ""), local_root, cfg.scrape.allow_private_hosts
+                )
+                got = download(
+                    row["url"],
+                    tmp,
+                    cfg.scrape,
+                    allow_file=local,
+                    max_duration_s=cfg.index.max_duration_s,
+                )
                 captions = (
                     _load_captions(row, got.captions_vtt, local_root)
                     if cfg.scrape.captions
@@ -288,7 +321,13 @@ def scrape_video(row: dict, cfg: Config, storage: Storage | None = None) -> dict
                 )
         if result["status"] == "failed":
             failures.record_failure(
-                storage, STAGE, video_id, video_id, result["reason"], result["error"]
+                storage,
+                STAGE,
+                video_id,
+                video_id,
+                result["reason"],
+                result["error"],
+                new_attempt=False,
             )
         else:
             failures.clear_failure(storage, STAGE, video_id)

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from voxtral.schema import codes_from_bytes
 from voxtral.tokenizer import Layout, encode_ids
 from voxtral.train.compat import check_row_codec
 
@@ -47,11 +48,8 @@ NO_STREAM = -1
 
 # -- rows -------------------------------------------------------------------------------
 def row_codes(codes: bytes, n_q: int, frames: int) -> np.ndarray:
-    """The ``codes`` column (int16 little-endian, C order) → ``[n_q, frames]`` int64."""
-    arr = np.frombuffer(codes, dtype="<i2")
-    if arr.size != n_q * frames:
-        raise ValueError(f"codes hold {arr.size} values, expected n_q*frames={n_q * frames}")
-    return arr.reshape(n_q, frames).astype(np.int64)
+    """The ``codes`` column → ``[n_q, frames]`` int64 (embedding indices)."""
+    return codes_from_bytes(codes, n_q, frames).astype(np.int64)
 
 
 def max_window_groups(layout: Layout, seq_len: int) -> int:

@@ -40,7 +40,9 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, use_gpu: bool) -> dict:
         "train_batch_size": cfg.micro_batch * cfg.grad_accum * world_size,
         "gradient_clipping": cfg.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": use_gpu},
+        # A step whose gradients hold NaN/inf is skipped (no update) rather than applied:
+        # asked for explicitly on bf16; fp32 ZeRO-2/3 skip on a non-finite gradient norm.
+        "bf16": {"enabled": use_gpu, "check_grad_overflow": True},
         "fp16": {"enabled": False},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": QUIET_STEPS,

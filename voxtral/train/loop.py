@@ -10,11 +10,18 @@ its own local folder plus ``data_rank<r>.json`` (its data position); rank 0 adds
 so Ray merges them into one folder in storage: one checkpoint holds every shard. On a
 restart (worker lost, or the same run name rerun) ``ray.train.get_checkpoint()`` returns
 it and model, optimizer, LR schedule and data position come back.
+
+Non-finite steps: a step whose loss or gradient is NaN/inf on any rank is skipped by
+DeepSpeed's overflow check on every rank (see :func:`_poison_if_nonfinite`), counted, and
+kept out of the reported loss; ``train.max_nonfinite_steps`` of them in a row stop the run
+with :class:`NonFiniteTraining`. A checkpoint is written only when every weight is finite,
+so the latest checkpoint in storage always holds good weights.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -32,6 +39,11 @@ from voxtral.train.loss import stats_metrics, stream_loss, stream_weights
 from voxtral.train.stream import Position, TrainStream, eval_rows
 
 TRAIN_STATE = "train_state.json"
+log = logging.getLogger("voxtral.train")
+
+
+class NonFiniteTraining(RuntimeError):
+    """Training produced non-finite losses or weights and cannot go on safely."""
 
 
 def data_state_name(rank: int) -> str:
@@ -47,6 +59,7 @@ def _to_device(batch: dict[str, np.ndarray], device) -> dict[str, torch.Tensor]:
 
 
 def _forward(engine, batch: dict[str, torch.Tensor], weights: torch.Tensor):
+    """Weighted loss and per-stream stats of one micro-batch (a hook point for tests)."""
     out = engine(
         input_ids=batch["input_ids"],
         position_ids=batch["position_ids"],
@@ -89,13 +102,54 @@ def _evaluate(
     )
     total = torch.zeros(3, len(weights), device=device)
     engine.eval()
-    with torch.no_grad():
-        for i in range(int(n.item())):
-            b = batches[i] if i < len(batches) else blank
-            _, stats = _forward(engine, _to_device(b, device), weights)
-            total += stats
-    engine.train()
+    try:
+        with torch.no_grad():
+            for i in range(int(n.item())):
+                b = batches[i] if i < len(batches) else blank
+                _, stats = _forward(engine, _to_device(b, device), weights)
+                total += stats
+    finally:  # back to training mode (dropout, gradient checkpointing) whatever happened
+        engine.train()
     return _all_reduce(total)
+
+
+def _poison_if_nonfinite(loss: torch.Tensor) -> torch.Tensor:
+    """``loss``, or, when it is NaN/inf, ``loss * NaN``: every gradient it reaches is then
+    NaN, so DeepSpeed's overflow check skips the optimizer step. That check sees the global
+    gradient norm (reduced over ranks), so one rank's bad loss skips the step on all of them,
+    on ZeRO-2 and -3, in fp32 and bf16. Without this, a NaN added to a loss as a constant
+    would leave the gradients finite and the step would go on. No host sync: the factor is
+    chosen on the device."""
+    finite = torch.isfinite(loss.detach())
+    return loss * torch.where(finite, 1.0, math.nan).to(loss.dtype)
+
+
+def _train_step(
+    engine, stream: TrainStream, grad_accum: int, weights: torch.Tensor, device
+) -> torch.Tensor | None:
+    """One optimizer step over ``grad_accum`` micro-batches; the summed per-stream stats, or
+    None when DeepSpeed skipped the update (a non-finite loss or gradient on some rank)."""
+    stats_sum = torch.zeros(3, len(weights), device=device)
+    for _ in range(grad_accum):
+        batch = _to_device(stream.next_batch(), device)
+        loss, stats = _forward(engine, batch, weights)
+        engine.backward(_poison_if_nonfinite(loss))
+        engine.step()
+        stats_sum += stats
+    return stats_sum if engine.was_step_applied() else None
+
+
+def _weights_finite(engine, device) -> bool:
+    """Whether every weight on every rank is finite (ZeRO-3: each rank checks its partition)."""
+    bad = 0
+    with torch.no_grad():
+        for p in engine.module.parameters():
+            local = getattr(p, "ds_tensor", p)  # ZeRO-3 keeps the rank's shard there
+            if local.numel() and not bool(torch.isfinite(local).all()):
+                bad = 1
+                break
+    flag = _all_reduce(torch.tensor([bad], device=device), _max_op())
+    return int(flag.item()) == 0
 
 
 def _max_op():
@@ -165,7 +219,7 @@ def _ray_metrics() -> dict | None:
         return None
 
 
-def _publish(
+def _report_metrics(
     gauges: dict | None, metrics: dict, local_tokens: float, local_audio_s: float, rank: int
 ) -> None:
     if gauges is None:
@@ -272,22 +326,33 @@ def train_loop(config: dict) -> None:
     gauges = _ray_metrics()
     acc = torch.zeros(3, len(weights), device=device)
     grad_norm = math.nan
+    in_a_row, last_saved = 0, resumed_from
     window_start, window_steps = time.perf_counter(), 0
+    engine.train()  # from_pretrained returns eval mode: no dropout, no checkpointing
     while step < last:
         lr = engine.get_lr()[0]
-        for _ in range(tc.grad_accum):
-            batch = _to_device(stream.next_batch(), device)
-            loss, stats = _forward(engine, batch, weights)
-            engine.backward(loss)
-            engine.step()
-            acc += stats
+        stats = _train_step(engine, stream, tc.grad_accum, weights, device)
         step += 1
         window_steps += 1
         norm = engine.get_global_grad_norm()
         grad_norm = float(norm) if norm is not None else math.nan
+        if stats is None:
+            in_a_row += 1
+            log.warning("step %d: non-finite loss or gradient, update skipped", step)
+            if in_a_row >= tc.max_nonfinite_steps:
+                raise NonFiniteTraining(
+                    f"{in_a_row} training steps in a row had a non-finite loss or gradient "
+                    f"(up to step {step}); stopping (train.max_nonfinite_steps="
+                    f"{tc.max_nonfinite_steps}). The latest checkpoint (step {last_saved}) "
+                    "holds the last good weights; check the data or lower train.lr."
+                )
+        else:
+            in_a_row = 0
+            acc += stats
 
-        do_eval = step % tc.eval_every == 0 or step == last
         do_ckpt = step % tc.checkpoint_every == 0 or step == last
+        # every checkpoint is scored by its eval loss (the best one is kept, see run.py)
+        do_eval = step % tc.eval_every == 0 or do_ckpt
         if not (do_eval or do_ckpt or step % tc.log_every == 0):
             continue
         local_tokens = float(acc[1].sum())
@@ -305,6 +370,7 @@ def train_loop(config: dict) -> None:
             **stats_metrics(total, weights),
             "lr": lr,
             "grad_norm": grad_norm,
+            "nonfinite_steps": int(engine.skipped_steps),  # run total (kept in checkpoints)
             "step_time_s": elapsed / window_steps,
             "window_s": elapsed,
             "audio_s": audio_tokens / audio_per_s,
@@ -326,9 +392,15 @@ def train_loop(config: dict) -> None:
                 metrics.update(stats_metrics(ev, weights, prefix="eval_"))
         folder = None
         if do_ckpt:
+            if not _weights_finite(engine, device):
+                raise NonFiniteTraining(
+                    f"the weights are non-finite at step {step}: not checkpointing them. The "
+                    f"latest checkpoint (step {last_saved}) holds the last good weights."
+                )
             folder = _save(engine, step, stream.position, rank, world, {"metrics": metrics})
+            last_saved = step
         metrics = {k: v for k, v in metrics.items() if v is not None}
-        _publish(gauges, metrics, local_tokens, local_audio_s, rank)
+        _report_metrics(gauges, metrics, local_tokens, local_audio_s, rank)
         try:
             ray.train.report(
                 metrics,

@@ -212,6 +212,16 @@ def _export_task(cfg_dict: dict, checkpoint, prompt, source: dict, extra: dict) 
         )
 
 
+def _best_checkpoint(result) -> str | None:
+    """Path of the kept checkpoint with the lowest finite eval loss, if any was scored."""
+    scored = [
+        (m["eval_loss"], c.path)
+        for c, m in (getattr(result, "best_checkpoints", None) or [])
+        if isinstance(m.get("eval_loss"), float) and math.isfinite(m["eval_loss"])
+    ]
+    return min(scored)[1] if scored else None
+
+
 def run_train(cfg: Config) -> dict:
     """Train (or resume) ``cfg.train.run_name``; export at the end. Returns a summary."""
     import ray
@@ -267,7 +277,13 @@ def run_train(cfg: Config) -> dict:
             name=tc.run_name,
             storage_path=storage.uri("train"),
             failure_config=FailureConfig(max_failures=tc.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints),
+            # Ranked by eval loss (every checkpoint step evaluates); Ray always keeps the
+            # latest too, which is what a restart resumes from.
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=tc.keep_checkpoints,
+                checkpoint_score_attribute="eval_loss",
+                checkpoint_score_order="min",
+            ),
             callbacks=[_metrics_callback(cfg.storage.root, tc.run_name)],
         ),
         datasets=datasets,
@@ -290,11 +306,13 @@ def run_train(cfg: Config) -> dict:
         "videos_held_out": len(held_out),
         "chunks": index.num_rows,
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "best_checkpoint": _best_checkpoint(result),
         "metrics_file": f"{run_dir(cfg)}/{METRICS_FILE}",
         "first_loss": history[0].get("loss") if history else None,
         "loss": final.get("loss"),
         "eval_loss": final.get("eval_loss"),
         "tokens_per_s": final.get("tokens_per_s"),
+        "nonfinite_steps": final.get("nonfinite_steps"),
         "export": None,
         **_totals(history),
     }
