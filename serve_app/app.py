@@ -15,9 +15,11 @@ import hmac
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections import Counter
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 from fastapi import FastAPI, WebSocket
@@ -29,8 +31,10 @@ from ray.serve.handle import DeploymentHandle
 from serve_app import metrics
 from serve_app import protocol as P
 from serve_app.audio_io import CODECS, make_codec
-from serve_app.session import DuplexSession, SessionSettings
-from voxtral.config import DEFAULT_CONFIG, Config, load_config
+from serve_app.routing import pinned_sessions
+from serve_app.scheduler import Busy
+from serve_app.session import DuplexSession, MessageRate, SessionOverload, SessionSettings
+from voxtral.config import DEFAULT_CONFIG, Config, ServeConfig, is_loopback, load_config
 
 log = logging.getLogger("ray.serve.voxtral")
 STATIC = Path(__file__).resolve().parent / "static"
@@ -61,8 +65,6 @@ class SpeechLM:
         )
 
     async def open(self, sid: str) -> dict[str, Any]:
-        from serve_app.scheduler import Busy
-
         try:
             out = await self.sched.open(sid)
         except Busy as exc:
@@ -96,6 +98,12 @@ class SpeechLM:
     def describe(self) -> dict[str, Any]:
         return dict(self.info)
 
+    def check_health(self) -> None:
+        """Ray Serve's periodic probe: a replica whose engine thread has died would hold
+        conversations that never advance, so report it and let Serve replace it."""
+        if not self.sched.alive():
+            raise RuntimeError("the SpeechLM engine thread is not running")
+
     def __del__(self):
         sched = getattr(self, "sched", None)
         if sched is not None:
@@ -111,6 +119,7 @@ class HandleLM:
     async def open(self) -> dict[str, Any]:
         out = await self.h.open.remote(self.sid)
         if "error" in out:
+            await self.close()  # routing pinned the session at ``open``: unpin it
             raise Busy(out["error"])
         return out
 
@@ -138,10 +147,6 @@ class HandleLM:
         await self.h.close.remote(self.sid)
 
 
-class Busy(RuntimeError):
-    pass
-
-
 # -- Gateway ---------------------------------------------------------------------------------
 api = FastAPI(title="Voxtral", docs_url=None, redoc_url=None)
 
@@ -154,16 +159,47 @@ def token_of(ws: WebSocket) -> str | None:
     return auth[7:].strip() if auth.lower().startswith("bearer ") else None
 
 
-def refusal(ws: WebSocket, token: str | None, origins: list[str]) -> str | None:
-    """Why this connection may not start (None: it may). Checked before any model work."""
-    if token is not None:
-        given = token_of(ws)
-        if given is None or not hmac.compare_digest(given.encode(), token.encode()):
+def _hostname(host_header: str) -> str:
+    """``Host`` header → host name (``[::1]:8000`` → ``::1``)."""
+    return urlsplit("//" + host_header).hostname or ""
+
+
+def refusal(
+    headers: Mapping[str, str],
+    given_token: str | None,
+    client_host: str | None,
+    s: ServeConfig,
+    codec: str = "opus",
+) -> str | None:
+    """Why this connection may not start (None: it may). Checked before any model work.
+
+    - Token: when ``serve.token`` is set it must match. Without one (loopback profile),
+      only loopback clients that named a loopback host may connect, unless
+      ``serve.allow_anonymous`` (so DNS rebinding cannot reach a tokenless local server).
+    - Origin: a browser always sends one; it must be the page's own origin (same host) or
+      listed in ``serve.allowed_origins`` (``"*"``: any). No Origin means a non-browser
+      client (Moshi's CLI, scripts): accepted when it authenticated with the token, or from
+      loopback; a remote tokenless client without an Origin is refused.
+    """
+    authenticated = False
+    if s.token is not None:
+        if given_token is None or not hmac.compare_digest(given_token.encode(), s.token.encode()):
             return "missing or wrong token"
-    origin = ws.headers.get("origin")
-    if origin is not None and "*" not in origins and origin not in origins:
+        authenticated = True
+    elif not s.allow_anonymous and not (
+        is_loopback(client_host) and is_loopback(_hostname(headers.get("host", "")))
+    ):
+        return "this server has no token and takes local (loopback) clients only"
+    origin = headers.get("origin")
+    if origin is None:
+        if not authenticated and not is_loopback(client_host):
+            return "a client without an Origin header must authenticate with the token"
+    elif not (
+        "*" in s.allowed_origins
+        or origin in s.allowed_origins
+        or urlsplit(origin).netloc.lower() == headers.get("host", "").lower()
+    ):
         return f"origin {origin} is not allowed"
-    codec = ws.query_params.get("codec", "opus")
     if codec not in CODECS:
         return f"unknown codec {codec!r} (expected {', '.join(CODECS)})"
     return None
@@ -181,8 +217,10 @@ class Gateway:
             end_of_turn_ms=s.end_of_turn_ms,
             interrupt_ms=s.interrupt_ms,
             vad_threshold=s.vad_threshold,
+            max_pending_ops=s.max_pending_ops,
         )
         self.sessions: dict[str, DuplexSession] = {}
+        self.per_client: Counter[str] = Counter()  # open websockets per client address
         self.started = time.time()
 
     @api.get("/")
@@ -202,6 +240,7 @@ class Gateway:
             "ok": True,
             **self.source,
             "gateway_sessions": len(self.sessions),
+            "pinned_sessions": pinned_sessions(),
             "lm": lm,
             "uptime_s": round(time.time() - self.started, 1),
         }
@@ -209,14 +248,32 @@ class Gateway:
     @api.websocket("/api/chat")
     async def chat(self, ws: WebSocket) -> None:
         s = self.cfg.serve
-        why = refusal(ws, s.token, s.allowed_origins)
+        client = ws.client.host if ws.client else ""
+        codec_name = ws.query_params.get("codec", "opus")
+        why = refusal(ws.headers, token_of(ws), client, s, codec_name)
         if why is not None:
-            log.info("refused a connection: %s", why)
+            log.info("refused a connection from %s: %s", client, why)
             await ws.close(code=CLOSE_POLICY, reason=why)
             return
-        await ws.accept()
+        self.per_client[client] += 1  # counted before any await: no race past the limit
+        try:
+            await ws.accept()
+            if self.per_client[client] > s.max_sessions_per_client:
+                why = f"too many sessions from your address (at most {s.max_sessions_per_client})"
+                log.info("refused a connection from %s: %s", client, why)
+                with contextlib.suppress(Exception):
+                    await ws.send_bytes(P.error(why))
+                    await ws.close(code=CLOSE_POLICY, reason="too many sessions")
+                return
+            await self._session(ws, codec_name)
+        finally:
+            self.per_client[client] -= 1
+            if self.per_client[client] <= 0:
+                del self.per_client[client]
+
+    async def _session(self, ws: WebSocket, codec_name: str) -> None:
         sid = uuid.uuid4().hex
-        codec = make_codec(ws.query_params.get("codec", "opus"))
+        codec = make_codec(codec_name)
         session = DuplexSession(
             HandleLM(self.lm, sid),
             ws.send_bytes,
@@ -232,9 +289,9 @@ class Gateway:
             await ws.send_bytes(P.error(f"server busy: {exc}"))
             await ws.close(code=CLOSE_TRY_LATER, reason="server busy")
             return
-        except Exception as exc:  # the model deployment is down or failing
+        except Exception:  # the model deployment is down or failing (detail: the log)
             log.exception("session %s could not start", sid)
-            await ws.send_bytes(P.error(f"cannot start a session: {exc}"))
+            await ws.send_bytes(P.error("cannot start a session now; try again later"))
             await ws.close(code=CLOSE_INTERNAL, reason="model unavailable")
             await session.close()
             return
@@ -255,7 +312,9 @@ class Gateway:
             log.info("session %s ended: %s", sid, reason)
 
     async def _receive(self, ws: WebSocket, session: DuplexSession, ticker: asyncio.Task) -> str:
-        limit = self.cfg.serve.max_message_bytes
+        s = self.cfg.serve
+        limit = s.max_message_bytes
+        rate = MessageRate(s.max_messages_per_s, 2 * s.max_messages_per_s)
         receive = asyncio.ensure_future(ws.receive())
         try:
             while True:
@@ -268,15 +327,29 @@ class Gateway:
                 data = msg.get("bytes")
                 if data is None:
                     data = msg.get("text") or ""
-                session.last_received = time.monotonic()
                 if len(data) > limit:
                     with contextlib.suppress(Exception):
                         await ws.close(code=CLOSE_TOO_BIG, reason=f"message over {limit} bytes")
                     return "too_big"
-                await session.on_message(data)
+                if not rate.allow():
+                    why = f"more than {s.max_messages_per_s:g} messages per second"
+                    await self._close_policy(ws, session, why)
+                    return "rate_limit"
+                try:
+                    await session.on_message(data)
+                except SessionOverload as exc:
+                    await self._close_policy(ws, session, str(exc))
+                    return "overload"
                 receive = asyncio.ensure_future(ws.receive())
         finally:
             receive.cancel()
+
+    async def _close_policy(self, ws: WebSocket, session: DuplexSession, why: str) -> None:
+        """A 0x05 saying why, then close 1008 (the client broke a limit)."""
+        log.info("closing a session: %s", why)
+        with contextlib.suppress(Exception):
+            await session.send(P.error(f"closing: {why}"))
+            await ws.close(code=CLOSE_POLICY, reason=why[:120])
 
     async def _tick(self, ws: WebSocket, session: DuplexSession) -> str:
         """Keep-alive pings while listening; idle and session-length limits."""
@@ -288,7 +361,7 @@ class Gateway:
             code = 1000
             if session.lost:
                 why, reason, code = "the model replica lost this conversation", "lost", 1011
-            elif now - session.last_received > s.idle_timeout_s:
+            elif now - session.last_active > s.idle_timeout_s:
                 why, reason = f"idle for {s.idle_timeout_s:g} s", "idle"
             elif now - t0 > s.max_session_s:
                 why, reason = f"session time limit ({s.max_session_s:g} s)", "time_limit"
@@ -346,6 +419,7 @@ def start(cfg: Config, blocking: bool = False) -> str:
     ``blocking`` keeps this process serving until interrupted."""
     from voxtral.ray_utils import init_ray
 
+    cfg.serve.check_exposure()  # before Ray starts: a tokenless public server never opens
     init_ray()
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     serve.run(build_app(cfg), name=APP_NAME, route_prefix="/", blocking=False)

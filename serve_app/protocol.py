@@ -106,10 +106,14 @@ def read_text(payload: bytes) -> str:
 
 
 def read_metadata(payload: bytes) -> dict[str, Any]:
+    """A JSON object; ``ProtocolError`` for anything else, deep nesting included (the
+    parser recurses, so ``[[[[…`` would otherwise escape as ``RecursionError``)."""
     try:
         obj = json.loads(read_text(payload))
     except json.JSONDecodeError as exc:
         raise ProtocolError(f"metadata payload is not JSON: {exc}") from None
+    except RecursionError:
+        raise ProtocolError("metadata payload is nested too deeply") from None
     if not isinstance(obj, dict):
         raise ProtocolError("metadata payload must be a JSON object")
     return obj

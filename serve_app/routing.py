@@ -7,10 +7,15 @@ pinned conversations and pins it; later calls naming the session go there (waiti
 is at ``max_ongoing_requests``, as for any request); ``close`` unpins. Calls without a
 session (``stats``) balance like ``open``. If a pinned replica dies, its conversations'
 calls go elsewhere and fail with "unknown session", which the Gateway reports to the client.
+An ``open`` refused as busy is followed by a ``close`` from the Gateway's handle, so a
+refused session leaves no pin behind; ``pinned_sessions()`` counts the pins of this process
+(shown at ``/healthz``) so a leak is visible.
 """
 
 from __future__ import annotations
 
+import importlib
+import weakref
 from collections import Counter
 from typing import Any
 
@@ -20,6 +25,20 @@ from ray.serve.request_router import (
     RequestRouter,
     RunningReplica,
 )
+
+_ROUTERS: weakref.WeakSet[SessionAffinityRouter] = weakref.WeakSet()
+
+
+def pinned_sessions() -> int:
+    """Sessions pinned by the routers living in this process (a Gateway replica)."""
+    return sum(len(getattr(r, "_pins", {})) for r in list(_ROUTERS))
+
+
+def _register(router: SessionAffinityRouter) -> None:
+    """Add a router to the registry of the imported module. Serve ships the router class
+    pickled by value, so its methods see a copy of this module's globals: the registry
+    must be reached through ``sys.modules``, not through a global name."""
+    importlib.import_module("serve_app.routing")._ROUTERS.add(router)
 
 
 def session_of(args: list[Any], kwargs: dict[str, Any]) -> str | None:
@@ -46,6 +65,7 @@ def pick(
 class SessionAffinityRouter(RequestRouter):
     def initialize_state(self, **kwargs: Any) -> None:
         self._pins: dict[str, ReplicaID] = {}
+        _register(self)
 
     async def choose_replicas(
         self,
@@ -59,11 +79,25 @@ class SessionAffinityRouter(RequestRouter):
         ranks = pick(list(by_id), getattr(self, "_pins", {}), sid)
         return [[by_id[r] for r in rank] for rank in ranks]
 
+    async def _choose_replica_for_request(
+        self, pending_request: PendingRequest, *, is_retry: bool = False
+    ) -> RunningReplica:
+        """Pin when the replica is chosen: Ray (2.60) calls ``on_request_routed`` only with
+        strict ``max_ongoing_requests`` on, so that hook alone would never pin anything."""
+        replica = await super()._choose_replica_for_request(pending_request, is_retry=is_retry)
+        self._record(pending_request, replica.replica_id)
+        return replica
+
     def on_request_routed(
         self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any
     ) -> None:
+        self._record(pending_request, replica_id)
+
+    def _record(self, pending_request: PendingRequest, replica_id: ReplicaID) -> None:
+        """``open`` pins its session to the replica, ``close`` unpins (idempotent)."""
         if not hasattr(self, "_pins"):
             self._pins = {}
+            _register(self)
         sid = session_of(pending_request.args, pending_request.kwargs)
         method = pending_request.metadata.call_method
         if sid is None:

@@ -38,7 +38,8 @@ log = logging.getLogger("ray.serve.voxtral")
 
 
 class Busy(RuntimeError):
-    """The replica already holds ``max_sessions`` conversations."""
+    """The replica already holds ``max_sessions`` conversations (the one ``Busy`` of the
+    serving runtime: the Gateway's handle raises it too)."""
 
 
 class UnknownSession(KeyError):
@@ -47,8 +48,6 @@ class UnknownSession(KeyError):
 
 @dataclass(frozen=True)
 class SchedulerSettings:
-    text: Sampling = Sampling(0.7, 50, 0.95)
-    audio: Sampling = Sampling(0.8, 250, 1.0)
     max_sessions: int = 16
     max_batch: int = 16
     max_turn_s: float = 10.0
@@ -269,6 +268,10 @@ class Scheduler:
             "batch_sizes": dict(self.batch_hist),
         }
 
+    def alive(self) -> bool:
+        """Whether the engine thread still runs (every conversation depends on it)."""
+        return self._thread.is_alive() and not self._stop.is_set()
+
     def shutdown(self) -> None:
         self._stop.set()
         self._jobs.put((lambda: None, Future()))
@@ -459,8 +462,6 @@ def build_scheduler(cfg, source: dict[str, str]) -> tuple[Scheduler, dict[str, A
     audio = Sampling(s.audio_temperature, s.audio_top_k, s.audio_top_p)
     engine = SpeechEngine(model, layout, text, audio, s.max_context_tokens, seed=s.seed)
     settings = SchedulerSettings(
-        text=text,
-        audio=audio,
         max_sessions=s.max_sessions,
         max_batch=s.max_sessions,
         max_turn_s=s.max_turn_s,

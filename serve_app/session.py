@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -39,6 +40,28 @@ class LMClient(Protocol):
     async def close(self) -> None: ...
 
 
+class SessionOverload(RuntimeError):
+    """The session queued more model work than it may; the gateway closes it with 1008.
+    The message is ours (safe to send to the client)."""
+
+
+class MessageRate:
+    """Token bucket: ``rate`` messages per second on average, bursts of ``burst``."""
+
+    def __init__(self, rate: float, burst: float, clock: Callable[[], float] = time.monotonic):
+        self.rate, self.burst, self.clock = rate, burst, clock
+        self.tokens, self.t = burst, clock()
+
+    def allow(self) -> bool:
+        now = self.clock()
+        self.tokens = min(self.burst, self.tokens + (now - self.t) * self.rate)
+        self.t = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+
 @dataclass(frozen=True)
 class SessionSettings:
     end_of_turn_ms: float = 600.0
@@ -49,6 +72,8 @@ class SessionSettings:
     feed_ms: float = 240.0  # user audio is sent to the model in pieces this long
     keepalive_s: float = 1.0  # Moshi's client drops a connection silent for 10 s
     playback_delay_s: float = 0.15  # client buffering assumed when estimating what was heard
+    max_pending_ops: int = 32  # queued model operations (after coalescing) before 1008
+    max_pending_audio_s: float = 60.0  # user audio waiting for the model before 1008
 
 
 class DuplexSession:
@@ -75,11 +100,12 @@ class DuplexSession:
         self.user_speaking = False
         self._preroll: list[np.ndarray] = []
         self._feed_buf: list[np.ndarray] = []
-        self._ops: asyncio.Queue = asyncio.Queue()
+        self._ops: deque[tuple[Any, ...]] = deque()  # bounded and coalesced: see _enqueue
+        self._wake = asyncio.Event()
         self._worker: asyncio.Task | None = None
         self._speak: asyncio.Task | None = None
         self._send_lock = asyncio.Lock()
-        self.last_sent = self.last_received = clock()
+        self.last_sent = self.last_active = clock()  # last_active: audio or control only
         self._barge_at: float | None = None
         self._turn_end_at: float | None = None
         self._first_sent_at: float | None = None
@@ -132,21 +158,32 @@ class DuplexSession:
 
     # -- input ---------------------------------------------------------------------------
     async def on_message(self, raw: bytes | str) -> None:
-        """One websocket message; protocol and audio errors are answered with 0x05."""
+        """One websocket message; protocol and audio errors are answered with 0x05, any
+        other failure with a generic 0x05 (the detail goes to the log, never to the
+        client). Only ``SessionOverload`` escapes: the session must end."""
         try:
             msg = P.decode(raw)
             if msg.kind == P.Kind.AUDIO:
-                await self.on_audio(self.codec.decode(msg.payload))
+                pcm = self.codec.decode(msg.payload)
+                self.last_active = self.clock()  # pings and junk do not keep a session
+                await self.on_audio(pcm)
             elif msg.kind == P.Kind.CONTROL:
-                await self.on_control(P.read_control(msg.payload))
+                code = P.read_control(msg.payload)
+                self.last_active = self.clock()
+                await self.on_control(code)
             elif msg.kind == P.Kind.METADATA:
                 P.read_metadata(msg.payload)  # validated; no client metadata is used yet
             elif msg.kind == P.Kind.TEXT:
                 P.read_text(msg.payload)  # typed text is not used by this model yet
             elif msg.kind != P.Kind.PING:
                 raise P.ProtocolError(f"kind 0x{msg.kind:02x} is server → client only")
+        except SessionOverload:
+            raise
         except (P.ProtocolError, AudioInputError) as exc:
             await self.send(P.error(str(exc)))
+        except Exception:
+            log.exception("message handling failed")
+            await self.send(P.error("internal error while handling that message"))
 
     async def on_control(self, code: P.Control) -> None:
         if code == P.Control.END_TURN and self.state == self.LISTENING:
@@ -158,7 +195,7 @@ class DuplexSession:
             await self._interrupt(notify=self.state != self.LISTENING)
             self.user_speaking = False
             self._feed_buf, self._preroll = [], []
-            self._ops.put_nowait(("restart",))
+            self._enqueue(("restart",))
             await self.event(event="restart")
 
     async def on_audio(self, pcm: np.ndarray) -> None:
@@ -208,15 +245,15 @@ class DuplexSession:
         if self._feed_buf:
             pcm = np.concatenate(self._feed_buf)
             self._feed_buf = []
-            self._ops.put_nowait(("feed", pcm))
+            self._enqueue(("feed", pcm))
 
     async def _end_user_turn(self) -> None:
         self._flush_feed()
         self.user_speaking = False
         self.turn_index += 1
         self._turn_end_at = self.clock()
-        self._ops.put_nowait(("end_turn",))
-        self._ops.put_nowait(("respond",))
+        self._enqueue(("end_turn",))
+        self._enqueue(("respond",))
         await self.event(event="user", speaking=False)
         await self._set_state(self.THINKING)
 
@@ -230,7 +267,7 @@ class DuplexSession:
         if speak is not None:
             speak.cancel()
         self._drain_ops()
-        self._ops.put_nowait(("interrupt", heard))
+        self._enqueue(("interrupt", heard))
         self._first_sent_at, self._sent_s = None, 0.0
         if notify:
             await self.event(event="interrupt", heard_s=round(heard, 3))
@@ -240,19 +277,46 @@ class DuplexSession:
 
     def _drain_ops(self) -> None:
         """Drop a turn that was about to start (the user spoke again before it did)."""
-        kept = []
-        while not self._ops.empty():
-            op = self._ops.get_nowait()
-            if op[0] not in ("respond",):
-                kept.append(op)
-        for op in kept:
-            self._ops.put_nowait(op)
+        kept = [op for op in self._ops if op[0] != "respond"]
+        self._ops.clear()
+        self._ops.extend(kept)
+
+    def _enqueue(self, op: tuple[Any, ...]) -> None:
+        """Queue a model operation, coalesced so a flood of controls costs O(1) each: a
+        restart replaces everything queued (it makes that work moot), back-to-back feeds
+        merge into one, back-to-back interrupts keep the latest. The queue and the audio
+        waiting in it are bounded; past either, ``SessionOverload``."""
+        ops, kind = self._ops, op[0]
+        if kind == "restart":
+            ops.clear()
+        elif ops and ops[-1][0] == kind == "feed":
+            pcm = np.concatenate([ops[-1][1], op[1]])
+            if len(pcm) > self.s.max_pending_audio_s * SAMPLE_RATE:
+                raise SessionOverload(
+                    f"more than {self.s.max_pending_audio_s:g} s of audio waiting for the model"
+                )
+            ops[-1] = ("feed", pcm)
+            return
+        elif ops and ops[-1][0] == kind == "interrupt":
+            ops[-1] = op
+            return
+        if len(ops) >= self.s.max_pending_ops:
+            raise SessionOverload(f"more than {self.s.max_pending_ops} operations queued")
+        ops.append(op)
+        self._wake.set()
+
+    @property
+    def pending_ops(self) -> int:
+        return len(self._ops)
 
     # -- model side ----------------------------------------------------------------------
     async def _work(self) -> None:
         """Run model operations one at a time, in order (feed after interrupt, …)."""
         while True:
-            op = await self._ops.get()
+            while not self._ops:
+                self._wake.clear()
+                await self._wake.wait()
+            op = self._ops.popleft()
             try:
                 if op[0] == "feed":
                     await self.lm.feed(op[1])
@@ -270,7 +334,8 @@ class DuplexSession:
             except Exception as exc:  # the model side failed for this session only
                 log.exception("model operation %s failed", op[0])
                 self.lost = self.lost or "UnknownSession" in repr(exc)
-                await self.send(P.error(f"model error during {op[0]}: {exc}"))
+                # the detail is in the log; clients only learn which step failed
+                await self.send(P.error(f"model error during {op[0]}; the session goes on"))
                 await self._set_state(self.LISTENING)
 
     async def _respond(self) -> None:

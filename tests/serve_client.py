@@ -199,9 +199,11 @@ def serve_overrides(root: Path, port: int) -> list[str]:
         f"serve.allowed_origins={origins}",
         "serve.max_turn_s=2.5",
         "serve.end_of_turn_ms=300",
-        "serve.max_message_bytes=65536",
+        "serve.max_message_bytes=131072",  # room for test_hostile's 100,000-deep JSON
         "serve.idle_timeout_s=8",
         "serve.max_sessions=12",
+        "serve.max_sessions_per_client=10",  # test_serve's 8 concurrent sessions share one
+        "serve.max_messages_per_s=100",
         "serve.seed=0",
         "serve.num_cpus=1",
         "serve.gateway_num_cpus=0.5",

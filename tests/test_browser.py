@@ -136,7 +136,8 @@ def test_browser_client_talks(server, tmp_path):
                 " transcript: document.querySelector('#transcript').textContent,"
                 " received: document.querySelector('#received').textContent,"
                 " latency: document.querySelector('#lat-server').textContent,"
-                " model: document.querySelector('#model').textContent})"
+                " model: document.querySelector('#model').textContent,"
+                " href: location.href})"
             )
             shot = await page.call("Page.captureScreenshot", format="png")
             SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
@@ -165,4 +166,5 @@ def test_browser_client_talks(server, tmp_path):
     assert dom["transcript"].strip()
     assert "messages" in dom["received"] and dom["latency"] != "–"
     assert "tiny-random" in dom["model"]
+    assert "token" not in dom["href"] and "autoconnect=1" in dom["href"]  # token out of the URL
     assert SCREENSHOT.stat().st_size > 10_000

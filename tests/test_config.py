@@ -245,3 +245,66 @@ def test_parse_cli(tmp_path, capsys, monkeypatch):
         parse_cli(["--set", "serve.port=99999"])
     assert exc.value.code == 2
     assert "serve.port" in capsys.readouterr().err
+
+
+# -- serve: closed by default ------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("overrides", "env", "yaml_text"),
+    [
+        (["serve.token="], {}, None),
+        ([], {"VOXTRAL_SERVE__TOKEN": ""}, None),
+        ([], {}, 'serve:\n  token: ""\n'),
+        (["serve.token=   "], {}, None),
+        (["serve.token= padded "], {}, None),
+    ],
+)
+def test_empty_or_padded_token_is_a_config_error(tmp_path, overrides, env, yaml_text):
+    path = write_yaml(tmp_path, yaml_text) if yaml_text else None
+    with pytest.raises(ConfigError, match=r"serve\.token"):
+        load_config(path, overrides, env=env)
+
+
+@pytest.mark.parametrize(
+    ("host", "extra", "ok"),
+    [
+        ("127.0.0.1", [], True),
+        ("127.0.0.5", [], True),
+        ("localhost", [], True),
+        ("::1", [], True),
+        ("0.0.0.0", [], False),
+        ("::", [], False),
+        ("192.168.1.20", [], False),
+        ("0.0.0.0", ["serve.token=a-long-random-secret"], True),
+        ("0.0.0.0", ["serve.allow_anonymous=true"], True),
+    ],
+)
+def test_public_host_needs_a_token_or_explicit_anonymous(host, extra, ok):
+    cfg = load_config(None, [f"serve.host={host}", *extra], env={})  # loading never fails
+    if ok:
+        cfg.serve.check_exposure()
+    else:
+        with pytest.raises(ConfigError, match=r"serve\.token.*serve\.allow_anonymous"):
+            cfg.serve.check_exposure()
+
+
+def test_youtube_profile_is_closed_by_default():
+    """The real profile listens publicly: its token comes from the environment, and it
+    lists its browser origins instead of allowing all."""
+    bare = load_config(YOUTUBE, env={})
+    assert bare.serve.host == "0.0.0.0" and bare.serve.token is None
+    assert not bare.serve.allow_anonymous
+    with pytest.raises(ConfigError, match="VOXTRAL_SERVE__TOKEN"):
+        bare.serve.check_exposure()  # starting it without the token fails
+    assert bare.serve.allowed_origins and "*" not in bare.serve.allowed_origins
+    assert all(o.startswith("https://") for o in bare.serve.allowed_origins)
+    cfg = load_config(YOUTUBE, env={"VOXTRAL_SERVE__TOKEN": "0123abc"})
+    assert cfg.serve.token == "0123abc"
+    cfg.serve.check_exposure()
+
+
+def test_local_profile_is_loopback_without_token():
+    cfg = load_config(DEFAULT_CONFIG, env={})
+    assert cfg.serve.host == "127.0.0.1" and cfg.serve.token is None
+    cfg.serve.check_exposure()
+    assert cfg.serve.allowed_origins == []  # only the page's own origin
+    assert cfg.serve.max_sessions_per_client >= 1 and cfg.serve.max_messages_per_s > 0

@@ -527,7 +527,7 @@ def test_oversize_message_closes_1009(server):
     async def main():
         c = await C.connect(server, "pcm16")
         assert await c.wait_for(lambda: c.messages, 30)
-        await c.ws.send(b"\x01" + bytes(70_000))
+        await c.ws.send(b"\x01" + bytes(140_000))  # over serve.max_message_bytes
         assert await c.wait_for(lambda: c.closed.is_set(), 20)
         return c
 

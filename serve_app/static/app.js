@@ -7,6 +7,14 @@ const CHUNK = 960; // 40 ms of microphone audio per message
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
+// The token is read once and kept in memory only: the page's URL and history lose it, so it
+// is not left in the address bar, bookmarks, history or a Referer.
+const token = params.get("token");
+if (token !== null) {
+  params.delete("token");
+  const rest = params.toString();
+  history.replaceState(history.state, "", location.pathname + (rest ? `?${rest}` : "") + location.hash);
+}
 const decoder = new TextDecoder();
 
 // Everything the page knows, also exposed for tests and curious users (window.voxtral).
@@ -204,7 +212,7 @@ async function connect() {
 
   const proto = location.protocol === "https:" ? "wss" : "ws";
   const q = new URLSearchParams({ codec: "pcm16" });
-  if (params.get("token")) q.set("token", params.get("token"));
+  if (token) q.set("token", token);
   ws = new WebSocket(`${proto}://${location.host}/api/chat?${q}`);
   ws.binaryType = "arraybuffer";
   setConn("connecting");

@@ -1,0 +1,511 @@
+"""Hostile clients against the voice endpoint: each case runs on the shared live server while a
+polite session streams audio at real time, and must not touch it.
+
+For every live case: the polite session's messages (pings count) never stop for more than
+2 s, ``/healthz`` answers within 1 s, and the hostile session gets the promised 0x05 reply or
+close code. Hostile sessions connect from other loopback addresses (127.0.0.x) so the
+per-client limit sees them as other clients. The pure rules (admission, coalescing, rates)
+and the parts a live server cannot be made to fail (a dead engine thread, a failing model
+call) are tested in process on the real scheduler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pytest
+import serve_client as C  # tests/ helper shared with test_serve.py and test_browser.py
+
+from serve_app import protocol as P
+from serve_app.audio_io import Pcm16Codec
+from serve_app.session import DuplexSession, MessageRate, SessionOverload, SessionSettings
+from voxtral.config import ConfigError, ServeConfig
+
+GAP_S = 2.0  # the polite session may never go this long without a message
+HEALTH_S = 1.0  # /healthz must answer within this
+
+
+def silence(seconds: float) -> np.ndarray:
+    return np.zeros(int(seconds * 24_000), dtype=np.float32)
+
+
+# -- fixtures ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def serve_root(tmp_path_factory):
+    return C.shared_root(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def server(ray_session, serve_root) -> str:
+    return C.server_url(serve_root)
+
+
+@pytest.fixture(scope="module")
+def tiny(serve_root):
+    """An in-process scheduler over the tiny export (what one SpeechLM replica holds)."""
+    from serve_app.model_source import resolve_model
+    from serve_app.scheduler import build_scheduler
+
+    cfg = C.local_serve_config(serve_root)
+    sched, _ = build_scheduler(cfg, resolve_model(cfg).describe())
+    yield sched
+    sched.shutdown()
+
+
+def run(coro, timeout: float = 120):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+# -- the polite witness ------------------------------------------------------------------------
+@dataclass
+class Witness:
+    """What the polite session and the health probe saw while a hostile case ran."""
+
+    gaps: list[float] = field(default_factory=list)
+    health_s: list[float] = field(default_factory=list)
+    closed: bool = False
+    errors: list[str] = field(default_factory=list)
+
+    def check(self) -> None:
+        assert not self.closed, "the polite session was closed"
+        assert not self.errors, self.errors
+        assert self.gaps and max(self.gaps) <= GAP_S, f"polite session stalled: {self.gaps}"
+        assert self.health_s, "no /healthz answer"
+        assert max(self.health_s) <= HEALTH_S, f"/healthz too slow: {self.health_s}"
+
+
+async def _probe_health(url: str, stop: asyncio.Event, out: list[float]) -> None:
+    import requests
+
+    while not stop.is_set():
+        t = time.monotonic()
+        try:
+            ok = await asyncio.to_thread(requests.get, url + "/healthz", timeout=5)
+            out.append(time.monotonic() - t if ok.status_code == 200 else float("inf"))
+        except requests.RequestException:
+            out.append(float("inf"))
+        await asyncio.sleep(0.5)
+
+
+async def alongside(url: str, hostile: Callable[[], Awaitable[Any]]) -> tuple[Any, Witness]:
+    """Run ``hostile()`` while a polite session streams silence at real time (the server
+    pings it every second while it listens) and ``/healthz`` is probed twice a second."""
+    polite = await C.connect(url, "pcm16")
+    assert await polite.wait_for(lambda: polite.of_kind(P.Kind.HANDSHAKE), 30)
+    stop = asyncio.Event()
+    stream = asyncio.ensure_future(polite.send_audio(silence(600), until=stop.is_set))
+    health: list[float] = []
+    probe = asyncio.ensure_future(_probe_health(url, stop, health))
+    t0 = time.monotonic()
+    try:
+        result = await hostile()
+        await asyncio.sleep(1.5)  # and a little after it
+    finally:
+        stop.set()
+        t1 = time.monotonic()
+        await asyncio.gather(stream, probe, return_exceptions=True)
+    w = Witness(health_s=health, closed=polite.closed.is_set())
+    times = [t0, *(m.t for m in polite.messages if t0 <= m.t <= t1), t1]
+    w.gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    w.errors = [m.payload.decode() for m in polite.of_kind(P.Kind.ERROR)]
+    await polite.ws.close()
+    return result, w
+
+
+async def hostile_client(url: str, n: int = 2, **kw) -> C.ChatClient:
+    """A session from loopback address 127.0.0.n (another client to the server)."""
+    return await C.connect(url, "pcm16", local_addr=(f"127.0.0.{n}", 0), **kw)
+
+
+async def started(c: C.ChatClient) -> bool:
+    """Handshake received (True) or closed without one (False)."""
+    await c.wait_for(lambda: c.of_kind(P.Kind.HANDSHAKE) or c.closed.is_set(), 30)
+    return bool(c.of_kind(P.Kind.HANDSHAKE))
+
+
+def settle(url: str, sessions: int = 0, timeout: float = 20) -> dict:
+    """Wait until the model holds at most ``sessions`` conversations (earlier tests' sessions
+    end asynchronously)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        h = C.healthz(url)
+        if h["lm"]["sessions"] <= sessions or time.monotonic() > deadline:
+            return h
+        time.sleep(0.2)
+
+
+def errors_of(c: C.ChatClient) -> list[str]:
+    return [m.payload.decode() for m in c.of_kind(P.Kind.ERROR)]
+
+
+# -- live cases ----------------------------------------------------------------------------------
+def test_deeply_nested_json_gets_an_error_and_the_session_goes_on(server):
+    async def hostile():
+        c = await hostile_client(server)
+        assert await started(c)
+        await c.ws.send(b"\x04" + b"[" * 100_000)
+        assert await c.wait_for(lambda: c.of_kind(P.Kind.ERROR), 20)
+        await c.ws.send(b"\x04" + b'{"a": [1, {"b": 2}]}')  # a fine one: no reply
+        await c.ws.send(b"\x09")  # still parsed: another error, not a dead session
+        assert await c.wait_for(lambda: len(c.of_kind(P.Kind.ERROR)) >= 2, 20)
+        await asyncio.sleep(0.5)
+        open_after = not c.closed.is_set()
+        await c.ws.close()
+        return c, open_after
+
+    (c, open_after), w = run(alongside(server, hostile))
+    w.check()
+    errors = errors_of(c)
+    assert open_after, errors
+    assert "nested too deeply" in errors[0], errors
+    assert "0x09" in errors[1], errors
+    assert not any("ecursion" in e or "Traceback" in e for e in errors), errors
+
+
+def test_control_flood_is_rate_limited_with_1008(server):
+    from websockets.exceptions import ConnectionClosed
+
+    async def hostile():
+        c = await hostile_client(server, 3)
+        assert await started(c)
+        restart = P.control(P.Control.RESTART)
+        t0 = time.monotonic()
+        try:
+            for _ in range(5000):
+                if c.closed.is_set():
+                    break
+                await c.ws.send(restart)
+        except ConnectionClosed:
+            pass
+        assert await c.wait_for(lambda: c.closed.is_set(), 30)
+        return c, time.monotonic() - t0
+
+    (c, took), w = run(alongside(server, hostile))
+    w.check()
+    assert c.close_code == 1008, (c.close_code, errors_of(c))
+    assert any("messages per second" in e for e in errors_of(c)), errors_of(c)
+    # the server stopped after the burst (2 s of 100/s) plus what the rate refilled
+    assert len(c.events("restart")) <= 200 + 100 * took + 5, (len(c.events("restart")), took)
+
+
+def test_restarts_under_the_rate_keep_the_session(server):
+    """A burst of restarts under the limit is coalesced: the session stays open and usable."""
+
+    async def hostile():
+        c = await hostile_client(server, 4)
+        assert await started(c)
+        for _ in range(150):
+            await c.ws.send(P.control(P.Control.RESTART))
+        assert await c.wait_for(lambda: len(c.events("restart")) >= 150, 20)
+        await c.ws.send(b"\x09")
+        assert await c.wait_for(lambda: c.of_kind(P.Kind.ERROR), 10)
+        open_after = not c.closed.is_set()
+        await c.ws.close()
+        return c, open_after
+
+    (c, open_after), w = run(alongside(server, hostile))
+    w.check()
+    assert open_after and len(c.events("restart")) == 150
+    assert errors_of(c) == ["unknown message kind 0x09"]
+
+
+def test_pings_do_not_keep_an_idle_session(server, serve_root):
+    idle_s = C.local_serve_config(serve_root).serve.idle_timeout_s
+
+    async def hostile():
+        c = await hostile_client(server, 5)
+        assert await started(c)
+        t0 = time.monotonic()
+        while not c.closed.is_set() and time.monotonic() - t0 < idle_s + 6:
+            await c.ws.send(P.ping())
+            await asyncio.sleep(0.5)
+        return c, time.monotonic() - t0
+
+    (c, lasted), w = run(alongside(server, hostile))
+    w.check()
+    assert c.closed.is_set(), "pings kept the session open past the idle timeout"
+    assert idle_s - 1 <= lasted <= idle_s + 3, lasted
+    assert any("idle" in e for e in errors_of(c)) and c.close_code == 1000
+
+
+def test_sessions_per_client_address_are_limited(server, serve_root):
+    per_client = C.local_serve_config(serve_root).serve.max_sessions_per_client
+    settle(server)
+
+    async def hostile():
+        clients = [await hostile_client(server, 6) for _ in range(per_client)]
+        ok = [await started(c) for c in clients]
+        extra = await hostile_client(server, 6)
+        extra_started = await started(extra)
+        await extra.wait_for(lambda: extra.closed.is_set(), 10)
+        other = await hostile_client(server, 7)  # another address is not affected
+        other_started = await started(other)
+        before = (await asyncio.to_thread(C.healthz, server))["gateway_sessions"]
+        await clients[0].ws.close()
+        for _ in range(50):  # the gateway frees the slot once the session has ended
+            await asyncio.sleep(0.2)
+            if (await asyncio.to_thread(C.healthz, server))["gateway_sessions"] < before:
+                break
+        again = await hostile_client(server, 6)  # a freed slot can be used again
+        again_started = await started(again)
+        for c in [*clients[1:], other, again]:
+            await c.ws.close()
+        return ok, extra, extra_started, other_started, again_started
+
+    (ok, extra, extra_started, other_started, again_started), w = run(alongside(server, hostile))
+    w.check()
+    assert all(ok) and other_started and again_started
+    assert not extra_started and extra.close_code == 1008
+    assert any("too many sessions" in e for e in errors_of(extra)), errors_of(extra)
+
+
+def test_busy_refusal_leaves_no_routing_pin(server):
+    h = settle(server)
+    assert h["pinned_sessions"] == h["lm"]["sessions"], h
+
+    async def hostile():
+        clients, refused = [], []
+        for i in range(20):  # fill the replica from two addresses, then be refused 3 times
+            c = await hostile_client(server, 8 + i % 2)
+            if await started(c):
+                clients.append(c)
+            else:
+                await c.wait_for(lambda c=c: c.closed.is_set(), 10)
+                refused.append(c)
+                if len(refused) == 3:
+                    break
+        full = await asyncio.to_thread(C.healthz, server)
+        for c in clients:
+            await c.ws.close()
+        return clients, refused, full
+
+    (clients, refused, full), w = run(alongside(server, hostile))
+    w.check()
+    assert len(refused) == 3 and clients
+    for c in refused:
+        assert c.close_code == 1013 and any("busy" in e for e in errors_of(c)), errors_of(c)
+    assert full["pinned_sessions"] == full["lm"]["sessions"], full  # no pin per refusal
+    after = settle(server)
+    assert after["pinned_sessions"] == after["lm"]["sessions"] == 0, after
+
+
+# -- admission rules, in process -----------------------------------------------------------------
+def _serve(**kw) -> ServeConfig:
+    return ServeConfig(**kw)
+
+
+@pytest.mark.parametrize(
+    ("cfg", "headers", "token", "client", "refused"),
+    [
+        # a token server: non-browser clients (no Origin) work when they authenticate
+        ({"token": "t0k"}, {"host": "h.example:8000"}, "t0k", "203.0.113.9", None),
+        ({"token": "t0k"}, {"host": "h.example:8000"}, None, "203.0.113.9", "token"),
+        ({"token": "t0k"}, {"host": "h.example:8000"}, "t0kx", "127.0.0.1", "token"),
+        # browsers: their own page, a listed origin, or "*"
+        (
+            {"token": "t0k"},
+            {"host": "h.example:8000", "origin": "http://h.example:8000"},
+            "t0k",
+            "203.0.113.9",
+            None,
+        ),
+        (
+            {"token": "t0k", "allowed_origins": ["https://app.example"]},
+            {"host": "h.example:8000", "origin": "https://app.example"},
+            "t0k",
+            "203.0.113.9",
+            None,
+        ),
+        (
+            {"token": "t0k"},
+            {"host": "h.example:8000", "origin": "https://evil.example"},
+            "t0k",
+            "203.0.113.9",
+            "origin",
+        ),
+        (
+            {"token": "t0k", "allowed_origins": ["*"]},
+            {"host": "h.example:8000", "origin": "https://evil.example"},
+            "t0k",
+            "203.0.113.9",
+            None,
+        ),
+        # no token: loopback only, by address and by Host (no DNS rebinding)
+        ({}, {"host": "127.0.0.1:8000"}, None, "127.0.0.1", None),
+        ({}, {"host": "localhost:8000", "origin": "http://localhost:8000"}, None, "::1", None),
+        ({}, {"host": "10.0.0.2:8000"}, None, "10.0.0.7", "loopback"),
+        ({}, {"host": "rebound.example:8000"}, None, "127.0.0.1", "loopback"),
+        # explicitly anonymous: browsers from allowed origins, but scripts need an Origin
+        (
+            {"allow_anonymous": True},
+            {"host": "10.0.0.2:8000", "origin": "http://10.0.0.2:8000"},
+            None,
+            "10.0.0.7",
+            None,
+        ),
+        ({"allow_anonymous": True}, {"host": "10.0.0.2:8000"}, None, "10.0.0.7", "Origin"),
+    ],
+)
+def test_admission_rules(cfg, headers, token, client, refused):
+    from serve_app.app import refusal
+
+    why = refusal(headers, token, client, _serve(**cfg))
+    if refused is None:
+        assert why is None
+    else:
+        assert why is not None and refused in why, why
+
+
+def test_unknown_codec_is_refused():
+    from serve_app.app import refusal
+
+    why = refusal({"host": "127.0.0.1:1"}, None, "127.0.0.1", _serve(), codec="mp3")
+    assert why is not None and "codec" in why
+
+
+def test_start_refuses_a_public_host_without_token(serve_root):
+    """``start`` checks before Ray or Serve is touched."""
+    from serve_app.app import start
+
+    cfg = C.local_serve_config(serve_root, extra=["serve.host=0.0.0.0", "serve.token=null"])
+    with pytest.raises(ConfigError, match="serve.allow_anonymous"):
+        start(cfg)
+
+
+def test_message_rate_bucket():
+    now = [0.0]
+    rate = MessageRate(10, 20, clock=lambda: now[0])
+    assert sum(rate.allow() for _ in range(30)) == 20  # the burst, then nothing
+    now[0] += 0.5
+    assert sum(rate.allow() for _ in range(30)) == 5  # refilled at 10/s
+    now[0] += 100
+    assert sum(rate.allow() for _ in range(30)) == 20  # never above the burst
+
+
+# -- the session's queue and its errors, in process ----------------------------------------------
+class Outbox:
+    def __init__(self):
+        self.messages: list[bytes] = []
+
+    async def __call__(self, m: bytes) -> None:
+        self.messages.append(m)
+
+    def errors(self) -> list[str]:
+        return [m[1:].decode() for m in self.messages if m[0] == P.Kind.ERROR]
+
+    def events(self, name: str) -> list[dict]:
+        evs = [json.loads(m[1:]) for m in self.messages if m[0] == P.Kind.METADATA]
+        return [e for e in evs if e["event"] == name]
+
+
+def test_restart_flood_is_coalesced(tiny):
+    from serve_app.scheduler import LocalLM
+
+    calls = {"restart": 0}
+
+    class Counting(LocalLM):
+        async def restart(self):
+            calls["restart"] += 1
+            await super().restart()
+
+    async def main():
+        out = Outbox()
+        s = DuplexSession(Counting(tiny, "flood"), out, Pcm16Codec())
+        await s.start({})
+        for _ in range(500):  # no await yields to the worker in between
+            await s.on_message(P.control(P.Control.RESTART))
+            assert s.pending_ops <= 1
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            if not s.pending_ops:
+                break
+        await asyncio.sleep(0.2)
+        await s.close()
+        return out
+
+    out = asyncio.run(main())
+    assert len(out.events("restart")) == 500 and not out.errors()
+    assert 1 <= calls["restart"] <= 2  # one running, one queued: never 500 model calls
+
+
+def test_session_queue_is_bounded(tiny):
+    from serve_app.scheduler import LocalLM
+
+    async def main():
+        s = DuplexSession(
+            LocalLM(tiny, "bound"), Outbox(), Pcm16Codec(), SessionSettings(max_pending_ops=8)
+        )  # not started: nothing drains the queue
+        for _ in range(200):
+            s._enqueue(("feed", silence(0.1)))
+        assert s.pending_ops == 1  # merged into one feed of 20 s
+        with pytest.raises(SessionOverload, match="audio waiting"):
+            for _ in range(500):
+                s._enqueue(("feed", silence(0.1)))
+        for _ in range(7):
+            s._enqueue(("end_turn",))
+        with pytest.raises(SessionOverload, match="operations queued"):
+            s._enqueue(("end_turn",))
+        s._enqueue(("restart",))  # a restart always fits: it replaces what is queued
+        assert s.pending_ops == 1
+
+    asyncio.run(main())
+
+
+def test_internal_errors_are_generic_to_clients(tiny, caplog):
+    from serve_app.scheduler import LocalLM
+
+    secret = "secret-internal-detail-42"
+
+    class FailingLM(LocalLM):
+        async def end_turn(self):
+            raise RuntimeError(secret)
+
+    class FailingCodec(Pcm16Codec):
+        def decode(self, payload: bytes) -> np.ndarray:
+            if payload == b"\x00\x00boom":
+                raise KeyError(secret)
+            return super().decode(payload)
+
+    async def main():
+        out = Outbox()
+        s = DuplexSession(FailingLM(tiny, "errors"), out, FailingCodec())
+        await s.start({})
+        await s.on_message(P.audio(b"\x00\x00boom"))  # an unexpected failure in the handler
+        await s.on_message(P.control(P.Control.END_TURN))  # the model call fails
+        for _ in range(100):
+            if len(out.errors()) >= 2:
+                break
+            await asyncio.sleep(0.02)
+        await s.on_message(b"\x09")  # and the session goes on
+        await s.close()
+        return out
+
+    out = asyncio.run(main())
+    errors = out.errors()
+    assert len(errors) == 3, errors
+    assert not any(secret in e for e in errors), errors
+    assert "internal error" in errors[0] and "end_turn" in errors[1]
+    assert secret in caplog.text  # the detail is logged for the operator
+
+
+def test_check_health_sees_a_dead_engine_thread(serve_root):
+    """Ray Serve calls ``check_health`` every 10 s and replaces a replica that raises."""
+    from serve_app.app import SpeechLM
+    from serve_app.model_source import resolve_model
+    from serve_app.scheduler import build_scheduler
+
+    cfg = C.local_serve_config(serve_root)
+    sched, _ = build_scheduler(cfg, resolve_model(cfg).describe())
+    lm = object.__new__(SpeechLM.func_or_class)
+    lm.sched = sched
+    lm.check_health()  # alive: no error
+    sched.shutdown()
+    assert not sched._thread.is_alive()
+    with pytest.raises(RuntimeError, match="engine thread"):
+        lm.check_health()
