@@ -8,9 +8,12 @@ decoder can be rebuilt after a failure without the client re-sending them.
 
 from __future__ import annotations
 
+import logging
 from typing import Protocol
 
 import numpy as np
+
+log = logging.getLogger("ray.serve.voxtral")
 
 SAMPLE_RATE = 24_000
 OPUS_FRAMES = (1920, 960, 480, 240)  # 80/40/20/10 ms at 24 kHz: packet sizes used on the way out
@@ -160,7 +163,8 @@ class OpusCodec:
                 pcm = self._reader.append_bytes(page)
             except Exception as exc:  # sphn raises ValueError/RuntimeError on bad packets
                 self._reset_reader()
-                raise AudioInputError(f"cannot decode Opus: {exc}") from None
+                log.info("undecodable Opus page: %s", exc)  # the library's words stay here
+                raise AudioInputError("cannot decode Opus: corrupt or unsupported page") from None
             if pcm is not None and len(pcm):
                 out.append(np.asarray(pcm, dtype=np.float32).reshape(-1))
         return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
