@@ -25,7 +25,8 @@ import numpy as np
 
 from serve_app import protocol as P
 from serve_app.audio_io import SAMPLE_RATE, AudioCodec, AudioInputError
-from serve_app.vad import SileroStream, TurnDetector
+from serve_app.vad import TurnDetector
+from voxtral.vad import LiveVAD
 
 log = logging.getLogger("ray.serve.voxtral")
 
@@ -92,7 +93,7 @@ class DuplexSession:
         self.lm, self._send_raw, self.codec, self.s = lm, send, codec, settings
         self.on_first_audio, self.on_interrupt = on_first_audio, on_interrupt
         self.clock = clock
-        self.vad = SileroStream()
+        self.vad = LiveVAD(SAMPLE_RATE)
         self.turns = TurnDetector(
             settings.vad_threshold, settings.start_ms, settings.end_of_turn_ms
         )

@@ -17,12 +17,12 @@ from _scrape_media import copy_sample
 
 from voxtral import failures
 from voxtral.config import REPO_ROOT, load_config
+from voxtral.download import base_ydl_params
 from voxtral.index import (
     dedupe,
     entry_to_row,
     filter_entries,
     index_local,
-    is_transient,
     read_terms,
     run_index,
     search_youtube,
@@ -165,8 +165,6 @@ def test_backoff_obeys_slow_down_and_gives_up():
             lambda: (_ for _ in ()).throw(ValueError("Unsupported URL")), 3, 1.0, sleeps.append
         )
     assert sleeps == []  # not transient: no point waiting
-    assert is_transient(TimeoutError()) and is_transient(RuntimeError("HTTP Error 503"))
-    assert not is_transient(RuntimeError("Private video"))
 
 
 def test_terms_file_reading(tmp_path):
@@ -212,6 +210,7 @@ def test_search_youtube_is_a_thin_real_wrapper(monkeypatch):
     assert seen["query"] == "ytsearch25:late night call-in show" and seen["download"] is False
     assert seen["params"]["extract_flat"] is True
     assert seen["params"]["socket_timeout"] == 7 and seen["params"]["proxy"] == "socks5://p:1"
+    assert base_ydl_params(7, "socks5://p:1").items() <= seen["params"].items()  # as scrape
 
 
 # -- the Ray Data plan ---------------------------------------------------------------------------

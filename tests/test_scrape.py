@@ -36,9 +36,17 @@ from voxtral.audio import (
     resample,
 )
 from voxtral.captions import CaptionIndex, parse_vtt
-from voxtral.chunking import FRAME_S, ChunkPlanner, StreamVAD, hysteresis
+from voxtral.chunking import ChunkPlanner
 from voxtral.config import REPO_ROOT, Config, load_config
-from voxtral.download import ScrapeFailure, check_url, classify
+from voxtral.download import (
+    ScrapeFailure,
+    base_ydl_params,
+    check_url,
+    classify,
+    is_rate_limited,
+    is_transient,
+    ydl_params,
+)
 from voxtral.index import index_local, write_rows
 from voxtral.scrape import (
     chunks_rel,
@@ -49,6 +57,7 @@ from voxtral.scrape import (
     target_sample_rate,
 )
 from voxtral.storage import Storage
+from voxtral.vad import FRAME_S, hysteresis
 
 SR = 24000
 MIN_S, MAX_S = 5.0, 12.0
@@ -466,6 +475,7 @@ def test_downloads_stop_at_the_size_and_duration_caps(tmp_path):
 def test_stream_resampler_equals_resampling_the_whole_signal():
     rng = np.random.default_rng(1)
     pairs = [(48000, 24000), (44100, 24000), (8000, 24000), (24000, 8000), (22050, 16000)]
+    pairs += [(24000, 16000)]  # the server's VAD input
     odd = [(1, 24000), (7, 24000), (2401, 24000), (47999, 24000), (383999, 24000)]
     for a, b in pairs + odd:
         x = rng.standard_normal(a * 3 + 17).astype(np.float32)
@@ -516,28 +526,6 @@ def test_decode_errors_are_typed(tmp_path):
     (tmp_path / "g.m4a").write_bytes(bytes(range(256)) * 100)
     with pytest.raises(CorruptAudioError):
         list(decode_stream(str(tmp_path / "g.m4a"), SR))
-
-
-def test_vad_hears_speech_not_pauses_and_skips_digital_silence():
-    speech = sample_speech("podcast_en", 30)
-    x8 = resample(torch.from_numpy(speech.audio), SR, 8000).numpy()
-    vad = StreamVAD(8000, segment_frames=64, batch=4)
-    probs = np.concatenate(
-        [vad.push(x8[i : i + 7000]) for i in range(0, len(x8), 7000)] + [vad.flush()]
-    )
-    assert len(probs) == math.ceil(len(x8) / 256)
-    t = (np.arange(len(probs)) + 0.5) * FRAME_S
-    in_speech = np.zeros(len(probs), bool)
-    for a, b in speech.cues:
-        in_speech |= (t > a + 0.1) & (t < b - 0.1)
-    gap = np.ones(len(probs), bool)
-    for a, b in speech.cues:
-        gap &= (t < a - 0.15) | (t > b + 0.3)
-    assert (probs[in_speech] > 0.5).mean() > 0.85
-    assert (probs[gap] < 0.5).mean() > 0.85
-    quiet = StreamVAD(8000, segment_frames=64, batch=4)
-    assert not np.concatenate([quiet.push(np.zeros(8000 * 20, np.float32)), quiet.flush()]).any()
-    assert quiet.model_frames == 0
 
 
 def speech_pattern(seed: int, seconds: float) -> np.ndarray:
@@ -667,6 +655,26 @@ def test_error_reasons_from_ytdlp_exceptions():
     assert classify(DownloadError("ERROR: Did not get any data blocks")) == "empty"
     assert classify(DownloadError("ERROR: [youtube] x: Private video")) == "unavailable"
     assert classify(RuntimeError("something else")) == "error"
+
+
+def test_transient_and_rate_limited_errors():
+    """What the index's search backs off on: "slow down" answers, timeouts, server errors;
+    not a video that is gone, nor a 4xx that waiting does not change."""
+    assert is_rate_limited(RuntimeError("HTTP Error 429: Too Many Requests"))
+    assert is_rate_limited(RuntimeError("please slow down")) and is_transient(TimeoutError())
+    assert not is_rate_limited(RuntimeError("HTTP Error 503"))
+    for text in ("HTTP Error 503", "Read timed out", "Connection reset by peer", "quota"):
+        assert is_transient(RuntimeError(text)), text
+    for text in ("Private video", "HTTP Error 404: Not Found", "Unsupported URL"):
+        assert not is_transient(RuntimeError(text)), text
+
+
+def test_search_and_download_share_the_ytdlp_options(tmp_path):
+    cfg = make_cfg(tmp_path, "scrape.proxy=http://proxy:3128")
+    shared = base_ydl_params(cfg.scrape.timeout_s, cfg.scrape.proxy)
+    assert shared["proxy"] == "http://proxy:3128" and shared["cachedir"] is False
+    assert shared.items() <= ydl_params(cfg.scrape, str(tmp_path), False).items()
+    assert "proxy" not in base_ydl_params(5.0)
 
 
 def test_cut_audio_writes_nothing_visible_when_the_file_is_too_short(tmp_path):

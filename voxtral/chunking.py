@@ -1,131 +1,23 @@
-"""Finding speech and cutting a stream into chunks at pauses, in bounded memory.
+"""Cutting a stream into chunks at pauses, in bounded memory.
 
-Two streaming pieces, both fed block by block so a 3-hour video never sits in memory:
+``ChunkPlanner`` turns per-frame speech probabilities (from ``voxtral.vad``, fed block by
+block so a 3-hour video never sits in memory) into chunks between ``min_s`` and ``max_s``,
+cut in the longest pause available, with the silence at each chunk's edges trimmed.
 
-- ``StreamVAD``: silero-vad (ONNX, the weights from the pip package) turned into a batched
-  model. The stock model is called once per 32 ms frame, so the Python call overhead,
-  not the network, dominates. Here a window of audio is split into segments that run side
-  by side as one batch (one ONNX call advances every segment by a frame), each segment
-  primed with a short warm-up from the audio just before it. Segments that are digital
-  silence skip the model entirely.
-- ``ChunkPlanner``: per-frame probabilities → chunks between ``min_s`` and ``max_s``, cut
-  in the longest pause available, with the silence at each chunk's edges trimmed.
-
-Everything here works on frame indices (one frame = ``FRAME_S``); callers turn frames into
-samples at their own rate.
+Everything here works on frame indices (one frame = ``voxtral.vad.FRAME_S``); callers turn
+frames into samples at their own rate.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 
-FRAME_S = 0.032
-"""One silero-vad frame: 256 samples at 8 kHz, 512 at 16 kHz."""
-VAD_RATES = {8000: (256, 32), 16000: (512, 64)}  # rate → (frame samples, context samples)
-SILENCE_FLOOR = 10 ** (-60 / 20)
-"""Segments whose peak is below -60 dBFS are silence without asking the model."""
+from voxtral.vad import hysteresis, off_threshold
 
-
-@lru_cache(maxsize=1)
-def _silero_session():
-    """The ONNX session of the packaged silero-vad model, loaded once per process."""
-    from silero_vad import load_silero_vad
-
-    return load_silero_vad(onnx=True).session
-
-
-class StreamVAD:
-    """Speech probability per ``FRAME_S`` frame of a stream at ``rate`` (8 or 16 kHz)."""
-
-    def __init__(
-        self,
-        rate: int = 8000,
-        segment_frames: int = 256,
-        batch: int = 32,
-        warmup_frames: int = 8,
-    ):
-        if rate not in VAD_RATES:
-            raise ValueError(f"silero-vad runs at 8000 or 16000 Hz, not {rate}")
-        self.rate = rate
-        self.frame, self.ctx = VAD_RATES[rate]
-        self.seg = segment_frames
-        self.batch = batch
-        self.warm = warmup_frames
-        self.session = _silero_session()
-        self._sr = np.array(rate, dtype=np.int64)
-        self._lead = self.warm * self.frame + self.ctx
-        self._tail = np.zeros(self._lead, np.float32)  # the audio just before the next window
-        self._parts: list[np.ndarray] = []  # samples not yet run, in arrival order
-        self._pending = 0
-        self.model_frames = 0  # frames that went through the model (for benchmarks)
-
-    @property
-    def window(self) -> int:
-        return self.batch * self.seg * self.frame
-
-    def push(self, x: np.ndarray) -> np.ndarray:
-        """Feed samples; return probabilities of the frames completed so far."""
-        x = np.asarray(x, np.float32)
-        if len(x):
-            self._parts.append(x)
-            self._pending += len(x)
-        if self._pending < self.window:
-            return np.zeros(0, np.float32)
-        buf = np.concatenate(self._parts)
-        cut = (len(buf) // self.window) * self.window
-        out = [self._run(buf[i : i + self.window]) for i in range(0, cut, self.window)]
-        self._parts = [buf[cut:]] if cut < len(buf) else []
-        self._pending = len(buf) - cut
-        return np.concatenate(out)
-
-    def flush(self) -> np.ndarray:
-        """Probabilities of the remaining samples (the last frame zero-padded)."""
-        if not self._pending:
-            return np.zeros(0, np.float32)
-        buf = np.concatenate(self._parts)
-        x = np.zeros(-(-len(buf) // self.frame) * self.frame, np.float32)
-        x[: len(buf)] = buf
-        self._parts, self._pending = [], 0
-        return self._run(x)
-
-    def _run(self, x: np.ndarray) -> np.ndarray:
-        f, c, seg, warm = self.frame, self.ctx, self.seg, self.warm
-        n = len(x) // f
-        ext = np.concatenate([self._tail, x])
-        self._tail = ext[-self._lead :].copy()
-        n_seg = -(-n // seg)
-        steps = warm + seg
-        # model input of frame k (relative to x): [context | frame] = ext[lead-c+k*f : lead+(k+1)*f]
-        pad = max(0, (n_seg * seg - n) * f)
-        if pad:
-            ext = np.concatenate([ext, np.zeros(pad, np.float32)])
-        windows = np.lib.stride_tricks.sliding_window_view(ext, c + f)[::f]
-        # row j of ``windows`` is frame k = j - warm (since lead = warm*f + c)
-        probs = np.zeros(n_seg * seg, np.float32)
-        k0 = np.arange(n_seg) * seg  # first real frame of each segment
-        rows = k0[:, None] + np.arange(steps)[None, :]  # [n_seg, steps] indices into windows
-        live = []
-        for b in range(n_seg):
-            lo = (k0[b] + warm) * f + c  # sample offset of the segment's first real frame
-            hi = lo + seg * f
-            if np.abs(ext[max(0, lo - warm * f) : hi]).max(initial=0.0) >= SILENCE_FLOOR:
-                live.append(b)
-        if live:
-            idx = rows[live]  # [B, steps]
-            inputs = np.ascontiguousarray(windows[idx.T])  # [steps, B, c+f]
-            state = np.zeros((2, len(live), 128), np.float32)
-            out = np.empty((steps, len(live)), np.float32)
-            for t in range(steps):
-                p, state = self.session.run(
-                    None, {"input": inputs[t], "state": state, "sr": self._sr}
-                )
-                out[t] = p[:, 0]
-            self.model_frames += steps * len(live)
-            probs.reshape(n_seg, seg)[live] = out[warm:].T
-        return probs[:n]
+# bench/scrape.py preloads the model under this name; it goes once the bench imports voxtral.vad.
+from voxtral.vad import silero_session as _silero_session  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -145,14 +37,6 @@ class Chunk:
         return self.speech / self.frames if self.frames else 0.0
 
 
-def hysteresis(probs: np.ndarray, on: float, off: float, state: bool = False) -> np.ndarray:
-    """Speech flags: a frame turns speech at ``p >= on`` and stays so until ``p < off``."""
-    mark = np.where(probs >= on, 1, np.where(probs < off, 0, -1))
-    idx = np.where(mark >= 0, np.arange(len(mark)), -1)
-    idx = np.maximum.accumulate(idx) if len(idx) else idx
-    return np.where(idx >= 0, mark[np.maximum(idx, 0)] == 1, state)
-
-
 class ChunkPlanner:
     """Turns a stream of per-frame speech probabilities into chunks, as soon as decidable.
 
@@ -168,13 +52,12 @@ class ChunkPlanner:
         max_frames: int,
         pad_frames: int = 8,
         threshold: float = 0.5,
-        neg_threshold: float | None = None,
     ):
         if not 0 < min_frames <= max_frames:
             raise ValueError("need 0 < min_frames <= max_frames")
         self.min, self.max, self.pad = min_frames, max_frames, min(pad_frames, min_frames // 2)
         self.on = threshold
-        self.off = threshold - 0.15 if neg_threshold is None else neg_threshold
+        self.off = off_threshold(threshold)
         self.base = 0  # global index of _sp[0]
         self.pos = 0  # earliest frame the next chunk may start at
         self._sp = np.zeros(0, bool)

@@ -1,4 +1,10 @@
-"""Fetching one video's audio with yt-dlp's Python API, and naming what went wrong.
+"""yt-dlp in one place: the options every call shares, what its errors mean, and fetching
+one video's audio with its Python API.
+
+The index's search (``voxtral.index.search_youtube``) and the scrape's download both start
+from ``base_ydl_params`` and read errors here: ``classify`` names a failure (``http_404``,
+``timeout``, …) and ``is_transient`` / ``is_rate_limited`` say whether waiting helps.
+``resolve_path`` finds the folders a config names (the local corpus, the search terms).
 
 Only ``http(s)`` URLs are fetched, plus ``file://`` URLs under the local corpus folder for
 the local source (yt-dlp's ``enable_file_urls`` is switched on for that case only). Hosts
@@ -20,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from voxtral.config import ScrapeConfig
+from voxtral.config import REPO_ROOT, ScrapeConfig
 
 MAX_CAPTION_BYTES = 8 << 20
 
@@ -38,6 +44,14 @@ class Downloaded:
     path: str
     captions_vtt: str | None = None
     info: dict = field(default_factory=dict)
+
+
+def resolve_path(path: str) -> Path:
+    """A config path: absolute as given; relative to the working directory, else the repo."""
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists():
+        return p.resolve()
+    return (REPO_ROOT / p).resolve()
 
 
 def local_file(url: str, local_root: Path) -> Path:
@@ -111,30 +125,40 @@ def _retry_sleep(n: int) -> float:
     return min(0.5 * 2**n, 30.0)
 
 
+def base_ydl_params(timeout_s: float, proxy: str | None = None) -> dict:
+    """The yt-dlp options every call shares: silent, no cache on disk, bounded waits."""
+    params = {
+        "quiet": True,
+        "no_warnings": True,
+        "noprogress": True,
+        "socket_timeout": timeout_s,
+        "cachedir": False,
+    }
+    if proxy:
+        params["proxy"] = proxy
+    return params
+
+
 def ydl_params(cfg: ScrapeConfig, outdir: str, allow_file: bool) -> dict:
-    """yt-dlp options: best audio as served (no post-processing), bounded retries."""
+    """Download options: best audio as served (no post-processing), bounded retries."""
     from yt_dlp.utils import parse_bytes
 
-    params = {
+    params = base_ydl_params(cfg.timeout_s, cfg.proxy)
+    params |= {
         "format": cfg.format,
         "outtmpl": {"default": os.path.join(outdir, "media.%(ext)s")},
         "paths": {"home": outdir, "temp": outdir},
         "restrictfilenames": True,
         "noplaylist": True,
-        "quiet": True,
-        "no_warnings": True,
-        "noprogress": True,
         "logger": _Quiet(),
         "retries": cfg.retries,
         "fragment_retries": cfg.retries,
         "extractor_retries": cfg.retries,
         "file_access_retries": 0,
         "retry_sleep_functions": {k: _retry_sleep for k in ("http", "fragment", "extractor")},
-        "socket_timeout": cfg.timeout_s,
         "enable_file_urls": allow_file,
         "overwrites": True,
         "continuedl": False,
-        "cachedir": False,
         "postprocessors": [],
         "writesubtitles": False,
         "writeautomaticsub": False,
@@ -143,8 +167,6 @@ def ydl_params(cfg: ScrapeConfig, outdir: str, allow_file: bool) -> dict:
         params["ratelimit"] = parse_bytes(cfg.rate_limit)
     if cfg.cookies_file:
         params["cookiefile"] = cfg.cookies_file
-    if cfg.proxy:
-        params["proxy"] = cfg.proxy
     return params
 
 
@@ -231,6 +253,13 @@ def download(
     return Downloaded(path=path, captions_vtt=vtt, info={k: info.get(k) for k in keep})
 
 
+# -- what an error means --------------------------------------------------------------------
+
+_RATE_LIMITED = re.compile(r"\b429\b|too many requests|slow down|rate.?limit|quota", re.I)
+_TRANSIENT = re.compile(
+    r"timed? ?out|\b5\d\d\b|temporarily|connection (reset|aborted|refused)|remote end closed",
+    re.I,
+)
 _HTTP = re.compile(r"HTTP Error (\d{3})")
 _RULES = [
     (re.compile(r"timed? ?out|Read timed out|TimeoutError", re.I), "timeout"),
@@ -294,3 +323,15 @@ def classify(exc: BaseException) -> str:
         if pattern.search(text):
             return reason
     return "download_error" if type(exc).__name__ == "DownloadError" else "error"
+
+
+def is_rate_limited(exc: BaseException) -> bool:
+    """The site asked us to slow down (HTTP 429, "too many requests", a quota)."""
+    return bool(_RATE_LIMITED.search(str(exc)))
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Errors worth waiting out: "slow down" answers, timeouts, server errors."""
+    return (
+        is_rate_limited(exc) or isinstance(exc, TimeoutError) or bool(_TRANSIENT.search(str(exc)))
+    )

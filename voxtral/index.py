@@ -23,7 +23,8 @@ from pathlib import Path
 import pyarrow as pa
 
 from voxtral import failures, schema
-from voxtral.config import REPO_ROOT, Config, IndexConfig
+from voxtral.config import Config, IndexConfig
+from voxtral.download import base_ydl_params, is_rate_limited, is_transient, resolve_path
 from voxtral.storage import Storage
 
 STAGE = "index"
@@ -34,22 +35,9 @@ AUDIO_EXTENSIONS = frozenset(
 )
 DROP_LIVE_STATUS = frozenset({"is_live", "is_upcoming", "post_live"})
 _VIDEO_ID = re.compile(r"[A-Za-z0-9_-]{6,64}")
-_RATE_LIMITED = re.compile(r"\b429\b|too many requests|slow down|rate.?limit|quota", re.I)
-_TRANSIENT = re.compile(
-    r"timed? ?out|\b5\d\d\b|temporarily|connection (reset|aborted|refused)|remote end closed",
-    re.I,
-)
 
 SearchFn = Callable[..., list[dict]]
 """``search(term, n, proxy=...)`` → yt-dlp flat entries (injectable for tests)."""
-
-
-def resolve_path(path: str) -> Path:
-    """A config path: absolute as given; relative to the working directory, else the repo."""
-    p = Path(path).expanduser()
-    if p.is_absolute() or p.exists():
-        return p.resolve()
-    return (REPO_ROOT / p).resolve()
 
 
 def read_terms(path: str | Path, max_terms: int | None = None) -> list[str]:
@@ -128,17 +116,6 @@ def dedupe(rows: Iterable[dict], seen: set[str]) -> list[dict]:
 # -- the search call ----------------------------------------------------------------------------
 
 
-def is_rate_limited(exc: BaseException) -> bool:
-    return bool(_RATE_LIMITED.search(str(exc)))
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Errors worth waiting out: "slow down" answers, timeouts, server errors."""
-    return (
-        is_rate_limited(exc) or isinstance(exc, TimeoutError) or bool(_TRANSIENT.search(str(exc)))
-    )
-
-
 def with_backoff(
     fn: Callable[[], list[dict]],
     retries: int,
@@ -163,18 +140,11 @@ def search_youtube(term: str, n: int, timeout_s: float = 30.0, proxy: str | None
     """yt-dlp's own YouTube search with flat extraction: one request, no video pages."""
     from yt_dlp import YoutubeDL
 
-    params = {
+    params = base_ydl_params(timeout_s, proxy) | {
         "extract_flat": True,
         "skip_download": True,
-        "quiet": True,
-        "no_warnings": True,
-        "noprogress": True,
-        "socket_timeout": timeout_s,
         "extractor_retries": 0,  # retries are ours, with backoff
-        "cachedir": False,
     }
-    if proxy:
-        params["proxy"] = proxy
     with YoutubeDL(params) as ydl:
         info = ydl.extract_info(f"ytsearch{n}:{term}", download=False)
     return list((info or {}).get("entries") or [])

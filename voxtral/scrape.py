@@ -2,10 +2,11 @@
 
 One video per task. The task downloads the best audio stream (``voxtral.download``),
 decodes it as a stream at the codec rate (``voxtral.audio.decode_stream``), finds speech
-with silero-vad and cuts chunks at pauses (``voxtral.chunking``), encodes each chunk as
-FLAC with the caption words inside it, and streams the rows into a temporary Parquet file
-that is moved into place only when the whole video succeeded. So memory is bounded by a
-few minutes of audio whatever the video's length, and a task killed halfway leaves nothing.
+with silero-vad (``voxtral.vad``) and cuts chunks at pauses (``voxtral.chunking``), encodes
+each chunk as FLAC with the caption words inside it, and streams the rows into a temporary
+Parquet file that is moved into place only when the whole video succeeded. So memory is
+bounded by a few minutes of audio whatever the video's length, and a task killed halfway
+leaves nothing.
 
 A failure is a ``failures/scrape`` row with a reason, never a crashed job; a rerun skips
 finished videos and retries failed ones until ``scrape.max_attempts``. The attempt is
@@ -43,7 +44,7 @@ from voxtral.audio import (
     flac_encode,
 )
 from voxtral.captions import CaptionIndex, parse_vtt
-from voxtral.chunking import FRAME_S, ChunkPlanner, StreamVAD
+from voxtral.chunking import ChunkPlanner
 from voxtral.codec import codec_info
 from voxtral.config import Config
 from voxtral.download import (
@@ -53,9 +54,10 @@ from voxtral.download import (
     classify,
     download,
     local_file,
+    resolve_path,
 )
-from voxtral.index import resolve_path
 from voxtral.storage import Storage
+from voxtral.vad import FRAME_S, BatchedVAD
 
 STAGE = "scrape"
 PAD_S = 0.25
@@ -153,7 +155,7 @@ def cut_audio(
     sc = cfg.scrape
     sr = target_sample_rate(cfg)
     hop = round(sr * FRAME_S)
-    vad = StreamVAD(sc.vad_rate)
+    vad = BatchedVAD(sc.vad_rate)
     to_vad = StreamResampler(sr, sc.vad_rate)
     planner = ChunkPlanner(
         min_frames=math.ceil(sc.min_chunk_s / FRAME_S - 1e-6),
