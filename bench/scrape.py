@@ -112,11 +112,11 @@ def scrape_in_fresh_worker(row: dict, cfg) -> dict:
     """Runs in a Ray worker used for this one call: its peak RSS is this video's."""
     import torch
 
-    from voxtral.chunking import _silero_session
     from voxtral.scrape import scrape_video
+    from voxtral.vad import silero_session
 
     torch.set_num_threads(1)
-    _silero_session()
+    silero_session()
     before = peak_rss_mb()  # the libraries alone (torch is most of it)
     out = scrape_video(row, cfg)
     out["peak_rss_mb"] = peak_rss_mb()

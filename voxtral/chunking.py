@@ -16,9 +16,6 @@ import numpy as np
 
 from voxtral.vad import hysteresis, off_threshold
 
-# bench/scrape.py preloads the model under this name; it goes once the bench imports voxtral.vad.
-from voxtral.vad import silero_session as _silero_session  # noqa: F401
-
 
 @dataclass(frozen=True)
 class Chunk:
