@@ -254,9 +254,9 @@ def train_loop(config: dict) -> None:
 
     from voxtral.model import build_speech_lm
     from voxtral.tokenizer import Layout
-    from voxtral.train.deepspeed_config import (
+    from voxtral.train.optim import (
+        build_lr_scheduler,
         build_optimizer,
-        build_scheduler,
         deepspeed_config,
         param_groups,
     )
@@ -301,7 +301,7 @@ def train_loop(config: dict) -> None:
         model=model,
         optimizer=optimizer,
         model_parameters=param_groups(model, tc.weight_decay) if optimizer is None else None,
-        lr_scheduler=partial(build_scheduler, cfg=tc),
+        lr_scheduler=partial(build_lr_scheduler, cfg=tc),
         config=ds_config,
     )
 
