@@ -9,7 +9,7 @@ and streams a model turn from the thread to the caller chunk by chunk.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +28,8 @@ class Busy(RuntimeError):
 
 @dataclass(frozen=True)
 class SchedulerSettings:
+    """The replica's limits and pacing (from ``serve.*``; see ``build_scheduler``)."""
+
     max_sessions: int = 16
     max_batch: int = 16
     max_turn_s: float = 10.0
@@ -58,7 +60,8 @@ class Scheduler:
         """The conversations held (read-only outside the engine thread)."""
         return self.thread.convs
 
-    async def _call(self, fn) -> Any:
+    async def _call(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the engine thread and await its result."""
         return await asyncio.wrap_future(self.thread.call(fn))
 
     async def open(self, sid: str) -> dict[str, Any]:
