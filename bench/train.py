@@ -146,13 +146,13 @@ def main(argv=None) -> dict:
 
     import deepspeed
 
-    from voxtral.train.deepspeed_config import (
-        build_optimizer,
-        build_scheduler,
-        deepspeed_config,
-    )
     from voxtral.train.loop import _forward, _to_device
     from voxtral.train.loss import stream_weights
+    from voxtral.train.optim import (
+        build_lr_scheduler,
+        build_optimizer,
+        deepspeed_config,
+    )
     from voxtral.train.perf import flops_per_token, matmul_params, mfu, peak_flops
 
     model, layout = build(args, cfg, device)
@@ -162,7 +162,7 @@ def main(argv=None) -> dict:
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=build_optimizer(model, tc, device.type == "cuda"),
-        lr_scheduler=lambda opt: build_scheduler(opt, tc),
+        lr_scheduler=lambda opt: build_lr_scheduler(opt, tc),
         config=deepspeed_config(tc, 1, device.type == "cuda"),
     )
     weights = stream_weights(tc).to(device)

@@ -30,7 +30,7 @@ from ray.serve.handle import DeploymentHandle
 
 from serve_app import metrics
 from serve_app import protocol as P
-from serve_app.audio_io import CODECS, make_codec
+from serve_app.audio_io import WIRE_FORMATS, make_wire_audio
 from serve_app.routing import pinned_sessions
 from serve_app.scheduler import Busy
 from serve_app.session import DuplexSession, MessageRate, SessionOverload, SessionSettings
@@ -104,8 +104,10 @@ class SpeechLM:
         if not self.sched.alive():
             raise RuntimeError("the SpeechLM engine thread is not running")
 
-    def __del__(self):
-        sched = getattr(self, "sched", None)
+    def __del__(self) -> None:
+        """Ray Serve's shutdown hook (it calls ``__del__`` once when it stops a replica):
+        stop the engine thread through the scheduler, which owns it."""
+        sched = getattr(self, "sched", None)  # None: ``__init__`` failed before building it
         if sched is not None:
             sched.shutdown()
 
@@ -169,7 +171,7 @@ def refusal(
     given_token: str | None,
     client_host: str | None,
     s: ServeConfig,
-    codec: str = "opus",
+    wire_format: str = "opus",
 ) -> str | None:
     """Why this connection may not start (None: it may). Checked before any model work.
 
@@ -200,8 +202,8 @@ def refusal(
         or urlsplit(origin).netloc.lower() == headers.get("host", "").lower()
     ):
         return f"origin {origin} is not allowed"
-    if codec not in CODECS:
-        return f"unknown codec {codec!r} (expected {', '.join(CODECS)})"
+    if wire_format not in WIRE_FORMATS:  # the protocol calls it ``?codec=``
+        return f"unknown codec {wire_format!r} (expected {', '.join(WIRE_FORMATS)})"
     return None
 
 
@@ -249,8 +251,8 @@ class Gateway:
     async def chat(self, ws: WebSocket) -> None:
         s = self.cfg.serve
         client = ws.client.host if ws.client else ""
-        codec_name = ws.query_params.get("codec", "opus")
-        why = refusal(ws.headers, token_of(ws), client, s, codec_name)
+        wire_format = ws.query_params.get("codec", "opus")
+        why = refusal(ws.headers, token_of(ws), client, s, wire_format)
         if why is not None:
             log.info("refused a connection from %s: %s", client, why)
             await ws.close(code=CLOSE_POLICY, reason=why)
@@ -265,19 +267,18 @@ class Gateway:
                     await ws.send_bytes(P.error(why))
                     await ws.close(code=CLOSE_POLICY, reason="too many sessions")
                 return
-            await self._session(ws, codec_name)
+            await self._session(ws, wire_format)
         finally:
             self.per_client[client] -= 1
             if self.per_client[client] <= 0:
                 del self.per_client[client]
 
-    async def _session(self, ws: WebSocket, codec_name: str) -> None:
+    async def _session(self, ws: WebSocket, wire_format: str) -> None:
         sid = uuid.uuid4().hex
-        codec = make_codec(codec_name)
         session = DuplexSession(
             HandleLM(self.lm, sid),
             ws.send_bytes,
-            codec,
+            make_wire_audio(wire_format),
             self.settings,
             on_first_audio=lambda ms: metrics.record("first_audio", ms),
             on_interrupt=lambda: metrics.record("interrupts"),

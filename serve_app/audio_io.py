@@ -1,4 +1,6 @@
-"""Per-session audio codecs of the wire: Ogg/Opus (default) and raw PCM16LE, 24 kHz mono.
+"""Wire audio: the per-session format of the audio messages, Ogg/Opus (default) or raw
+PCM16LE, 24 kHz mono. (The protocol's ``?codec=`` picks it; in this code "codec" means only
+the neural codec of :mod:`voxtral.codec`.)
 
 Incoming Ogg is split into pages and each page's CRC is checked *before* it reaches the Opus
 decoder: sphn's stream reader keeps failing once it has swallowed a corrupt byte, so a
@@ -18,7 +20,7 @@ log = logging.getLogger("ray.serve.voxtral")
 SAMPLE_RATE = 24_000
 OPUS_FRAMES = (1920, 960, 480, 240)  # 80/40/20/10 ms at 24 kHz: packet sizes used on the way out
 MAX_PAGE_BYTES = 65_307  # 27 + 255 + 255 * 255: the largest page Ogg allows
-CODECS = ("opus", "pcm16")
+WIRE_FORMATS = ("opus", "pcm16")  # the values of ``?codec=``
 
 
 class AudioInputError(ValueError):
@@ -114,9 +116,11 @@ def is_bos(page: bytes) -> bool:
     return bool(page[5] & 0x02)
 
 
-# -- codecs ------------------------------------------------------------------------------
-class AudioCodec(Protocol):
-    name: str
+# -- wire formats ------------------------------------------------------------------------
+class WireAudio(Protocol):
+    """One session's wire audio, both ways."""
+
+    name: str  # as the client names it in ``?codec=``
 
     def decode(self, payload: bytes) -> np.ndarray:
         """Wire payload → float32 samples at 24 kHz (possibly empty)."""
@@ -131,7 +135,7 @@ class AudioCodec(Protocol):
         ...
 
 
-class OpusCodec:
+class OpusWire:
     """Ogg/Opus at 24 kHz mono through sphn, one continuous stream each way per session."""
 
     name = "opus"
@@ -188,7 +192,7 @@ class OpusCodec:
         return self.encode(np.zeros(pad, dtype=np.float32))
 
 
-class Pcm16Codec:
+class Pcm16Wire:
     """Raw little-endian 16-bit PCM at 24 kHz mono (``?codec=pcm16``): no encoder needed in
     the browser."""
 
@@ -215,9 +219,9 @@ def float_to_pcm16(pcm: np.ndarray) -> bytes:
     return (x * 32767.0).round().astype("<i2").tobytes()
 
 
-def make_codec(name: str) -> AudioCodec:
+def make_wire_audio(name: str) -> WireAudio:
     if name == "opus":
-        return OpusCodec()
+        return OpusWire()
     if name == "pcm16":
-        return Pcm16Codec()
-    raise ValueError(f"unknown audio codec {name!r} (expected one of {', '.join(CODECS)})")
+        return Pcm16Wire()
+    raise ValueError(f"unknown wire audio {name!r} (expected one of {', '.join(WIRE_FORMATS)})")

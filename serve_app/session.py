@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from serve_app import protocol as P
-from serve_app.audio_io import SAMPLE_RATE, AudioCodec, AudioInputError
+from serve_app.audio_io import SAMPLE_RATE, AudioInputError, WireAudio
 from serve_app.vad import TurnDetector
 from voxtral.vad import LiveVAD
 
@@ -84,13 +84,13 @@ class DuplexSession:
         self,
         lm: LMClient,
         send: Callable[[bytes], Awaitable[None]],
-        codec: AudioCodec,
+        wire: WireAudio,
         settings: SessionSettings = SessionSettings(),
         on_first_audio: Callable[[float], None] | None = None,
         on_interrupt: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
-        self.lm, self._send_raw, self.codec, self.s = lm, send, codec, settings
+        self.lm, self._send_raw, self.wire, self.s = lm, send, wire, settings
         self.on_first_audio, self.on_interrupt = on_first_audio, on_interrupt
         self.clock = clock
         self.vad = LiveVAD(SAMPLE_RATE)
@@ -136,7 +136,7 @@ class DuplexSession:
         await self.lm.open()
         self._worker = asyncio.create_task(self._work())
         await self.send(P.handshake())
-        await self.event(event="ready", codec=self.codec.name, sample_rate=SAMPLE_RATE, **info)
+        await self.event(event="ready", codec=self.wire.name, sample_rate=SAMPLE_RATE, **info)
         await self.event(event="state", state=self.state)
 
     async def close(self) -> None:
@@ -165,7 +165,7 @@ class DuplexSession:
         try:
             msg = P.decode(raw)
             if msg.kind == P.Kind.AUDIO:
-                pcm = self.codec.decode(msg.payload)
+                pcm = self.wire.decode(msg.payload)
                 self.last_active = self.clock()  # pings and junk do not keep a session
                 await self.on_audio(pcm)
             elif msg.kind == P.Kind.CONTROL:
@@ -344,7 +344,7 @@ class DuplexSession:
         self._first_sent_at, self._sent_s = None, 0.0
         async for item in self.lm.respond():
             if "audio" in item and len(item["audio"]):
-                payload = self.codec.encode(item["audio"])
+                payload = self.wire.encode(item["audio"])
                 if payload:
                     if first:
                         first = False
@@ -354,7 +354,7 @@ class DuplexSession:
             if item.get("text"):
                 await self.send(P.text(item["text"]))
             if "end" in item:
-                tail = self.codec.flush()
+                tail = self.wire.flush()
                 if tail:
                     await self.send(P.audio(tail))
                 stats = {k: item[k] for k in ("audio_s", "wall_s", "busy_s") if k in item}

@@ -23,7 +23,7 @@ import pytest
 import serve_client as C  # tests/ helper shared with test_serve.py and test_browser.py
 
 from serve_app import protocol as P
-from serve_app.audio_io import Pcm16Codec
+from serve_app.audio_io import Pcm16Wire
 from serve_app.session import DuplexSession, MessageRate, SessionOverload, SessionSettings
 from voxtral.config import ConfigError, ServeConfig
 
@@ -365,7 +365,7 @@ def test_admission_rules(cfg, headers, token, client, refused):
 def test_unknown_codec_is_refused():
     from serve_app.app import refusal
 
-    why = refusal({"host": "127.0.0.1:1"}, None, "127.0.0.1", _serve(), codec="mp3")
+    why = refusal({"host": "127.0.0.1:1"}, None, "127.0.0.1", _serve(), wire_format="mp3")
     assert why is not None and "codec" in why
 
 
@@ -416,7 +416,7 @@ def test_restart_flood_is_coalesced(tiny):
 
     async def main():
         out = Outbox()
-        s = DuplexSession(Counting(tiny, "flood"), out, Pcm16Codec())
+        s = DuplexSession(Counting(tiny, "flood"), out, Pcm16Wire())
         await s.start({})
         for _ in range(500):  # no await yields to the worker in between
             await s.on_message(P.control(P.Control.RESTART))
@@ -439,7 +439,7 @@ def test_session_queue_is_bounded(tiny):
 
     async def main():
         s = DuplexSession(
-            LocalLM(tiny, "bound"), Outbox(), Pcm16Codec(), SessionSettings(max_pending_ops=8)
+            LocalLM(tiny, "bound"), Outbox(), Pcm16Wire(), SessionSettings(max_pending_ops=8)
         )  # not started: nothing drains the queue
         for _ in range(200):
             s._enqueue(("feed", silence(0.1)))
@@ -466,7 +466,7 @@ def test_internal_errors_are_generic_to_clients(tiny, caplog):
         async def end_turn(self):
             raise RuntimeError(secret)
 
-    class FailingCodec(Pcm16Codec):
+    class FailingWire(Pcm16Wire):
         def decode(self, payload: bytes) -> np.ndarray:
             if payload == b"\x00\x00boom":
                 raise KeyError(secret)
@@ -474,7 +474,7 @@ def test_internal_errors_are_generic_to_clients(tiny, caplog):
 
     async def main():
         out = Outbox()
-        s = DuplexSession(FailingLM(tiny, "errors"), out, FailingCodec())
+        s = DuplexSession(FailingLM(tiny, "errors"), out, FailingWire())
         await s.start({})
         await s.on_message(P.audio(b"\x00\x00boom"))  # an unexpected failure in the handler
         await s.on_message(P.control(P.Control.END_TURN))  # the model call fails
@@ -506,6 +506,7 @@ def test_check_health_sees_a_dead_engine_thread(serve_root):
     lm.sched = sched
     lm.check_health()  # alive: no error
     sched.shutdown()
-    assert not sched._thread.is_alive()
+    assert not sched.thread.thread.is_alive()
+    sched.shutdown()  # again (Serve's hook and garbage collection may both call it): a no-op
     with pytest.raises(RuntimeError, match="engine thread"):
         lm.check_health()

@@ -76,6 +76,14 @@ def test_tiny_folder_is_deterministic_and_written_anywhere(tmp_path, base_model)
     assert write_tiny_mistral(path) == path  # already there: kept as is
 
 
+def test_writing_the_tiny_model_leaves_the_callers_rng_alone(tmp_path):
+    torch.manual_seed(1234)
+    expected = torch.rand(4)
+    torch.manual_seed(1234)
+    write_tiny_mistral(tmp_path / "tiny", layers=1)  # seeds its own init, in a forked RNG
+    assert torch.equal(torch.rand(4), expected)
+
+
 def test_resized_vocabulary_and_forward(base_model):
     model, _, layout = build_speech_lm(cfg_with())
     v = layout.vocab

@@ -17,8 +17,8 @@ from serve_app import protocol as P
 from serve_app.audio_io import (
     AudioInputError,
     OggPages,
-    OpusCodec,
-    Pcm16Codec,
+    OpusWire,
+    Pcm16Wire,
     float_to_pcm16,
     ogg_crc,
 )
@@ -46,8 +46,8 @@ def tiny(serve_root):
 
     cfg = C.local_serve_config(serve_root)
     sched, info = build_scheduler(cfg, resolve_model(cfg).describe())
-    yield sched, info
-    sched.shutdown()
+    with sched:  # stops its engine thread at the end
+        yield sched, info
 
 
 def silence(seconds: float) -> np.ndarray:
@@ -120,27 +120,27 @@ def test_ogg_pages_any_split_and_crc():
         OggPages().push(b"garbage!")
 
 
-def test_opus_codec_survives_corrupt_messages():
-    codec = OpusCodec()
+def test_opus_wire_survives_corrupt_messages():
+    wire = OpusWire()
     messages = opus_stream(tone(1.0))
-    total = sum(len(codec.decode(m)) for m in messages[:10])
+    total = sum(len(wire.decode(m)) for m in messages[:10])
     with pytest.raises(AudioInputError):
-        codec.decode(b"OggS\x00" + bytes(40))  # header-shaped garbage
+        wire.decode(b"OggS\x00" + bytes(40))  # header-shaped garbage
     with pytest.raises(AudioInputError):
-        codec.decode(b"\x00\x01garbage")
-    total += sum(len(codec.decode(m)) for m in messages[10:])
+        wire.decode(b"\x00\x01garbage")
+    total += sum(len(wire.decode(m)) for m in messages[10:])
     assert total >= 0.9 * 24_000  # the stream went on after the bad messages
-    out = codec.encode(tone(0.1)) + codec.flush()
+    out = wire.encode(tone(0.1)) + wire.flush()
     assert OggPages().push(out)  # whole, valid pages on the way out
 
 
-def test_pcm16_codec():
-    codec = Pcm16Codec()
+def test_pcm16_wire():
+    wire = Pcm16Wire()
     x = tone(0.05)
-    y = codec.decode(codec.encode(x))
+    y = wire.decode(wire.encode(x))
     assert np.abs(x - y).max() < 1e-3
     with pytest.raises(AudioInputError, match="odd"):
-        codec.decode(b"\x00\x01\x02")
+        wire.decode(b"\x00\x01\x02")
     assert float_to_pcm16(np.array([2.0, -2.0, np.nan], dtype=np.float32)) == (
         np.array([32767, -32767, 0], dtype="<i2").tobytes()
     )
@@ -359,12 +359,12 @@ class Outbox:
 
 
 async def _feed(session, pcm, realtime=True, until=None):
-    codec = Pcm16Codec()
+    wire = Pcm16Wire()
     start = time.monotonic()
     for i in range(0, len(pcm), 960):
         if until is not None and until():
             return
-        await session.on_message(P.audio(codec.encode(pcm[i : i + 960])))
+        await session.on_message(P.audio(wire.encode(pcm[i : i + 960])))
         if realtime:
             await asyncio.sleep(max(0.0, start + (i + 960) / 24_000 - time.monotonic()))
 
@@ -390,7 +390,7 @@ def test_session_interrupt_keeps_what_was_heard(tiny, speech):
     async def main():
         out = Outbox()
         s = DuplexSession(
-            Recording(sched, "interrupt"), out, Pcm16Codec(), SessionSettings(end_of_turn_ms=300)
+            Recording(sched, "interrupt"), out, Pcm16Wire(), SessionSettings(end_of_turn_ms=300)
         )
         await s.start({})
         assert out.kinds()[0] == P.Kind.HANDSHAKE

@@ -69,7 +69,6 @@ def write_tiny_mistral(path: str | os.PathLike, vocab_size: int = 512, layers: i
     tok = PreTrainedTokenizerFast(
         tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
     )
-    torch.manual_seed(0)
     config = MistralConfig(
         vocab_size=vocab_size,
         hidden_size=64,
@@ -82,7 +81,9 @@ def write_tiny_mistral(path: str | os.PathLike, vocab_size: int = 512, layers: i
         eos_token_id=2,
         tie_word_embeddings=False,
     )
-    model = MistralForCausalLM(config)
+    with torch.random.fork_rng(devices=[]):  # seeded without touching the caller's RNG
+        torch.manual_seed(0)
+        model = MistralForCausalLM(config)
     path.parent.mkdir(parents=True, exist_ok=True)  # the rename must stay on one filesystem
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-tiny-", dir=path.parent))
     try:

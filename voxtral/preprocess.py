@@ -366,7 +366,9 @@ class ChunkEncoder:
             if not torch.cuda.is_available():
                 raise RuntimeError("preprocess.num_gpus > 0 but this actor sees no CUDA device")
             # Full fp32: TF32 convolutions change codes the way autocast does (measured by
-            # bench/preprocess.py), for a small speed-up.
+            # bench/preprocess.py), for a small speed-up. Process-wide on purpose: this actor's
+            # process exists only to run this codec (Ray Data's actor pool), and every call
+            # and the autocast probe below must see the same precision.
             torch.backends.cuda.matmul.allow_tf32 = False
             torch.backends.cudnn.allow_tf32 = False
         else:

@@ -79,6 +79,8 @@ def init_ray(**kwargs) -> str:
     else:
         ray.init(address=address, runtime_env=runtime_env)
         said = f"joined the Ray cluster at {address} ({why})"
+    # Ray Data's documented switch (its DataContext is per driver process by design): the
+    # stage jobs show progress bars, even where RAY_DATA_DISABLE_PROGRESS_BARS is set.
     ray.data.DataContext.get_current().enable_progress_bars = True
     log.info(said)
     return said

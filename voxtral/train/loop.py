@@ -191,15 +191,22 @@ def init_deepspeed_distributed(use_gpu: bool) -> None:
     On CPU, DeepSpeed would JIT-compile its shared-memory allreduce op here; its build key
     includes the interpreter's path, which Ray's per-session working-dir copy changes, so
     every session would recompile it (minutes on a small node), for an allreduce that gloo
-    already does. The op is skipped; collectives go through torch.distributed.
+    already does. DeepSpeed (0.19) has no switch for it, so its builder is replaced by one
+    that builds nothing for this call only (its backend reads it once, when constructed);
+    collectives go through torch.distributed.
     """
     import importlib
 
     import deepspeed
 
-    if not use_gpu:  # (``deepspeed.comm.torch`` as an attribute is torch itself)
-        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-    deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
+    ds_torch = importlib.import_module("deepspeed.comm.torch")  # (the attribute is torch)
+    build_shm_op = ds_torch.build_shm_op
+    if not use_gpu:
+        ds_torch.build_shm_op = lambda: None
+    try:
+        deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
+    finally:
+        ds_torch.build_shm_op = build_shm_op
 
 
 def _ray_metrics() -> dict | None:
@@ -247,9 +254,9 @@ def train_loop(config: dict) -> None:
 
     from voxtral.model import build_speech_lm
     from voxtral.tokenizer import Layout
-    from voxtral.train.deepspeed_config import (
+    from voxtral.train.optim import (
+        build_lr_scheduler,
         build_optimizer,
-        build_scheduler,
         deepspeed_config,
         param_groups,
     )
@@ -294,7 +301,7 @@ def train_loop(config: dict) -> None:
         model=model,
         optimizer=optimizer,
         model_parameters=param_groups(model, tc.weight_decay) if optimizer is None else None,
-        lr_scheduler=partial(build_scheduler, cfg=tc),
+        lr_scheduler=partial(build_lr_scheduler, cfg=tc),
         config=ds_config,
     )
 

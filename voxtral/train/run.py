@@ -20,8 +20,8 @@ import pyarrow.dataset as pads
 from voxtral.config import Config, ConfigError
 from voxtral.storage import Storage
 from voxtral.tokenizer import Layout
-from voxtral.train.compat import check_tokens
 from voxtral.train.data import eval_videos, row_codes, row_windows, split_batch, windows_batch
+from voxtral.train.token_check import check_tokens
 
 log = logging.getLogger("voxtral.train")
 

@@ -1,4 +1,5 @@
-"""Training refuses tokens made with another codec or layout than the model's.
+"""The token check: training refuses tokens made with another codec or layout than the
+model's.
 
 One place for the checks: the codec record ``tokens/_codec.json`` through
 :func:`voxtral.codec.check_codec_compatible` (against the codec config, which also pins the

@@ -1,4 +1,5 @@
-"""The DeepSpeed config, optimizer and schedule that the train section stands for.
+"""How the weights are updated: the DeepSpeed (ZeRO) config, the optimizer and the learning
+rate schedule that the train section stands for.
 
 Pure functions of :class:`voxtral.config.TrainConfig`, so what a run did can be read off
 its config. Precision: bf16 compute with fp32 master weights and optimizer state on GPU
@@ -111,5 +112,6 @@ class WarmupCosine:
         return lr_factor(step, self.warmup, self.max_steps, self.min_ratio)
 
 
-def build_scheduler(optimizer, cfg: TrainConfig):
+def build_lr_scheduler(optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """The warmup-cosine schedule on ``optimizer`` (DeepSpeed steps it with the optimizer)."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(cfg))

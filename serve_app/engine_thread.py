@@ -1,0 +1,331 @@
+"""The engine thread: the one thread that runs the model and the codec for every conversation
+on a replica (GPU work from one thread, no locks in the hot path).
+
+Work reaches it through one operation queue, filled by its asyncio front
+(:class:`serve_app.scheduler.Scheduler`): functions to run on the thread (open, interrupt,
+close…) and user audio to encode and prefill. Each iteration runs the queued operations,
+encodes every conversation's new audio in as few codec calls as possible, then generates one
+group for every conversation whose turn is due, batched, so a long prefill or a slow client
+never stops the others. Turns are paced to stay at most ``lead_s`` ahead of real time, so an
+interrupt wastes little and the context can be cut back to what the listener heard.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from serve_app.codec_stream import (
+    CodecStreamDecoder,
+    CodecStreamEncoder,
+    decode_many,
+    encode_many,
+)
+from serve_app.generation import LMState, SpeechEngine, TextStream
+from voxtral.codec import Codec
+from voxtral.tokenizer import Layout, StreamDecoder, encode_ids
+
+if TYPE_CHECKING:
+    from serve_app.scheduler import SchedulerSettings
+
+log = logging.getLogger("ray.serve.voxtral")
+
+
+class UnknownSession(KeyError):
+    """No such conversation here (closed, or its replica restarted)."""
+
+
+@dataclass
+class Turn:
+    """One model turn in progress: what it generated, and the queue its chunks go to."""
+
+    loop: asyncio.AbstractEventLoop
+    out: asyncio.Queue
+    start_len: int  # ids held when the turn began
+    decoder: StreamDecoder
+    text: TextStream
+    t0: float = field(default_factory=time.monotonic)
+    groups: int = 0
+    frames: list[np.ndarray] = field(default_factory=list)  # generated, not yet decoded
+    pending_text: str = ""
+    audio_s: float = 0.0
+    busy_s: float = 0.0
+    ended: str | None = None
+
+    def post(self, item: dict[str, Any]) -> None:
+        """Hand ``item`` to the turn's reader (its asyncio loop) from the engine thread."""
+        self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+
+    def stats(self) -> dict[str, Any]:
+        """What the turn's ``end`` item reports."""
+        return {
+            "audio_s": round(self.audio_s, 4),
+            "wall_s": round(time.monotonic() - self.t0, 4),
+            "busy_s": round(self.busy_s, 4),
+            "groups": self.groups,
+        }
+
+
+@dataclass
+class _Feed:
+    """User audio for one conversation (``pcm`` None: the end of the user's turn)."""
+
+    sid: str
+    pcm: np.ndarray | None
+    end: bool
+    fut: Future
+
+
+@dataclass
+class Conversation:
+    sid: str
+    state: LMState
+    encoder: CodecStreamEncoder
+    audio_out: CodecStreamDecoder
+    held_frames: np.ndarray  # user frames waiting to fill a group
+    turn: Turn | None = None
+    last_turn: Turn | None = None  # the turn that ended last, while nothing followed it
+
+
+class EngineThread:
+    """The thread, its operation queue and the conversations it holds. Everything that
+    touches ``convs`` runs on the thread; other threads only queue operations."""
+
+    def __init__(self, engine: SpeechEngine, codec: Codec, tokenizer, settings: SchedulerSettings):
+        self.engine, self.codec, self.tokenizer, self.s = engine, codec, tokenizer, settings
+        self.layout: Layout = engine.layout
+        self.convs: dict[str, Conversation] = {}
+        self.steps = 0
+        self.batch_hist: dict[int, int] = {}
+        self._ops: queue.SimpleQueue = queue.SimpleQueue()
+        self._rr = itertools.count()
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="voxtral-engine", daemon=True)
+        self.thread.start()
+
+    # -- called from other threads -----------------------------------------------------
+    def call(self, fn: Callable[[], Any]) -> Future:
+        """Run ``fn`` on the engine thread; its result or exception lands in the future."""
+        fut: Future = Future()
+        self._ops.put((fn, fut))
+        return fut
+
+    def feed(self, sid: str, pcm: np.ndarray | None, end: bool) -> Future:
+        """Queue user audio (batched with the other conversations' on the thread); the
+        future holds the number of ids the conversation holds after its prefill."""
+        fut: Future = Future()
+        self._ops.put(_Feed(sid, pcm, end, fut))
+        return fut
+
+    def alive(self) -> bool:
+        """Whether the thread still runs (every conversation depends on it)."""
+        return self.thread.is_alive() and not self._stop.is_set()
+
+    def shutdown(self) -> None:
+        """Stop the thread and wait for it (at most 5 s); calling it again does nothing."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        self._ops.put((lambda: None, Future()))  # wake it if it waits for work
+        self.thread.join(timeout=5)
+
+    # -- on the engine thread ----------------------------------------------------------
+    def conversation(self, sid: str) -> Conversation:
+        try:
+            return self.convs[sid]
+        except KeyError:
+            raise UnknownSession(sid) from None
+
+    def new_conversation(self, sid: str) -> Conversation:
+        return Conversation(
+            sid=sid,
+            state=self.engine.new_state(),
+            encoder=CodecStreamEncoder(self.codec, self.s.encoder_context_frames),
+            audio_out=CodecStreamDecoder(self.codec, self.s.decoder_context_frames),
+            held_frames=np.zeros((self.layout.vocab.n_q, 0), dtype=np.int64),
+        )
+
+    def begin_turn(self, c: Conversation, loop: asyncio.AbstractEventLoop, out: asyncio.Queue):
+        """Start the model's turn: the user's last partial group is padded and prefilled
+        first; the turn's chunks go to ``out`` on ``loop``."""
+        if c.held_frames.shape[1] or c.encoder.pending_samples:
+            self._prefill(c, None, end=True)
+        n = c.state.length
+        c.turn = Turn(loop, out, n, StreamDecoder(self.layout, index=n), TextStream(self.tokenizer))
+        c.audio_out.reset()
+
+    def stop_turn(self, sid: str, reason: str) -> None:
+        """End the conversation's turn now (if it has one), telling its reader why."""
+        c = self.convs.get(sid)
+        if c is None or c.turn is None:
+            return
+        t, c.turn = c.turn, None
+        c.last_turn = t
+        t.ended = reason
+        t.post({"end": reason, **t.stats()})
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            timeout = self._next_due_in()
+            try:
+                first = self._ops.get(timeout=timeout) if timeout != 0 else self._ops.get_nowait()
+            except queue.Empty:
+                first = None
+            batch = [first] if first else []
+            while True:
+                try:
+                    batch.append(self._ops.get_nowait())
+                except queue.Empty:
+                    break
+            feeds = [op for op in batch if isinstance(op, _Feed)]
+            for op in batch:
+                if isinstance(op, _Feed):
+                    continue
+                fn, fut = op
+                if fut.set_running_or_notify_cancel():
+                    try:
+                        fut.set_result(fn())
+                    except BaseException as exc:  # reported to the caller, never fatal here
+                        fut.set_exception(exc)
+            if feeds:  # one conversation has one call in flight, so order is kept
+                self._prefill_many(feeds)
+            try:
+                self._step()
+            except Exception:  # a bug in one step must not kill every conversation
+                log.exception("generation step failed")
+
+    # -- user audio in -----------------------------------------------------------------
+    def _prefill(self, c: Conversation, pcm: np.ndarray | None, end: bool) -> int:
+        fut: Future = Future()
+        self._prefill_many([_Feed(c.sid, pcm, end, fut)])
+        return fut.result()
+
+    def _prefill_many(self, feeds: list[_Feed]) -> None:
+        """Encode every conversation's new audio in as few codec calls as possible (they
+        arrive at the same pace, so their windows match), then prefill each."""
+        fpg = self.layout.frames_per_group
+        staged = []
+        for f in feeds:
+            if not f.fut.set_running_or_notify_cancel():
+                continue
+            c = self.convs.get(f.sid)
+            if c is None:
+                f.fut.set_exception(UnknownSession(f.sid))
+            elif c.turn is not None:
+                f.fut.set_exception(RuntimeError("the model is speaking; interrupt it first"))
+            else:
+                c.last_turn = None
+                held = c.held_frames.shape[1]
+                staged.append((f, c, c.encoder.stage(f.pcm, f.end, fpg, held)))
+        try:
+            codes = encode_many([c.encoder for _, c, _ in staged], [st for *_, st in staged])
+        except Exception as exc:
+            for f, _, _ in staged:
+                f.fut.set_exception(exc)
+            return
+        for (f, c, _), new in zip(staged, codes, strict=True):
+            try:
+                frames = np.concatenate([c.held_frames, new], axis=1)
+                whole = frames.shape[1] // fpg * fpg
+                c.held_frames = frames[:, whole:]
+                if whole:
+                    ids = encode_ids(self.layout, frames[:, :whole], bos=False)
+                    self.engine.append(c.state, ids.tolist())
+                if f.end:
+                    c.encoder.reset()
+                f.fut.set_result(c.state.length)
+            except Exception as exc:  # this conversation's audio only
+                f.fut.set_exception(exc)
+
+    # -- model audio out ---------------------------------------------------------------
+    def _due(self, t: Turn, now: float) -> bool:
+        return t.audio_s < (now - t.t0) + self.s.lead_s
+
+    def _next_due_in(self) -> float | None:
+        turns = [c.turn for c in self.convs.values() if c.turn is not None]
+        if not turns:
+            return None
+        now = time.monotonic()
+        wait = min(t.audio_s - (now - t.t0) - self.s.lead_s for t in turns)
+        return max(0.0, min(wait, 0.05))
+
+    def _step(self) -> None:
+        now = time.monotonic()
+        due = [c for c in self.convs.values() if c.turn is not None and self._due(c.turn, now)]
+        if not due:
+            return
+        start = next(self._rr) % len(due)  # rotate so a full batch is fair to everyone
+        due = (due[start:] + due[:start])[: self.s.max_batch]
+        t0 = time.monotonic()
+        results = self._generate(due)
+        ready = []
+        for c, ids in results:
+            if ids is not None:
+                self._take_group(c, ids)
+                if self._chunk_ready(c.turn):
+                    ready.append(c)
+        self._emit(ready)
+        busy = time.monotonic() - t0
+        for c, _ in results:
+            if c.turn is not None:
+                c.turn.busy_s += busy
+        self.steps += 1
+        self.batch_hist[len(due)] = self.batch_hist.get(len(due), 0) + 1
+
+    def _generate(self, convs: list[Conversation]) -> list[tuple[Conversation, list[int] | None]]:
+        try:
+            out = self.engine.generate_group([c.state for c in convs])
+            return list(zip(convs, out, strict=True))
+        except Exception:
+            if len(convs) == 1:
+                log.exception("generation failed for session %s", convs[0].sid)
+                self.stop_turn(convs[0].sid, "error")
+                return [(convs[0], None)]
+        # one conversation broke the batch: find it, keep the others going
+        return [pair for c in convs for pair in self._generate([c])]
+
+    def _take_group(self, c: Conversation, ids: list[int]) -> None:
+        t = c.turn
+        frames, text_ids = t.decoder.push(ids)
+        t.groups += 1
+        t.frames.append(frames)
+        t.pending_text += t.text.push(text_ids)
+        if self.layout.text and ids[0] == self.layout.vocab.eos:
+            t.ended = "eos"
+        elif t.groups * self.layout.group_s >= self.s.max_turn_s - 1e-9:
+            t.ended = "max_turn"
+
+    def _chunk_ready(self, t: Turn) -> bool:
+        """A chunk is whole at ``chunk_groups`` groups; a turn's first goes out after one
+        group, since it is the one the listener is waiting for."""
+        need = self.s.chunk_groups if t.audio_s > 0 else 1
+        return t.ended is not None or len(t.frames) >= need
+
+    def _emit(self, convs: list[Conversation]) -> None:
+        if not convs:
+            return
+        codes = [np.concatenate(c.turn.frames, axis=1) for c in convs]
+        pcms = decode_many([c.audio_out for c in convs], codes)
+        for c, pcm in zip(convs, pcms, strict=True):
+            t = c.turn
+            t.frames = []
+            if t.ended is not None:
+                pcm = np.concatenate([pcm, c.audio_out.flush()])
+            t.audio_s += len(pcm) / self.codec.sample_rate
+            item: dict[str, Any] = {"audio": pcm, "t": round(t.audio_s, 4)}
+            if t.pending_text:
+                item["text"], t.pending_text = t.pending_text, ""
+            t.post(item)
+            if t.ended is not None:
+                c.turn, c.last_turn = None, t
+                t.post({"end": t.ended, **t.stats()})
