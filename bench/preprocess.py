@@ -35,7 +35,7 @@ import torch
 from voxtral import schema
 from voxtral.audio import flac_encode
 from voxtral.config import DEFAULT_CONFIG, load_config
-from voxtral.preprocess import (
+from voxtral.stages.preprocess import (
     autocast_keeps_codes,
     decode_chunk,
     encode_alone,

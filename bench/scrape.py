@@ -35,7 +35,7 @@ import numpy as np  # noqa: E402
 from _scrape_media import Route, loop_speech, serve  # noqa: E402
 
 from voxtral.config import load_config  # noqa: E402
-from voxtral.index import write_rows  # noqa: E402
+from voxtral.stages.index import write_rows  # noqa: E402
 from voxtral.storage import Storage  # noqa: E402
 
 SR = 24000
@@ -112,7 +112,7 @@ def scrape_in_fresh_worker(row: dict, cfg) -> dict:
     """Runs in a Ray worker used for this one call: its peak RSS is this video's."""
     import torch
 
-    from voxtral.scrape import scrape_video
+    from voxtral.stages.scrape import scrape_video
     from voxtral.vad import silero_session
 
     torch.set_num_threads(1)
@@ -140,7 +140,7 @@ def main() -> None:
     import torch
 
     from voxtral.ray_utils import init_ray
-    from voxtral.scrape import run_scrape, scrape_video
+    from voxtral.stages.scrape import run_scrape, scrape_video
 
     work = Path(tempfile.mkdtemp(prefix="voxtral-bench-"))
     speech = loop_speech(["podcast_en", "interview_en", "debat_fr", "callin_de", "charla_es"], 300)

@@ -49,7 +49,7 @@ def _init_single_process(backend: str) -> None:
         MASTER_PORT=str(port),
     ).items():
         os.environ.setdefault(k, v)
-    from voxtral.train.loop import init_deepspeed_distributed
+    from voxtral.stages.train.loop import init_deepspeed_distributed
 
     init_deepspeed_distributed(backend == "nccl")
 
@@ -81,7 +81,7 @@ def build(args, cfg, device):
 
 def batches(layout, seq_len: int, micro_batch: int, split: bool = True, seed: int = 0):
     """Packed batches of random chunks of 10–30 s, laid out and packed as in training."""
-    from voxtral.train.data import collate, pack, row_windows
+    from voxtral.stages.train.data import collate, pack, row_windows
 
     rng = np.random.default_rng(seed)
 
@@ -146,14 +146,14 @@ def main(argv=None) -> dict:
 
     import deepspeed
 
-    from voxtral.train.loop import _forward, _to_device
-    from voxtral.train.loss import stream_weights
-    from voxtral.train.optim import (
+    from voxtral.stages.train.loop import _forward, _to_device
+    from voxtral.stages.train.loss import stream_weights
+    from voxtral.stages.train.optim import (
         build_lr_scheduler,
         build_optimizer,
         deepspeed_config,
     )
-    from voxtral.train.perf import flops_per_token, matmul_params, mfu, peak_flops
+    from voxtral.stages.train.perf import flops_per_token, matmul_params, mfu, peak_flops
 
     model, layout = build(args, cfg, device)
     tc.check_layout(layout.group_len)

@@ -6,8 +6,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from voxtral.config import parse_cli  # noqa: E402
-from voxtral.index import format_summary, run_index  # noqa: E402
 from voxtral.ray_utils import init_ray  # noqa: E402
+from voxtral.stages.index import format_summary, run_index  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -14,8 +14,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from voxtral.config import parse_cli  # noqa: E402
-from voxtral.preprocess import run_preprocess  # noqa: E402
 from voxtral.ray_utils import init_ray  # noqa: E402
+from voxtral.stages.preprocess import run_preprocess  # noqa: E402
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

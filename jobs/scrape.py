@@ -7,7 +7,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from voxtral.config import parse_cli  # noqa: E402
 from voxtral.ray_utils import init_ray  # noqa: E402
-from voxtral.scrape import format_summary, run_scrape  # noqa: E402
+from voxtral.stages.scrape import format_summary, run_scrape  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:

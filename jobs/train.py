@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from voxtral.config import parse_cli  # noqa: E402
 from voxtral.ray_utils import init_ray  # noqa: E402
-from voxtral.train.run import run_train  # noqa: E402
+from voxtral.stages.train.run import run_train  # noqa: E402
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

@@ -290,7 +290,7 @@ def scrape_while_a_node_leaves(cfg_json: str, leave_after_files: int = 2) -> dic
     from ray.cluster_utils import Cluster
 
     from voxtral.config import Config
-    from voxtral.scrape import run_scrape
+    from voxtral.stages.scrape import run_scrape
     from voxtral.storage import Storage
 
     cfg = Config.model_validate_json(cfg_json)

@@ -18,7 +18,7 @@ from _scrape_media import copy_sample
 from voxtral import failures
 from voxtral.config import REPO_ROOT, load_config
 from voxtral.download import base_ydl_params
-from voxtral.index import (
+from voxtral.stages.index import (
     dedupe,
     entry_to_row,
     filter_entries,

@@ -26,9 +26,10 @@ from voxtral.codec import (
     read_codec_record,
 )
 from voxtral.config import DEFAULT_CONFIG, REPO_ROOT, Config, load_config
-from voxtral.index import run_index
 from voxtral.model import base_text_size, layout_for, load_text_tokenizer, resolve_base
-from voxtral.preprocess import (
+from voxtral.schema import CODEC_RECORD, LEGACY_CODEC_RECORD, codes_from_bytes, codes_to_bytes
+from voxtral.stages.index import run_index
+from voxtral.stages.preprocess import (
     ChunkEncoder,
     as_pcm16,
     decode_batch,
@@ -41,8 +42,7 @@ from voxtral.preprocess import (
     text_track,
     write_batch,
 )
-from voxtral.schema import CODEC_RECORD, LEGACY_CODEC_RECORD, codes_from_bytes, codes_to_bytes
-from voxtral.scrape import run_scrape
+from voxtral.stages.scrape import run_scrape
 from voxtral.storage import Storage
 from voxtral.tokenizer import encode_ids
 
@@ -250,7 +250,7 @@ def test_batched_codes_equal_encoding_each_chunk_alone(corpus, cfg, codec, one_t
         if i >= 3:
             continue
         # The codec called on the raw chunk agrees on every whole frame (its own padding of
-        # a partial last frame is the one difference, see voxtral.preprocess).
+        # a partial last frame is the one difference, see voxtral.stages.preprocess).
         raw = codec.encode(torch.from_numpy(wav)[None, None])[0].numpy()
         whole = len(wav) // hop
         assert_same_codes(codec, wav, stored[:, :whole], raw[:, :whole], r["chunk_id"] + " raw")
@@ -450,7 +450,7 @@ def test_mimi_tokens(tmp_path, one_thread):
         assert stored.min() >= 0 and stored.max() < 2048
         alone = encode_alone(encoder.codec, wav)
         # Mimi's transformer rounds differently over a padded batch: codebook 0 matches,
-        # deeper (random-init, near-tie) codebooks mostly do (see voxtral.preprocess).
+        # deeper (random-init, near-tie) codebooks mostly do (see voxtral.stages.preprocess).
         np.testing.assert_array_equal(stored[0], alone[0])
         assert (stored == alone).mean() > 0.8
 

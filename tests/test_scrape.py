@@ -47,8 +47,8 @@ from voxtral.download import (
     is_transient,
     ydl_params,
 )
-from voxtral.index import index_local, write_rows
-from voxtral.scrape import (
+from voxtral.stages.index import index_local, write_rows
+from voxtral.stages.scrape import (
     chunks_rel,
     cut_audio,
     format_summary,
@@ -304,7 +304,7 @@ def test_local_corpus_captions_fall_in_the_right_chunk(tmp_path, ray_session, ca
     """The local source end to end: index the sample corpus, scrape it, check captions."""
     corpus = copy_sample(tmp_path / "corpus")
     cfg = make_cfg(tmp_path, f"index.local_dir={corpus}", "index.source=local")
-    from voxtral.index import run_index
+    from voxtral.stages.index import run_index
 
     assert run_index(cfg)["new"] == 5
     spec = importlib.util.spec_from_file_location("jobs_scrape", REPO_ROOT / "jobs" / "scrape.py")
@@ -344,7 +344,7 @@ def test_a_killed_task_leaves_nothing_and_the_rerun_completes(tmp_path, ray_sess
     (row,) = index_local(cfg.index)
     storage = Storage(cfg.storage.root)
     code = (
-        "import sys, json; from voxtral.config import Config; from voxtral.scrape import "
+        "import sys, json; from voxtral.config import Config; from voxtral.stages.scrape import "
         "scrape_video; cfg = Config.model_validate_json(sys.argv[1]); "
         "scrape_video(json.loads(sys.argv[2]), cfg)"
     )
@@ -393,7 +393,7 @@ CAP_MB = 768
 CAPPED = """
 import json, resource, sys
 from voxtral.config import Config
-from voxtral.scrape import scrape_video
+from voxtral.stages.scrape import scrape_video
 cfg = Config.model_validate_json(sys.argv[1])
 warm, *rows = json.loads(sys.argv[2])
 assert scrape_video(warm, cfg)["status"] == "done"  # imports, silero, yt-dlp: all loaded

@@ -99,7 +99,7 @@ def root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def zero2(root, ray_session):
     """The uninterrupted ZeRO-2 run: trained, checkpointed, exported."""
-    from voxtral.train.run import read_metrics, run_train
+    from voxtral.stages.train.run import read_metrics, run_train
 
     cfg = make_cfg(root, "train.run_name=zero2", "train.zero_stage=2")
     summary = run_train(cfg)
@@ -118,7 +118,7 @@ class WorkerKiller(threading.Thread):
         self.stop = threading.Event()
 
     def committed(self) -> bool:
-        from voxtral.train.run import read_metrics
+        from voxtral.stages.train.run import read_metrics
 
         try:
             steps = [m["step"] for m in read_metrics(self.cfg)]
@@ -154,7 +154,7 @@ class WorkerKiller(threading.Thread):
 def zero3(root, ray_session):
     """The ZeRO-3 run, interrupted twice: stopped after its step-10 checkpoint, rerun under
     the same name, and a worker SIGKILLed once the step-20 checkpoint is committed."""
-    from voxtral.train.run import read_metrics, run_train
+    from voxtral.stages.train.run import read_metrics, run_train
 
     names = ("train.run_name=zero3", "train.zero_stage=3", "train.export=false")
     stopped = run_train(make_cfg(root, *names, "train.stop_after_step=10"))
@@ -227,8 +227,8 @@ def test_killed_worker_is_restarted_and_the_run_completes(zero3):
     # The restart resumed from the step-20 checkpoint, not from the start of this rerun.
     assert history[-1]["resumed_from_step"] >= 20
     # The final ZeRO-3 shards consolidate into the model.
-    from voxtral.train.export import consolidated_state_dict, load_trained
-    from voxtral.train.loop import checkpoint_tag
+    from voxtral.stages.train.export import consolidated_state_dict, load_trained
+    from voxtral.stages.train.loop import checkpoint_tag
 
     state = consolidated_state_dict(summary["checkpoint"], checkpoint_tag(cfg.train.max_steps))
     load_trained(cfg, state)
@@ -240,10 +240,10 @@ def test_export_loads_and_generates_well_formed_streams(zero2):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from voxtral.model import read_voxtral_json
+    from voxtral.stages.train.export import SAMPLE_JSON, SAMPLE_WAV
+    from voxtral.stages.train.run import validate
+    from voxtral.stages.train.sample import generate_ids
     from voxtral.tokenizer import Layout, StreamDecoder
-    from voxtral.train.export import SAMPLE_JSON, SAMPLE_WAV
-    from voxtral.train.run import validate
-    from voxtral.train.sample import generate_ids
 
     cfg, summary, _ = zero2
     folder = Path(summary["export"])
@@ -287,7 +287,7 @@ def test_bad_train_config_is_refused_when_loaded(override, key, tmp_path):
 
 def test_bad_configs_fail_before_any_work(root):
     from voxtral.codec import CodecMismatchError
-    from voxtral.train.run import run_train
+    from voxtral.stages.train.run import run_train
 
     storage = Storage(root)
     with pytest.raises(ConfigError, match=r"train\.seq_len=280 .* groups of 7"):
@@ -301,7 +301,7 @@ def test_bad_configs_fail_before_any_work(root):
 # -- the loop itself, in one process ------------------------------------------------------
 # Ray Train's local mode (``num_workers=0``) runs ``train_loop`` in this process, on a real
 # one-rank gloo group and real DeepSpeed, so the loop's internals can be watched and a fault
-# injected by patching ``voxtral.train.loop._forward``. What the loop hands to
+# injected by patching ``voxtral.stages.train.loop._forward``. What the loop hands to
 # ``ray.train.report`` is recorded, checkpoints copied as Ray's storage would keep them.
 LOCAL = [
     "train.num_workers=1",
@@ -343,9 +343,9 @@ def run_local(cfg: Config, monkeypatch, reported: Reported) -> Reported:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from voxtral.train.data import eval_videos
-    from voxtral.train.loop import train_loop
-    from voxtral.train.run import validate, window_dataset
+    from voxtral.stages.train.data import eval_videos
+    from voxtral.stages.train.loop import train_loop
+    from voxtral.stages.train.run import validate, window_dataset
 
     layout = validate(cfg)
     storage = Storage(cfg.storage.root)
@@ -423,7 +423,7 @@ def watch(
     monkeypatch, bad: set[int] = frozenset(), snapshot: bool = False, poison: int = 0
 ) -> WatchForward:
     import voxtral.model
-    import voxtral.train.loop as loop
+    import voxtral.stages.train.loop as loop
     from tests.test_model import CountCalls
 
     watcher = WatchForward(loop._forward, bad, snapshot, poison)
@@ -468,8 +468,8 @@ def test_train_loop_trains_in_training_mode_from_the_first_step(root, tmp_path, 
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_nonfinite_steps_are_skipped_and_a_streak_stops_the_run(stage, root, tmp_path, monkeypatch):
-    from voxtral.train.export import consolidated_state_dict
-    from voxtral.train.loop import NonFiniteTraining, checkpoint_tag
+    from voxtral.stages.train.export import consolidated_state_dict
+    from voxtral.stages.train.loop import NonFiniteTraining, checkpoint_tag
 
     cfg = make_cfg(
         root,
@@ -517,7 +517,7 @@ def torch_equal(a, b) -> bool:
 
 
 def test_non_finite_weights_are_never_checkpointed(root, tmp_path, monkeypatch):
-    from voxtral.train.loop import NonFiniteTraining
+    from voxtral.stages.train.loop import NonFiniteTraining
 
     cfg = make_cfg(
         root,

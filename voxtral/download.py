@@ -1,7 +1,7 @@
 """yt-dlp in one place: the options every call shares, what its errors mean, and fetching
 one video's audio with its Python API.
 
-The index's search (``voxtral.index.search_youtube``) and the scrape's download both start
+The index's search (``voxtral.stages.index.search_youtube``) and the scrape's download both start
 from ``base_ydl_params`` and read errors here: ``classify`` names a failure (``http_404``,
 ``timeout``, …) and ``is_transient`` / ``is_rate_limited`` say whether waiting helps.
 ``resolve_path`` finds the folders a config names (the local corpus, the search terms).

@@ -8,10 +8,10 @@ import time
 from collections.abc import Callable, Sequence
 
 from voxtral.config import Config
-from voxtral.index import run_index
-from voxtral.preprocess import run_preprocess
-from voxtral.scrape import run_scrape
-from voxtral.train.run import run_train
+from voxtral.stages.index import run_index
+from voxtral.stages.preprocess import run_preprocess
+from voxtral.stages.scrape import run_scrape
+from voxtral.stages.train.run import run_train
 
 # stage name → function of the Config returning a summary dict
 STAGES: dict[str, Callable[[Config], dict]] = {

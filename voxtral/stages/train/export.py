@@ -21,9 +21,9 @@ import torch
 from voxtral.codec import codec_info, load_codec
 from voxtral.config import Config
 from voxtral.model import VOXTRAL_JSON, build_speech_lm, export_speech_lm
+from voxtral.stages.train.sample import generate_ids, prompt_from_window, tokens_for_seconds
 from voxtral.storage import TMP_PREFIX, Storage
 from voxtral.tokenizer import Layout, decode_ids
-from voxtral.train.sample import generate_ids, prompt_from_window, tokens_for_seconds
 
 SAMPLE_WAV = "sample.wav"
 SAMPLE_JSON = "sample.json"

@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 
 from voxtral.config import TrainConfig
-from voxtral.train.data import IGNORE, STREAMS
+from voxtral.stages.train.data import IGNORE, STREAMS
 
 
 def stream_weights(cfg: TrainConfig) -> torch.Tensor:
-    """Weights in :data:`voxtral.train.data.STREAMS` order."""
+    """Weights in :data:`voxtral.stages.train.data.STREAMS` order."""
     return torch.tensor(
         [
             cfg.loss_weight_text,

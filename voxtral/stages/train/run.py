@@ -18,12 +18,18 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from voxtral.config import Config, ConfigError
+from voxtral.stages.train.data import (
+    eval_videos,
+    row_codes,
+    row_windows,
+    split_batch,
+    windows_batch,
+)
+from voxtral.stages.train.token_check import check_tokens
 from voxtral.storage import Storage
 from voxtral.tokenizer import Layout
-from voxtral.train.data import eval_videos, row_codes, row_windows, split_batch, windows_batch
-from voxtral.train.token_check import check_tokens
 
-log = logging.getLogger("voxtral.train")
+log = logging.getLogger("voxtral.stages.train")
 
 TOKEN_COLUMNS = [
     "chunk_id",
@@ -154,7 +160,7 @@ def _prompt_window(
 
 def latest_state(storage: Storage, run_name: str) -> dict | None:
     """``train_state.json`` of the run's newest checkpoint in storage, if any."""
-    from voxtral.train.loop import TRAIN_STATE
+    from voxtral.stages.train.loop import TRAIN_STATE
 
     names = [n for n in storage.listdir("train", run_name) if n.startswith("checkpoint_")]
     for name in sorted(names, reverse=True):
@@ -201,8 +207,8 @@ def format_summary(s: dict) -> str:
 def _export_task(cfg_dict: dict, checkpoint, prompt, source: dict, extra: dict) -> str:
     from pathlib import Path
 
-    from voxtral.train.export import export_run
-    from voxtral.train.loop import TRAIN_STATE
+    from voxtral.stages.train.export import export_run
+    from voxtral.stages.train.loop import TRAIN_STATE
 
     cfg = Config.model_validate(cfg_dict)
     with checkpoint.as_directory() as folder:
@@ -231,7 +237,7 @@ def run_train(cfg: Config) -> dict:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from voxtral.ray_utils import init_ray
-    from voxtral.train.loop import train_loop
+    from voxtral.stages.train.loop import train_loop
 
     tc = cfg.train
     layout = validate(cfg)
@@ -288,7 +294,7 @@ def run_train(cfg: Config) -> dict:
         ),
         datasets=datasets,
         # Each worker reads the whole split in file order and takes its own share (see
-        # voxtral.train.stream): deterministic shards, exact resume, no epoch deadlock.
+        # voxtral.stages.train.stream): deterministic shards, exact resume, no epoch deadlock.
         dataset_config=DataConfig(
             datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)
         ),

@@ -35,8 +35,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from voxtral.schema import codes_from_bytes
+from voxtral.stages.train.token_check import check_row_codec
 from voxtral.tokenizer import Layout, encode_ids
-from voxtral.train.token_check import check_row_codec
 
 IGNORE = -100
 """Label of positions that are not trained (the value torch's cross-entropy skips)."""

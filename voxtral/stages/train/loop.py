@@ -1,8 +1,8 @@
 """The per-worker training function that Ray Train runs on every worker.
 
 Ray only at the edges: the Ray Train context, the dataset shards, ``ray.train.report``
-and checkpoints; the math lives in :mod:`voxtral.train.loss`, the data in
-:mod:`voxtral.train.data` / :mod:`voxtral.train.stream`.
+and checkpoints; the math lives in :mod:`voxtral.stages.train.loss`, the data in
+:mod:`voxtral.stages.train.data` / :mod:`voxtral.stages.train.stream`.
 
 Checkpoints: each rank saves its DeepSpeed shard (and, on ZeRO-2, rank 0 the module) into
 its own local folder plus ``data_rank<r>.json`` (its data position); rank 0 adds
@@ -34,12 +34,12 @@ import numpy as np
 import torch
 
 from voxtral.config import Config
-from voxtral.train.data import Packed, collate, empty_like_batch
-from voxtral.train.loss import stats_metrics, stream_loss, stream_weights
-from voxtral.train.stream import Position, TrainStream, eval_rows
+from voxtral.stages.train.data import Packed, collate, empty_like_batch
+from voxtral.stages.train.loss import stats_metrics, stream_loss, stream_weights
+from voxtral.stages.train.stream import Position, TrainStream, eval_rows
 
 TRAIN_STATE = "train_state.json"
-log = logging.getLogger("voxtral.train")
+log = logging.getLogger("voxtral.stages.train")
 
 
 class NonFiniteTraining(RuntimeError):
@@ -253,14 +253,13 @@ def train_loop(config: dict) -> None:
     import ray.train.torch
 
     from voxtral.model import build_speech_lm
-    from voxtral.tokenizer import Layout
-    from voxtral.train.optim import (
+    from voxtral.stages.train.optim import (
         build_lr_scheduler,
         build_optimizer,
         deepspeed_config,
         param_groups,
     )
-    from voxtral.train.perf import (
+    from voxtral.stages.train.perf import (
         flops_per_token,
         local_param_count,
         matmul_params,
@@ -268,6 +267,7 @@ def train_loop(config: dict) -> None:
         param_count,
         peak_flops,
     )
+    from voxtral.tokenizer import Layout
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
