@@ -226,13 +226,13 @@ def run_stack(cfg, n: int, rounds: int, url: str | None = None) -> tuple[dict, d
     import requests
     from ray import serve
 
-    from serve_app.app import APP_NAME, start
+    from serve_app.app import APP_NAME, deploy
     from voxtral.ray_utils import init_ray
 
     own = url is None
     if own:
         init_ray()
-        url = start(cfg)
+        url = deploy(cfg)["url"]
     deadline = time.time() + 300
     while time.time() < deadline:
         try:

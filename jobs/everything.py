@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from serve_app.app import start  # noqa: E402
+from serve_app.app import deploy, serve_until_interrupted  # noqa: E402
 from voxtral.config import parse_cli  # noqa: E402
 from voxtral.pipeline import run_stages  # noqa: E402
 from voxtral.ray_utils import init_ray  # noqa: E402
@@ -21,10 +21,15 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-serve", action="store_true", help="stop after training")
     cfg, args = parse_cli(argv, parser=parser)
+    if not args.no_serve:
+        cfg.serve.check_exposure()  # fail now, not after hours of training
     print(f"== ray: {init_ray()}", flush=True)
     summaries = run_stages(cfg, report=lambda line: print(line, flush=True))
     if not args.no_serve:
-        start(cfg, blocking=True)
+        served = deploy(cfg)
+        print(f"voxtral serve: model {served['model']} ({served['model_source']})", flush=True)
+        print(f"voxtral serve: open {served['url']} (websocket {served['websocket']})", flush=True)
+        serve_until_interrupted()
     return summaries
 
 

@@ -1,388 +1,35 @@
-"""The Ray Serve application: ``SpeechLM`` (model + codec) and ``Gateway`` (HTTP/websocket).
+"""The Ray Serve application: a ``Gateway`` (serve_app/gateway.py) in front of ``SpeechLM``
+replicas (serve_app/speech_lm.py), bound from the pipeline config.
 
-``build_app(cfg)`` binds both from the pipeline config; ``app_builder`` does the same for
-``serve run`` / ``serve deploy`` (``serve_app/config.yaml``); ``start(cfg, blocking)`` is what
-``jobs/serve.py`` and ``jobs/everything.py`` call.
-
-(No ``from __future__ import annotations`` here: Serve's ingress rewrites the methods, and
-FastAPI must see the real ``WebSocket`` annotation to hand the socket over instead of
-refusing the connection as a bad request.)
+``build_app(cfg)`` binds both; ``app_builder`` does the same for ``serve run`` /
+``serve deploy`` (``serve_app/config.yaml``); ``deploy(cfg)`` runs it on the connected Ray
+(``jobs/serve.py`` and ``jobs/everything.py`` connect first, then call it).
 """
 
-import asyncio
-import contextlib
-import hmac
+from __future__ import annotations
+
 import logging
 import time
-import uuid
-from collections import Counter
-from collections.abc import AsyncIterator, Mapping
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
-import numpy as np
-from fastapi import FastAPI, WebSocket
-from fastapi.responses import FileResponse, JSONResponse, Response
 from ray import serve
 from ray.serve.config import RequestRouterConfig
-from ray.serve.handle import DeploymentHandle
 
-from serve_app import metrics
-from serve_app import protocol as P
-from serve_app.audio_io import WIRE_FORMATS, make_wire_audio
-from serve_app.routing import pinned_sessions
-from serve_app.scheduler import Busy
-from serve_app.session import DuplexSession, MessageRate, SessionOverload, SessionSettings
-from voxtral.config import DEFAULT_CONFIG, Config, ServeConfig, is_loopback, load_config
+from serve_app.gateway import Gateway
+from serve_app.model_source import resolve_model
+from serve_app.speech_lm import SpeechLM
+from voxtral.config import DEFAULT_CONFIG, Config, load_config
 
 log = logging.getLogger("ray.serve.voxtral")
-STATIC = Path(__file__).resolve().parent / "static"
-STATIC_FILES = {p.name for p in STATIC.glob("*") if p.is_file()}
 APP_NAME = "voxtral"
-CLOSE_POLICY, CLOSE_TOO_BIG, CLOSE_INTERNAL, CLOSE_TRY_LATER = 1008, 1009, 1011, 1013
 
 
-# -- SpeechLM ------------------------------------------------------------------------------
-@serve.deployment(name="SpeechLM")
-class SpeechLM:
-    """The model and the codec on one device, with many conversations (see scheduler)."""
-
-    def __init__(self, cfg: dict, source: dict):
-        from serve_app.scheduler import build_scheduler
-
-        self.sched, self.info = build_scheduler(Config.model_validate(cfg), source)
-        try:
-            self.replica = serve.get_replica_context().replica_id.unique_id
-        except Exception:  # outside Serve (direct construction in a script)
-            self.replica = "local"
-        log.info(
-            "SpeechLM %s loaded %s (%s) on %s",
-            self.replica,
-            source["model"],
-            source["model_source"],
-            self.info["device"],
-        )
-
-    async def open(self, sid: str) -> dict[str, Any]:
-        try:
-            out = await self.sched.open(sid)
-        except Busy as exc:
-            return {"error": str(exc)}
-        metrics.record("lm_sessions", len(self.sched.convs), replica=self.replica)
-        return {**out, "replica": self.replica}
-
-    async def feed(self, sid: str, pcm: np.ndarray) -> int:
-        return await self.sched.feed(sid, pcm)
-
-    async def end_turn(self, sid: str) -> int:
-        return await self.sched.end_turn(sid)
-
-    async def respond(self, sid: str) -> AsyncIterator[dict[str, Any]]:
-        async for item in self.sched.respond(sid):
-            yield item
-
-    async def interrupt(self, sid: str, heard_s: float) -> dict[str, Any]:
-        return await self.sched.interrupt(sid, heard_s)
-
-    async def restart(self, sid: str) -> None:
-        await self.sched.restart(sid)
-
-    async def close(self, sid: str) -> None:
-        await self.sched.close(sid)
-        metrics.record("lm_sessions", len(self.sched.convs), replica=self.replica)
-
-    def stats(self) -> dict[str, Any]:
-        return {**self.sched.stats(), "replica": self.replica}
-
-    def describe(self) -> dict[str, Any]:
-        return dict(self.info)
-
-    def check_health(self) -> None:
-        """Ray Serve's periodic probe: a replica whose engine thread has died would hold
-        conversations that never advance, so report it and let Serve replace it."""
-        if not self.sched.alive():
-            raise RuntimeError("the SpeechLM engine thread is not running")
-
-    def __del__(self) -> None:
-        """Ray Serve's shutdown hook (it calls ``__del__`` once when it stops a replica):
-        stop the engine thread through the scheduler, which owns it."""
-        sched = getattr(self, "sched", None)  # None: ``__init__`` failed before building it
-        if sched is not None:
-            sched.shutdown()
-
-
-class HandleLM:
-    """``session.LMClient`` over a SpeechLM handle: one conversation's calls, by session id."""
-
-    def __init__(self, handle: DeploymentHandle, sid: str):
-        self.h, self.sid = handle, sid
-
-    async def open(self) -> dict[str, Any]:
-        out = await self.h.open.remote(self.sid)
-        if "error" in out:
-            await self.close()  # routing pinned the session at ``open``: unpin it
-            raise Busy(out["error"])
-        return out
-
-    async def feed(self, pcm: np.ndarray) -> int:
-        return await self.h.feed.remote(self.sid, pcm)
-
-    async def end_turn(self) -> int:
-        return await self.h.end_turn.remote(self.sid)
-
-    async def respond(self) -> AsyncIterator[dict[str, Any]]:
-        gen = self.h.options(stream=True).respond.remote(self.sid)
-        try:
-            async for item in gen:
-                yield item
-        finally:
-            gen.cancel()
-
-    async def interrupt(self, heard_s: float) -> dict[str, Any]:
-        return await self.h.interrupt.remote(self.sid, heard_s)
-
-    async def restart(self) -> None:
-        await self.h.restart.remote(self.sid)
-
-    async def close(self) -> None:
-        await self.h.close.remote(self.sid)
-
-
-# -- Gateway ---------------------------------------------------------------------------------
-api = FastAPI(title="Voxtral", docs_url=None, redoc_url=None)
-
-
-def token_of(ws: WebSocket) -> str | None:
-    """``?token=`` or ``Authorization: Bearer …``."""
-    if "token" in ws.query_params:
-        return ws.query_params["token"]
-    auth = ws.headers.get("authorization", "")
-    return auth[7:].strip() if auth.lower().startswith("bearer ") else None
-
-
-def _hostname(host_header: str) -> str:
-    """``Host`` header → host name (``[::1]:8000`` → ``::1``)."""
-    return urlsplit("//" + host_header).hostname or ""
-
-
-def refusal(
-    headers: Mapping[str, str],
-    given_token: str | None,
-    client_host: str | None,
-    s: ServeConfig,
-    wire_format: str = "opus",
-) -> str | None:
-    """Why this connection may not start (None: it may). Checked before any model work.
-
-    - Token: when ``serve.token`` is set it must match. Without one (loopback profile),
-      only loopback clients that named a loopback host may connect, unless
-      ``serve.allow_anonymous`` (so DNS rebinding cannot reach a tokenless local server).
-    - Origin: a browser always sends one; it must be the page's own origin (same host) or
-      listed in ``serve.allowed_origins`` (``"*"``: any). No Origin means a non-browser
-      client (Moshi's CLI, scripts): accepted when it authenticated with the token, or from
-      loopback; a remote tokenless client without an Origin is refused.
-    """
-    authenticated = False
-    if s.token is not None:
-        if given_token is None or not hmac.compare_digest(given_token.encode(), s.token.encode()):
-            return "missing or wrong token"
-        authenticated = True
-    elif not s.allow_anonymous and not (
-        is_loopback(client_host) and is_loopback(_hostname(headers.get("host", "")))
-    ):
-        return "this server has no token and takes local (loopback) clients only"
-    origin = headers.get("origin")
-    if origin is None:
-        if not authenticated and not is_loopback(client_host):
-            return "a client without an Origin header must authenticate with the token"
-    elif not (
-        "*" in s.allowed_origins
-        or origin in s.allowed_origins
-        or urlsplit(origin).netloc.lower() == headers.get("host", "").lower()
-    ):
-        return f"origin {origin} is not allowed"
-    if wire_format not in WIRE_FORMATS:  # the protocol calls it ``?codec=``
-        return f"unknown codec {wire_format!r} (expected {', '.join(WIRE_FORMATS)})"
-    return None
-
-
-@serve.deployment(name="Gateway")
-@serve.ingress(api)
-class Gateway:
-    def __init__(self, cfg: dict, lm: DeploymentHandle, source: dict):
-        self.cfg = Config.model_validate(cfg)
-        self.lm = lm
-        self.source = source
-        s = self.cfg.serve
-        self.settings = SessionSettings(
-            end_of_turn_ms=s.end_of_turn_ms,
-            interrupt_ms=s.interrupt_ms,
-            vad_threshold=s.vad_threshold,
-            max_pending_ops=s.max_pending_ops,
-        )
-        self.sessions: dict[str, DuplexSession] = {}
-        self.per_client: Counter[str] = Counter()  # open websockets per client address
-        self.started = time.time()
-
-    @api.get("/")
-    async def index(self) -> FileResponse:
-        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
-
-    @api.get("/static/{name}")
-    async def static(self, name: str) -> Response:
-        if name not in STATIC_FILES:
-            return JSONResponse({"error": "not found"}, status_code=404)
-        return FileResponse(STATIC / name, headers={"Cache-Control": "no-cache"})
-
-    @api.get("/healthz")
-    async def healthz(self) -> dict[str, Any]:
-        lm = await self.lm.stats.remote()
-        return {
-            "ok": True,
-            **self.source,
-            "gateway_sessions": len(self.sessions),
-            "pinned_sessions": pinned_sessions(),
-            "lm": lm,
-            "uptime_s": round(time.time() - self.started, 1),
-        }
-
-    @api.websocket("/api/chat")
-    async def chat(self, ws: WebSocket) -> None:
-        s = self.cfg.serve
-        client = ws.client.host if ws.client else ""
-        wire_format = ws.query_params.get("codec", "opus")
-        why = refusal(ws.headers, token_of(ws), client, s, wire_format)
-        if why is not None:
-            log.info("refused a connection from %s: %s", client, why)
-            await ws.close(code=CLOSE_POLICY, reason=why)
-            return
-        self.per_client[client] += 1  # counted before any await: no race past the limit
-        try:
-            await ws.accept()
-            if self.per_client[client] > s.max_sessions_per_client:
-                why = f"too many sessions from your address (at most {s.max_sessions_per_client})"
-                log.info("refused a connection from %s: %s", client, why)
-                with contextlib.suppress(Exception):
-                    await ws.send_bytes(P.error(why))
-                    await ws.close(code=CLOSE_POLICY, reason="too many sessions")
-                return
-            await self._session(ws, wire_format)
-        finally:
-            self.per_client[client] -= 1
-            if self.per_client[client] <= 0:
-                del self.per_client[client]
-
-    async def _session(self, ws: WebSocket, wire_format: str) -> None:
-        sid = uuid.uuid4().hex
-        session = DuplexSession(
-            HandleLM(self.lm, sid),
-            ws.send_bytes,
-            make_wire_audio(wire_format),
-            self.settings,
-            on_first_audio=lambda ms: metrics.record("first_audio", ms),
-            on_interrupt=lambda: metrics.record("interrupts"),
-        )
-        try:
-            info = await self.lm.describe.remote()
-            await session.start({k: info[k] for k in ("model", "model_source", "device")})
-        except Busy as exc:
-            await ws.send_bytes(P.error(f"server busy: {exc}"))
-            await ws.close(code=CLOSE_TRY_LATER, reason="server busy")
-            return
-        except Exception:  # the model deployment is down or failing (detail: the log)
-            log.exception("session %s could not start", sid)
-            await ws.send_bytes(P.error("cannot start a session now; try again later"))
-            await ws.close(code=CLOSE_INTERNAL, reason="model unavailable")
-            await session.close()
-            return
-        self.sessions[sid] = session
-        metrics.record("sessions_total")
-        metrics.record("sessions", len(self.sessions))
-        reason = "disconnect"
-        ticker = asyncio.create_task(self._tick(ws, session))
-        try:
-            reason = await self._receive(ws, session, ticker)
-        finally:
-            ticker.cancel()
-            await asyncio.gather(ticker, return_exceptions=True)
-            await session.close()
-            self.sessions.pop(sid, None)
-            metrics.record("sessions", len(self.sessions))
-            metrics.record("ended", reason=reason)
-            log.info("session %s ended: %s", sid, reason)
-
-    async def _receive(self, ws: WebSocket, session: DuplexSession, ticker: asyncio.Task) -> str:
-        s = self.cfg.serve
-        limit = s.max_message_bytes
-        rate = MessageRate(s.max_messages_per_s, 2 * s.max_messages_per_s)
-        receive = asyncio.ensure_future(ws.receive())
-        try:
-            while True:
-                done, _ = await asyncio.wait({receive, ticker}, return_when=asyncio.FIRST_COMPLETED)
-                if ticker in done:  # the ticker closed the session (idle, time limit)
-                    return ticker.result()
-                msg = receive.result()
-                if msg["type"] == "websocket.disconnect":
-                    return "disconnect"
-                data = msg.get("bytes")
-                if data is None:
-                    data = msg.get("text") or ""
-                if len(data) > limit:
-                    with contextlib.suppress(Exception):
-                        await ws.close(code=CLOSE_TOO_BIG, reason=f"message over {limit} bytes")
-                    return "too_big"
-                if not rate.allow():
-                    why = f"more than {s.max_messages_per_s:g} messages per second"
-                    await self._close_policy(ws, session, why)
-                    return "rate_limit"
-                try:
-                    await session.on_message(data)
-                except SessionOverload as exc:
-                    await self._close_policy(ws, session, str(exc))
-                    return "overload"
-                receive = asyncio.ensure_future(ws.receive())
-        finally:
-            receive.cancel()
-
-    async def _close_policy(self, ws: WebSocket, session: DuplexSession, why: str) -> None:
-        """A 0x05 saying why, then close 1008 (the client broke a limit)."""
-        log.info("closing a session: %s", why)
-        with contextlib.suppress(Exception):
-            await session.send(P.error(f"closing: {why}"))
-            await ws.close(code=CLOSE_POLICY, reason=why[:120])
-
-    async def _tick(self, ws: WebSocket, session: DuplexSession) -> str:
-        """Keep-alive pings while listening; idle and session-length limits."""
-        s = self.cfg.serve
-        t0 = time.monotonic()
-        while True:
-            await asyncio.sleep(0.25)
-            now = time.monotonic()
-            code = 1000
-            if session.lost:
-                why, reason, code = "the model replica lost this conversation", "lost", 1011
-            elif now - session.last_active > s.idle_timeout_s:
-                why, reason = f"idle for {s.idle_timeout_s:g} s", "idle"
-            elif now - t0 > s.max_session_s:
-                why, reason = f"session time limit ({s.max_session_s:g} s)", "time_limit"
-            else:
-                await session.keepalive()
-                continue
-            with contextlib.suppress(Exception):
-                await session.send(P.error(f"closing: {why}"))
-                await ws.close(code=code, reason=why)
-            return reason
-
-
-# -- building and starting -----------------------------------------------------------------
-def build_app(cfg: Config):
-    """Both deployments bound to the pipeline config (resolves the model folder here, once)."""
-    from serve_app.model_source import resolve_model
-
-    source = resolve_model(cfg).describe()
+def build_app(cfg: Config, source: dict[str, Any] | None = None):
+    """Both deployments bound to the pipeline config; ``source`` is the model folder that
+    :func:`serve_app.model_source.resolve_model` picks (resolved here when not given)."""
+    if source is None:
+        source = resolve_model(cfg).describe()
     log.info("serving %s (%s)", source["model"], source["model_source"])
-    print(f"voxtral serve: model {source['model']} ({source['model_source']})", flush=True)
     s = cfg.serve
     cfg_dict = cfg.model_dump(mode="json")
     lm = SpeechLM.options(
@@ -415,21 +62,24 @@ def url_of(cfg: Config) -> str:
     return f"http://{shown}:{cfg.serve.port}"
 
 
-def start(cfg: Config, blocking: bool = False) -> str:
-    """Deploy the application on the connected (or a new local) Ray and return its URL;
-    ``blocking`` keeps this process serving until interrupted."""
-    from voxtral.ray_utils import init_ray
+def deploy(cfg: Config) -> dict[str, str]:
+    """Deploy the application on the Ray this process is connected to; return where it
+    listens (``url``, ``websocket``) and what it serves (``model``, ``model_source``).
 
-    cfg.serve.check_exposure()  # before Ray starts: a tokenless public server never opens
-    init_ray()
+    The caller has checked ``cfg.serve.check_exposure()`` before starting Ray, so a
+    tokenless public server never opens."""
+    cfg.serve.check_exposure()
+    source = resolve_model(cfg).describe()
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
-    serve.run(build_app(cfg), name=APP_NAME, route_prefix="/", blocking=False)
+    serve.run(build_app(cfg, source), name=APP_NAME, route_prefix="/", blocking=False)
     url = url_of(cfg)
-    print(f"voxtral serve: open {url} (websocket {url.replace('http', 'ws')}/api/chat)", flush=True)
-    if blocking:
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            serve.delete(APP_NAME)
-    return url
+    return {"url": url, "websocket": url.replace("http", "ws", 1) + "/api/chat", **source}
+
+
+def serve_until_interrupted() -> None:
+    """Keep this process (and a local Ray with it) alive until Ctrl-C, then delete the app."""
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.delete(APP_NAME)

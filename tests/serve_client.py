@@ -229,12 +229,12 @@ def server_url(root: Path) -> str:
     if "url" in _SERVER and not _is_up(_SERVER["url"]):  # type: ignore[arg-type]
         del _SERVER["url"]
     if "url" not in _SERVER:
-        from serve_app.app import start
+        from serve_app.app import deploy
         from voxtral.config import DEFAULT_CONFIG, load_config
 
         port = free_port()
         cfg = load_config(DEFAULT_CONFIG, serve_overrides(root, port), env={})
-        _SERVER["url"] = start(cfg)
+        _SERVER["url"] = deploy(cfg)["url"]
         _SERVER["cfg"] = cfg
         wait_healthy(_SERVER["url"])  # type: ignore[arg-type]
     return _SERVER["url"]  # type: ignore[return-value]

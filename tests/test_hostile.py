@@ -353,7 +353,7 @@ def _serve(**kw) -> ServeConfig:
     ],
 )
 def test_admission_rules(cfg, headers, token, client, refused):
-    from serve_app.app import refusal
+    from serve_app.gateway import refusal
 
     why = refusal(headers, token, client, _serve(**cfg))
     if refused is None:
@@ -363,19 +363,19 @@ def test_admission_rules(cfg, headers, token, client, refused):
 
 
 def test_unknown_codec_is_refused():
-    from serve_app.app import refusal
+    from serve_app.gateway import refusal
 
     why = refusal({"host": "127.0.0.1:1"}, None, "127.0.0.1", _serve(), wire_format="mp3")
     assert why is not None and "codec" in why
 
 
 def test_start_refuses_a_public_host_without_token(serve_root):
-    """``start`` checks before Ray or Serve is touched."""
-    from serve_app.app import start
+    """``deploy`` checks before Serve is touched (the jobs call it before Ray starts)."""
+    from serve_app.app import deploy
 
     cfg = C.local_serve_config(serve_root, extra=["serve.host=0.0.0.0", "serve.token=null"])
     with pytest.raises(ConfigError, match="serve.allow_anonymous"):
-        start(cfg)
+        deploy(cfg)
 
 
 def test_message_rate_bucket():
@@ -496,9 +496,9 @@ def test_internal_errors_are_generic_to_clients(tiny, caplog):
 
 def test_check_health_sees_a_dead_engine_thread(serve_root):
     """Ray Serve calls ``check_health`` every 10 s and replaces a replica that raises."""
-    from serve_app.app import SpeechLM
     from serve_app.model_source import resolve_model
     from serve_app.scheduler import build_scheduler
+    from serve_app.speech_lm import SpeechLM
 
     cfg = C.local_serve_config(serve_root)
     sched, _ = build_scheduler(cfg, resolve_model(cfg).describe())

@@ -65,7 +65,7 @@ def test_rerun_does_no_new_work(pipeline_root):
 
 
 def test_serves_the_model_this_run_trained(pipeline_root, request):
-    from serve_app.app import start
+    from serve_app.app import deploy
     from tests.serve_client import connect, free_port, speech_clip, wait_healthy
 
     root, summaries = pipeline_root
@@ -84,7 +84,7 @@ def test_serves_the_model_this_run_trained(pipeline_root, request):
 
     serve.shutdown()  # Serve's HTTP port is fixed when it starts: start it on ours
     request.addfinalizer(serve.shutdown)  # and leave none behind for other tests
-    url = start(cfg)
+    url = deploy(cfg)["url"]
     health = wait_healthy(url)
     assert health["model_source"] == "trained"
     assert os.path.realpath(health["model"]) == os.path.realpath(summaries["train"]["export"])
