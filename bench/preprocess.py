@@ -34,15 +34,15 @@ import torch
 
 from voxtral import schema
 from voxtral.audio import flac_encode
-from voxtral.config import DEFAULT_CONFIG, load_config
-from voxtral.stages.preprocess import (
+from voxtral.codec.batching import (
     autocast_keeps_codes,
     decode_chunk,
     encode_alone,
     encode_batch,
     plan_batches,
-    run_preprocess,
 )
+from voxtral.config import DEFAULT_CONFIG, load_config
+from voxtral.stages.preprocess import run_preprocess
 
 SR = 24_000
 

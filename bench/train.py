@@ -49,7 +49,7 @@ def _init_single_process(backend: str) -> None:
         MASTER_PORT=str(port),
     ).items():
         os.environ.setdefault(k, v)
-    from voxtral.stages.train.loop import init_deepspeed_distributed
+    from voxtral.stages.train.dist import init_deepspeed_distributed
 
     init_deepspeed_distributed(backend == "nccl")
 

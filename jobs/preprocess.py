@@ -15,13 +15,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from voxtral.config import parse_cli  # noqa: E402
 from voxtral.ray_utils import init_ray  # noqa: E402
-from voxtral.stages.preprocess import run_preprocess  # noqa: E402
+from voxtral.stages.preprocess import format_summary, run_preprocess  # noqa: E402
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     cfg, _ = parse_cli(argv, description="Encode scraped chunks into codec tokens.")
     print(f"== ray: {init_ray()}", flush=True)
     summary = run_preprocess(cfg)
+    print(format_summary(summary), flush=True)
     print(json.dumps(summary, sort_keys=True), flush=True)
     return summary
 

@@ -16,13 +16,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from voxtral.config import parse_cli  # noqa: E402
 from voxtral.ray_utils import init_ray  # noqa: E402
-from voxtral.stages.train.run import run_train  # noqa: E402
+from voxtral.stages.train.run import format_summary, run_train  # noqa: E402
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     cfg, _ = parse_cli(argv, description="Train the speech LM with Ray Train and DeepSpeed.")
     print(f"== ray: {init_ray()}", flush=True)
     summary = run_train(cfg)
+    print(format_summary(summary), flush=True)
     print(json.dumps(summary, sort_keys=True, default=str), flush=True)
     return summary
 

@@ -20,8 +20,9 @@ from pathlib import Path
 import av
 import numpy as np
 
-from voxtral.audio import decode_stream, resample
+from voxtral.audio import resample
 from voxtral.config import REPO_ROOT
+from voxtral.media import decode_stream
 
 SAMPLE = REPO_ROOT / "data" / "sample"
 SR = 24000

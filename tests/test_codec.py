@@ -202,7 +202,7 @@ def test_checkpoint_formats(tmp_path):
     """A local checkpoint may be a torch ``.pt`` file or ``.safetensors``: same tensors."""
     from safetensors.torch import save_file
 
-    from voxtral.codec import _load_state_dict
+    from voxtral.codec.models import _load_state_dict
 
     state = {"a": torch.arange(6.0).reshape(2, 3), "b": torch.ones(4, dtype=torch.int64)}
     torch.save(state, tmp_path / "c.pt")

@@ -25,23 +25,19 @@ from voxtral.codec import (
     load_codec,
     read_codec_record,
 )
-from voxtral.config import DEFAULT_CONFIG, REPO_ROOT, Config, load_config
-from voxtral.model import base_text_size, layout_for, load_text_tokenizer, resolve_base
-from voxtral.schema import CODEC_RECORD, LEGACY_CODEC_RECORD, codes_from_bytes, codes_to_bytes
-from voxtral.stages.index import run_index
-from voxtral.stages.preprocess import (
-    ChunkEncoder,
+from voxtral.codec.batching import (
     as_pcm16,
-    decode_batch,
     decode_chunk,
     encode_alone,
     encode_group,
     pad_batch,
     plan_batches,
-    run_preprocess,
-    text_track,
-    write_batch,
 )
+from voxtral.config import DEFAULT_CONFIG, REPO_ROOT, Config, load_config
+from voxtral.model import base_text_size, layout_for, load_text_tokenizer, resolve_base
+from voxtral.schema import CODEC_RECORD, LEGACY_CODEC_RECORD, codes_from_bytes, codes_to_bytes
+from voxtral.stages.index import run_index
+from voxtral.stages.preprocess import ChunkEncoder, decode_batch, run_preprocess, write_batch
 from voxtral.stages.scrape import run_scrape
 from voxtral.storage import Storage
 from voxtral.tokenizer import encode_ids
@@ -545,16 +541,3 @@ def test_codes_bytes_roundtrip():
     np.testing.assert_array_equal(codes_from_bytes(data, 8, 37), codes)
     with pytest.raises(ValueError):
         codes_from_bytes(data, 8, 36)
-
-
-def test_text_track_orders_words_and_handles_no_captions(text_tokenizer):
-    assert text_track(text_tokenizer, None) == ([], [])
-    assert text_track(text_tokenizer, []) == ([], [])
-    words = [
-        {"word": "week", "start_s": 1.5, "end_s": 1.8},
-        {"word": "last", "start_s": 1.0, "end_s": 1.4},
-        {"word": "  ", "start_s": 0.5, "end_s": 0.6},
-    ]
-    ids, starts = text_track(text_tokenizer, words)
-    assert starts == sorted(starts) and starts[0] == 1.0
-    assert text_tokenizer.decode(ids).split() == ["last", "week"]

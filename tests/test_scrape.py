@@ -27,14 +27,7 @@ import torch
 from _scrape_media import Route, copy_sample, encode, loop_speech, sample_speech, serve, silent_hour
 
 from voxtral import failures
-from voxtral.audio import (
-    CorruptAudioError,
-    NotAudioError,
-    StreamResampler,
-    decode_stream,
-    flac_decode,
-    resample,
-)
+from voxtral.audio import StreamResampler, flac_decode, resample
 from voxtral.captions import CaptionIndex, parse_vtt
 from voxtral.chunking import ChunkPlanner
 from voxtral.config import REPO_ROOT, Config, load_config
@@ -47,6 +40,7 @@ from voxtral.download import (
     is_transient,
     ydl_params,
 )
+from voxtral.media import CorruptAudioError, NotAudioError, decode_stream
 from voxtral.stages.index import index_local, write_rows
 from voxtral.stages.scrape import (
     chunks_rel,

@@ -436,6 +436,18 @@ def test_timed_text_ids_maps_tokens_to_their_words(text_tok):
     assert timed_text_ids(text_tok, []) == ([], [])
 
 
+def test_timed_text_ids_orders_words_and_drops_blank_ones(text_tok):
+    assert timed_text_ids(text_tok, None) == ([], [])
+    words = [
+        {"word": "week", "start_s": 1.5, "end_s": 1.8},
+        {"word": "last", "start_s": 1.0, "end_s": 1.4},
+        {"word": "  ", "start_s": 0.5, "end_s": 0.6},
+    ]
+    ids, starts = timed_text_ids(text_tok, words)
+    assert starts == sorted(starts) and starts[0] == 1.0
+    assert text_tok.decode(ids).split() == ["last", "week"]
+
+
 # -- the whole tokenizer on audio ---------------------------------------------------------
 @pytest.fixture(scope="module", params=["encodec", "mimi"])
 def mm(request, text_tok):

@@ -227,8 +227,8 @@ def test_killed_worker_is_restarted_and_the_run_completes(zero3):
     # The restart resumed from the step-20 checkpoint, not from the start of this rerun.
     assert history[-1]["resumed_from_step"] >= 20
     # The final ZeRO-3 shards consolidate into the model.
+    from voxtral.stages.train.checkpoint import checkpoint_tag
     from voxtral.stages.train.export import consolidated_state_dict, load_trained
-    from voxtral.stages.train.loop import checkpoint_tag
 
     state = consolidated_state_dict(summary["checkpoint"], checkpoint_tag(cfg.train.max_steps))
     load_trained(cfg, state)
@@ -468,8 +468,9 @@ def test_train_loop_trains_in_training_mode_from_the_first_step(root, tmp_path, 
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_nonfinite_steps_are_skipped_and_a_streak_stops_the_run(stage, root, tmp_path, monkeypatch):
+    from voxtral.stages.train.checkpoint import checkpoint_tag
     from voxtral.stages.train.export import consolidated_state_dict
-    from voxtral.stages.train.loop import NonFiniteTraining, checkpoint_tag
+    from voxtral.stages.train.loop import NonFiniteTraining
 
     cfg = make_cfg(
         root,

@@ -10,6 +10,7 @@ frames into samples at their own rate.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -143,3 +144,33 @@ class ChunkPlanner:
         best = len(lengths) - 1 - int(np.argmax(lengths[::-1]))  # longest; the latest on ties
         mid = int(starts[best] + lengths[best] // 2)
         return min(max(mid, lo), hi)
+
+
+class SampleWindow:
+    """The decoded stream from the earliest sample a future chunk may use, as blocks: the
+    caller drops what the planner has passed (:attr:`ChunkPlanner.pos`), so memory holds at
+    most one chunk's span plus a block."""
+
+    def __init__(self) -> None:
+        self.blocks: deque[np.ndarray] = deque()
+        self.start = 0
+        self.end = 0
+
+    def append(self, x: np.ndarray) -> None:
+        self.blocks.append(x)
+        self.end += len(x)
+
+    def drop_before(self, i: int) -> None:
+        while self.blocks and self.start + len(self.blocks[0]) <= i:
+            self.start += len(self.blocks.popleft())
+
+    def slice(self, a: int, b: int) -> np.ndarray:
+        out, pos = [], self.start
+        for blk in self.blocks:
+            lo, hi = max(a, pos), min(b, pos + len(blk))
+            if lo < hi:
+                out.append(blk[lo - pos : hi - pos])
+            pos += len(blk)
+            if pos >= b:
+                break
+        return np.concatenate(out) if out else np.zeros(0, np.float32)

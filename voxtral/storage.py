@@ -242,3 +242,46 @@ class Storage:
             and i.path.endswith(".parquet")
             and not Path(i.path).name.startswith(TMP_PREFIX)
         )
+
+
+class ParquetRowWriter:
+    """Streams rows into a local Parquet file, a row group at a time (so a long video's
+    chunks never sit in memory together); :meth:`Storage.put_file` then publishes it."""
+
+    def __init__(
+        self,
+        path: str,
+        schema: pa.Schema,
+        row_group: int,
+        compression: str | dict[str, str] = "snappy",
+    ):
+        self.path, self.schema, self.row_group, self.compression = (
+            path,
+            schema,
+            row_group,
+            compression,
+        )
+        self.rows: list[dict] = []
+        self.count = 0
+        self._writer: pq.ParquetWriter | None = None
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        self.count += 1
+        if len(self.rows) >= self.row_group:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.rows:
+            return
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(
+                self.path, self.schema, compression=self.compression, use_dictionary=False
+            )
+        self._writer.write_table(pa.Table.from_pylist(self.rows, schema=self.schema))
+        self.rows = []
+
+    def close(self) -> None:
+        self._flush()
+        if self._writer is not None:
+            self._writer.close()

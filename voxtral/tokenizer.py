@@ -18,6 +18,7 @@ binds a codec and a text tokenizer to a layout.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from typing import Literal
@@ -309,12 +310,21 @@ def decode_ids(layout: Layout, ids, start: int = 0) -> tuple[np.ndarray, list[in
 
 
 # -- text ------------------------------------------------------------------------------
-def timed_text_ids(tokenizer, words: list[dict]) -> tuple[list[int], list[float]]:
-    """Caption words ``{word, start_s}`` → base-tokenizer ids, each timed at its word's start.
+def timed_text_ids(tokenizer, words: Sequence[dict] | None) -> tuple[list[int], list[float]]:
+    """Timed words ``{word, start_s}`` → base-tokenizer ids, each timed at its word's start.
 
-    The words are tokenized as one string (so sub-word merges match how the base model saw
-    text) and each token is mapped back to its word by character offsets.
+    Words are put in time order first and blank ones dropped, so the ids are time-ordered
+    whatever the source did. They are tokenized as one string (so sub-word merges match how
+    the base model saw text) and each token is mapped back to its word by character offsets.
     """
+    words = sorted(
+        (
+            {**w, "word": w["word"].strip()}
+            for w in words or ()
+            if w and (w.get("word") or "").strip()
+        ),
+        key=lambda w: float(w["start_s"]),
+    )
     if not words:
         return [], []
     text, spans = "", []
@@ -354,7 +364,7 @@ class MultimodalTokenizer:
 
     def encode(self, wav, sample_rate: int, words: list[dict] | None = None) -> np.ndarray:
         codes = self.encode_audio(wav, sample_rate)
-        ids, starts = timed_text_ids(self.text_tokenizer, words or [])
+        ids, starts = timed_text_ids(self.text_tokenizer, words)
         return encode_ids(self.layout, codes, np.asarray(ids), np.asarray(starts))
 
     def decode(self, ids, start: int = 0) -> tuple[np.ndarray, str]:

@@ -25,6 +25,8 @@ import pyarrow as pa
 from voxtral import failures, schema
 from voxtral.config import Config, IndexConfig
 from voxtral.download import base_ydl_params, is_rate_limited, is_transient, resolve_path
+from voxtral.metrics import Metric, Metrics
+from voxtral.stages import report
 from voxtral.storage import Storage
 
 STAGE = "index"
@@ -196,7 +198,7 @@ def index_local(cfg: IndexConfig) -> list[dict]:
     Local files are taken as given: no duration filter. A file that turns out not to be
     audio is still listed, so the scrape records why it failed.
     """
-    from voxtral.audio import probe_duration
+    from voxtral.media import probe_duration
 
     root = resolve_path(cfg.local_dir)
     if not root.is_dir():
@@ -241,19 +243,12 @@ def write_rows(storage: Storage, rows: list[dict]) -> str | None:
     return rel
 
 
-def _export_metrics(new: list[dict], source: str) -> None:
-    """Videos and hours added to the index, as Ray dashboard counters (when Ray is up)."""
-    import ray
-
-    if not new or not ray.is_initialized():
-        return  # counters only go up: nothing to add
-    from ray.util.metrics import Counter
-
-    tags = {"source": source}
-    videos = Counter("voxtral_index_videos", "Videos added to the index.", tag_keys=("source",))
-    hours = Counter("voxtral_index_hours", "Hours of audio added to the index.", ("source",))
-    videos.inc(len(new), tags=tags)
-    hours.inc(sum(r["duration_s"] for r in new) / 3600, tags=tags)
+METRICS = Metrics(
+    videos=Metric("counter", "voxtral_index_videos", "Videos added to the index.", ("source",)),
+    hours=Metric(
+        "counter", "voxtral_index_hours", "Hours of audio added to the index.", ("source",)
+    ),
+)
 
 
 def run_index(cfg: Config, search: SearchFn = search_youtube) -> dict:
@@ -287,7 +282,8 @@ def run_index(cfg: Config, search: SearchFn = search_youtube) -> dict:
         )
     new = dedupe(found, seen)
     written = write_rows(storage, new)
-    _export_metrics(new, cfg.index.source)
+    METRICS.record("videos", len(new), source=cfg.index.source)
+    METRICS.record("hours", sum(r["duration_s"] for r in new) / 3600, source=cfg.index.source)
     return {
         "source": cfg.index.source,
         "terms": len(terms),
@@ -303,14 +299,15 @@ def run_index(cfg: Config, search: SearchFn = search_youtube) -> dict:
 
 
 def format_summary(summary: dict) -> str:
-    rows = [
-        ("source", summary["source"]),
-        ("search terms", f"{summary['terms']} ({summary['failed_terms']} failed)"),
-        ("videos found", summary["found"]),
-        ("new videos", f"{summary['new']} ({summary['new_hours']:.1f} h)"),
-        ("duplicates skipped", summary["duplicates"]),
-        ("videos in index", summary["index_videos"]),
-        ("wall seconds", f"{summary['wall_s']:.1f}"),
-    ]
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(["index summary"] + [f"  {k:<{width}}  {v}" for k, v in rows])
+    return report.table(
+        "index summary",
+        [
+            ("source", summary["source"]),
+            ("search terms", f"{summary['terms']} ({summary['failed_terms']} failed)"),
+            ("videos found", summary["found"]),
+            ("new videos", f"{summary['new']} ({summary['new_hours']:.1f} h)"),
+            ("duplicates skipped", summary["duplicates"]),
+            ("videos in index", summary["index_videos"]),
+            ("wall seconds", f"{summary['wall_s']:.1f}"),
+        ],
+    )

@@ -11,16 +11,8 @@ The Ray Data plan streams ``chunks/`` through three steps:
 3. CPU tasks turn caption words into base-tokenizer ids at their times, write
    ``tokens/part-*.parquet`` atomically and record failures.
 
-**Why batching does not change the codes.** Both codecs are causal: frame ``f`` depends
-only on samples up to the end of frame ``f``. In a batch every chunk is padded with zeros to
-the longest one, so each chunk is encoded as its audio followed by silence up to whole
-frames, exactly what :func:`encode_alone` feeds the codec for one chunk, and keeps
-``ceil(samples / hop)`` frames. (Feeding the codec a partial last frame instead would let its
-own edge padding, ``reflect`` for EnCodec, decide that frame, so it would depend on the
-batch.) The tests check the equality for every chunk of the sample corpus: bit-exact for
-EnCodec on CPU. Floating point is the limit: Mimi's encoder transformer sums over the padded
-length in another order, and GPU kernels are picked per shape, so the last bits can differ
-and a code flips where two codebook entries are near ties (bench/preprocess.py measures it).
+**Batching does not change the codes** (both codecs are causal; see
+:mod:`voxtral.codec.batching`, where the per-batch functions live).
 
 **Idempotent reruns.** A chunk is done when its id is in ``tokens/``: token files are
 written whole (atomic rename or single PUT) and only after encoding, so a killed run leaves
@@ -42,12 +34,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-import math
 import time
-import warnings
 from collections import Counter
 from collections.abc import Sequence
-from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
@@ -56,23 +45,25 @@ import pyarrow.compute as pc
 import torch
 
 from voxtral import failures, schema
-from voxtral.audio import AudioError, flac_decode, prepare
-from voxtral.codec import (
-    Codec,
-    CodecInfo,
-    codec_info,
-    ensure_codec_record,
-    load_codec,
+from voxtral.audio import AudioError
+from voxtral.codec import CodecInfo, codec_info, ensure_codec_record, load_codec
+from voxtral.codec.batching import (
+    autocast_keeps_codes,
+    decode_pcm,
+    encode_group,
+    pad_batch,
+    plan_batches,
 )
 from voxtral.config import CodecConfig, Config, ModelConfig, PreprocessConfig
+from voxtral.metrics import Metric, Metrics
 from voxtral.schema import TOKENS_DIR, codes_to_bytes
+from voxtral.stages import report
 from voxtral.storage import Storage
 from voxtral.tokenizer import timed_text_ids
 
 log = logging.getLogger(__name__)
 
 STAGE = "preprocess"
-PCM16_SCALE = 32768.0
 PERMANENT_REASONS = frozenset({"corrupt_flac", "bad_audio"})
 """Failures a rerun does not retry: the chunk's bytes are what they are."""
 
@@ -122,150 +113,6 @@ STATS = pa.schema(
 
 
 # -- per-chunk functions -------------------------------------------------------------------
-def decode_chunk(audio: bytes, target_sr: int) -> np.ndarray:
-    """FLAC bytes → mono float32 samples at the codec rate (the tokenizer's own path)."""
-    wav, sr = flac_decode(audio)
-    return prepare(wav, sr, target_sr).numpy()
-
-
-def as_pcm16(wav: np.ndarray) -> np.ndarray | None:
-    """The int16 samples whose ``/ 32768`` is exactly ``wav``, or None if there are none.
-
-    16-bit FLAC at the codec rate decodes to such samples: shipping them as int16 halves
-    what goes through the object store and to the GPU, and changes no value.
-    """
-    scaled = wav * np.float32(PCM16_SCALE)
-    if scaled.size and (scaled.min() < -PCM16_SCALE or scaled.max() > PCM16_SCALE - 1):
-        return None
-    pcm = scaled.astype(np.int16)
-    return pcm if np.array_equal(pcm, scaled) else None
-
-
-def decode_pcm(audio: bytes, target_sr: int) -> np.ndarray:
-    """FLAC bytes → PCM at the codec rate: int16 when exact, else float32."""
-    wav = decode_chunk(audio, target_sr)
-    pcm = as_pcm16(wav)
-    return wav if pcm is None else pcm
-
-
-def text_track(tokenizer, captions: Sequence[dict] | None) -> tuple[list[int], list[float]]:
-    """Caption words → base-tokenizer ids, each at its word's start; empty without captions.
-
-    Words are put in time order first, so the ids are time-ordered whatever the source did.
-    """
-    words = sorted(
-        (w for w in captions or () if w and (w.get("word") or "").strip()),
-        key=lambda w: float(w["start_s"]),
-    )
-    words = [{**w, "word": w["word"].strip()} for w in words]
-    return timed_text_ids(tokenizer, words)
-
-
-def plan_batches(lengths: Sequence[int], max_batch: int, max_pad: float) -> list[list[int]]:
-    """Group indices of similar length: at most ``max_batch`` per group, and at most
-    ``max_pad`` of a group's padded samples are padding. Longest first."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    groups: list[list[int]] = []
-    total = 0
-    for i in order:
-        if groups:
-            group = groups[-1]
-            longest = lengths[group[0]]
-            padded = longest * (len(group) + 1)
-            if len(group) < max_batch and (padded - total - lengths[i]) <= max_pad * padded:
-                group.append(i)
-                total += lengths[i]
-                continue
-        groups.append([i])
-        total = lengths[i]
-    return groups
-
-
-def pad_batch(pcms: Sequence[np.ndarray], hop: int) -> np.ndarray:
-    """Chunks → ``[n, width]`` zero-padded to the longest one's whole frames; int16 if every
-    chunk is int16 PCM, else float32 (int16 rows scaled by 1/32768, exactly)."""
-    frames = [math.ceil(len(p) / hop) for p in pcms]
-    if not pcms or min(frames) < 1:
-        raise AudioError("chunk holds no samples")
-    pcm16 = all(p.dtype == np.int16 for p in pcms)
-    out = np.zeros((len(pcms), max(frames) * hop), dtype=np.int16 if pcm16 else np.float32)
-    for i, p in enumerate(pcms):
-        out[i, : len(p)] = p if pcm16 or p.dtype != np.int16 else p / np.float32(PCM16_SCALE)
-    return out
-
-
-def _autocast(codec: Codec, enabled: bool):
-    if enabled and codec.device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.float16)
-    return nullcontext()
-
-
-def encode_padded(
-    codec: Codec, pcm: np.ndarray, samples: Sequence[int], autocast: bool = False
-) -> list[np.ndarray]:
-    """One codec call on a padded ``[n, width]`` batch; each chunk keeps exactly
-    ``ceil(samples / hop)`` frames. Returns int16 ``[n_q, frames]`` arrays."""
-    info = codec.info
-    frames = [info.frames(n) for n in samples]
-    if min(frames) < 1:
-        raise AudioError("chunk holds no samples")
-    if pcm.shape != (len(samples), pcm.shape[1]) or pcm.shape[1] < max(frames) * info.hop:
-        raise ValueError(f"pcm {pcm.shape} does not hold {len(samples)} chunks of {samples}")
-    with warnings.catch_warnings():  # a read-only view of the object store; only copied
-        warnings.simplefilter("ignore", UserWarning)
-        x = torch.from_numpy(pcm)
-    x = x.to(codec.device)
-    if x.dtype == torch.int16:
-        x = x.float().div_(PCM16_SCALE)  # exact: the same floats as decoding to float32
-    with _autocast(codec, autocast):
-        codes = codec.encode(x[:, None, :])
-    codes = codes.to("cpu", torch.int16).numpy()
-    if codes.shape[1] != info.n_q or codes.shape[2] < max(frames):
-        raise ValueError(f"codec returned {codes.shape}, expected [{len(samples)}, {info.n_q}, ≥F]")
-    out = [codes[i, :, :f] for i, f in enumerate(frames)]
-    for c in out:
-        if c.min() < 0 or c.max() >= info.codebook_size:
-            raise ValueError(f"codec returned codes outside [0, {info.codebook_size})")
-    return out
-
-
-def encode_group(
-    codec: Codec, pcm: np.ndarray, samples: Sequence[int], autocast: bool = False
-) -> list[np.ndarray | Exception]:
-    """Encode a packed batch; if the codec rejects it, retry one chunk at a time so only
-    the chunk at fault becomes an exception (later a ``failures/`` row)."""
-    try:
-        return list(encode_padded(codec, pcm, samples, autocast))
-    except Exception as exc:  # noqa: BLE001 - isolated below, one chunk at a time
-        if len(samples) == 1:
-            return [exc]
-        log.warning("codec batch of %d failed (%s); encoding one by one", len(samples), exc)
-        _release_cuda_memory()
-    results: list[np.ndarray | Exception] = []
-    for i, n in enumerate(samples):
-        width = codec.info.frames(n) * codec.info.hop
-        try:
-            results.append(encode_padded(codec, pcm[i : i + 1, :width], [n], autocast)[0])
-        except Exception as exc:  # noqa: BLE001 - becomes a failures/ row
-            results.append(exc)
-    return results
-
-
-def encode_batch(codec: Codec, wavs: Sequence[np.ndarray], autocast: bool = False) -> list:
-    """Float chunks → codes in one codec call (pad, encode, trim)."""
-    return encode_padded(codec, pad_batch(wavs, codec.info.hop), [len(w) for w in wavs], autocast)
-
-
-def encode_alone(codec: Codec, wav: np.ndarray) -> np.ndarray:
-    """One chunk on its own: the reference that batched encoding must reproduce."""
-    return encode_batch(codec, [wav])[0]
-
-
-def _release_cuda_memory() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def failure_reason(exc: BaseException) -> str:
     """A short machine-readable class for a ``failures/`` row."""
     if isinstance(exc, torch.cuda.OutOfMemoryError):
@@ -273,25 +120,6 @@ def failure_reason(exc: BaseException) -> str:
     if isinstance(exc, AudioError):
         return "bad_audio"
     return "codec_error"
-
-
-def probe_clip(sample_rate: int, seconds: float = 3.0) -> np.ndarray:
-    """A fixed speech-like clip (voiced bursts with pitch glides and a little noise)."""
-    t = np.arange(int(sample_rate * seconds), dtype=np.float64) / sample_rate
-    f0 = 140 + 40 * np.sin(2 * np.pi * 0.8 * t)
-    phase = 2 * np.pi * np.cumsum(f0) / sample_rate
-    voiced = sum(np.sin(k * phase) / k for k in range(1, 8))
-    envelope = np.clip(np.sin(2 * np.pi * 2.5 * t), 0, None) ** 0.5
-    noise = np.random.default_rng(0).standard_normal(t.size) * 0.01
-    return (0.2 * voiced * envelope + noise).astype(np.float32)
-
-
-def autocast_keeps_codes(codec: Codec, seconds: float = 3.0) -> bool:
-    """Whether half-precision autocast gives the same codes as fp32 on a probe clip."""
-    if codec.device.type != "cuda":
-        return False
-    clip = probe_clip(codec.sample_rate, seconds)
-    return bool(np.array_equal(encode_alone(codec, clip), encode_batch(codec, [clip], True)[0]))
 
 
 # -- Ray Data steps (thin wrappers around the functions above) -----------------------------
@@ -339,21 +167,15 @@ def _batch_row(chunks: list[dict], pcm: bytes, dtype: str, width: int) -> dict:
     return {**{k: [c[k] for c in chunks] for k in keys}, "pcm": pcm, "dtype": dtype, "width": width}
 
 
-def _counters() -> dict | None:
-    try:
-        from ray.util.metrics import Counter as RayCounter
-
-        return {
-            "seconds": RayCounter(
-                "voxtral_preprocess_audio_seconds", "Audio seconds encoded to codec codes"
-            ),
-            "chunks": RayCounter("voxtral_preprocess_chunks", "Chunks encoded to codec codes"),
-            "failures": RayCounter(
-                "voxtral_preprocess_failures", "Chunks that failed, by reason", ("reason",)
-            ),
-        }
-    except Exception:  # noqa: BLE001 - metrics are optional outside a Ray worker
-        return None
+METRICS = Metrics(
+    seconds=Metric(
+        "counter", "voxtral_preprocess_audio_seconds", "Audio seconds encoded to codec codes"
+    ),
+    chunks=Metric("counter", "voxtral_preprocess_chunks", "Chunks encoded to codec codes"),
+    failures=Metric(
+        "counter", "voxtral_preprocess_failures", "Chunks that failed, by reason", ("reason",)
+    ),
+)
 
 
 class ChunkEncoder:
@@ -379,7 +201,6 @@ class ChunkEncoder:
             self.autocast = autocast_keeps_codes(self.codec)
             if not self.autocast:
                 log.warning("preprocess.autocast: fp16 changes the codes of a probe clip; off")
-        self.metrics = _counters()
 
     def __call__(self, table: pa.Table) -> pa.Table:
         out: list[dict] = []
@@ -411,14 +232,11 @@ class ChunkEncoder:
         return rows
 
     def _count(self, rows: list[dict]) -> None:
-        if self.metrics is None:
-            return
         ok = [r for r in rows if r["reason"] is None]
-        if ok:
-            self.metrics["chunks"].inc(len(ok))
-            self.metrics["seconds"].inc(sum(r["seconds"] for r in ok))
+        METRICS.record("chunks", len(ok))
+        METRICS.record("seconds", sum(r["seconds"] for r in ok))
         for reason, n in Counter(r["reason"] for r in rows if r["reason"]).items():
-            self.metrics["failures"].inc(n, tags={"reason": reason})
+            METRICS.record("failures", n, reason=reason)
 
 
 @functools.lru_cache(maxsize=4)
@@ -442,7 +260,7 @@ def token_rows(rows: list[dict], tokenizer) -> tuple[list[dict], list[dict]]:
             bad.append(r)
             continue
         try:
-            ids, starts = text_track(tokenizer, r["captions"])
+            ids, starts = timed_text_ids(tokenizer, r["captions"])
         except Exception as exc:  # noqa: BLE001 - a failures/ row, not a crashed stage
             bad.append({**r, "reason": "text_error", "error": f"{type(exc).__name__}: {exc}"})
             continue
@@ -523,10 +341,10 @@ def decode_task_memory(window: int, max_chunk_s: float, sample_rate: int) -> int
 
 
 def run_preprocess(cfg: Config) -> dict[str, Any]:
-    """Encode every chunk not yet in ``tokens/``; print and return the stage summary."""
+    """Encode every chunk not yet in ``tokens/`` on the connected Ray; return the summary."""
     import ray
 
-    from voxtral.ray_utils import init_ray, read_parquet
+    from voxtral.ray_utils import read_parquet
 
     t0, t0_unix = time.perf_counter(), time.time()
     pre = cfg.preprocess
@@ -545,7 +363,6 @@ def run_preprocess(cfg: Config) -> dict[str, Any]:
 
     stats: list[pa.Table] = []
     if files:
-        init_ray()
         _warn_if_no_gpus(pre)
         ds = read_parquet(files, storage.fs, ["chunk_id", "video_id", "audio", "captions"])
         ds = ds.map_batches(
@@ -588,7 +405,6 @@ def run_preprocess(cfg: Config) -> dict[str, Any]:
 
     summary = summarize(stats, time.perf_counter() - t0, t0_unix, info)
     summary.update(already_done=len(done), skipped_failed=len(exhausted), pending=n_pending)
-    print(format_summary(summary), flush=True)
     return summary
 
 
@@ -636,18 +452,18 @@ def summarize(
 
 def format_summary(s: dict[str, Any]) -> str:
     """The summary table printed at the end of the stage."""
-    reasons = ", ".join(f"{k}: {v}" for k, v in s["failures_by_reason"].items())
-    lines = [
-        ("codec", f"{s['codec']} (n_q={s['n_q']})"),
-        ("chunks encoded", s["chunks"]),
-        ("already done", s.get("already_done", 0)),
-        ("failures", f"{s['failures']}" + (f" ({reasons})" if reasons else "")),
-        ("skipped (max attempts)", s.get("skipped_failed", 0)),
-        ("audio hours", f"{s['audio_hours']:.3f}"),
-        ("wall time (s)", f"{s['wall_s']:.1f}"),
-        ("x-realtime", f"{s['xrt']:.1f}"),
-        ("first codes after (s)", f"{s['first_codes_s']:.1f}"),
-        ("x-realtime after that", f"{s['steady_xrt']:.1f}"),
-    ]
-    width = max(len(k) for k, _ in lines)
-    return "\n".join(["preprocess summary", *(f"  {k:<{width}}  {v}" for k, v in lines)])
+    return report.table(
+        "preprocess summary",
+        [
+            ("codec", f"{s['codec']} (n_q={s['n_q']})"),
+            ("chunks encoded", s["chunks"]),
+            ("already done", s.get("already_done", 0)),
+            ("failures", f"{s['failures']}{report.by_reason(s['failures_by_reason'])}"),
+            ("skipped (max attempts)", s.get("skipped_failed", 0)),
+            ("audio hours", f"{s['audio_hours']:.3f}"),
+            ("wall time (s)", f"{s['wall_s']:.1f}"),
+            ("x-realtime", f"{s['xrt']:.1f}"),
+            ("first codes after (s)", f"{s['first_codes_s']:.1f}"),
+            ("x-realtime after that", f"{s['steady_xrt']:.1f}"),
+        ],
+    )

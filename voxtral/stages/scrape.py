@@ -1,7 +1,7 @@
 """Stage 2, scrape: index rows → ``chunks/<video_id>.parquet``.
 
 One video per task. The task downloads the best audio stream (``voxtral.download``),
-decodes it as a stream at the codec rate (``voxtral.audio.decode_stream``), finds speech
+decodes it as a stream at the codec rate (``voxtral.media.decode_stream``), finds speech
 with silero-vad (``voxtral.vad``) and cuts chunks at pauses (``voxtral.chunking``), encodes
 each chunk as FLAC with the caption words inside it, and streams the rows into a temporary
 Parquet file that is moved into place only when the whole video succeeded. So memory is
@@ -20,31 +20,19 @@ Hostile media are bounded too: any sample rate resamples in a few MB
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import tempfile
 import time
-from collections import Counter, deque
-from functools import lru_cache
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from voxtral import failures, schema
-from voxtral.audio import (
-    AudioError,
-    CorruptAudioError,
-    DecodeStats,
-    NotAudioError,
-    StreamResampler,
-    decode_stream,
-    flac_encode,
-)
+from voxtral.audio import AudioError, StreamResampler, flac_encode
 from voxtral.captions import CaptionIndex, parse_vtt
-from voxtral.chunking import ChunkPlanner
+from voxtral.chunking import ChunkPlanner, SampleWindow
 from voxtral.codec import codec_info
 from voxtral.config import Config
 from voxtral.download import (
@@ -56,7 +44,10 @@ from voxtral.download import (
     local_file,
     resolve_path,
 )
-from voxtral.storage import Storage
+from voxtral.media import CorruptAudioError, DecodeStats, NotAudioError, decode_stream
+from voxtral.metrics import Metric, Metrics
+from voxtral.stages import report
+from voxtral.storage import ParquetRowWriter, Storage
 from voxtral.vad import FRAME_S, BatchedVAD
 
 STAGE = "scrape"
@@ -78,65 +69,6 @@ def chunks_rel(video_id: str) -> str:
 
 
 # -- per video -----------------------------------------------------------------------------
-
-
-class _Samples:
-    """The decoded stream from the earliest sample a future chunk may use, as blocks."""
-
-    def __init__(self) -> None:
-        self.blocks: deque[np.ndarray] = deque()
-        self.start = 0
-        self.end = 0
-
-    def append(self, x: np.ndarray) -> None:
-        self.blocks.append(x)
-        self.end += len(x)
-
-    def drop_before(self, i: int) -> None:
-        while self.blocks and self.start + len(self.blocks[0]) <= i:
-            self.start += len(self.blocks.popleft())
-
-    def slice(self, a: int, b: int) -> np.ndarray:
-        out, pos = [], self.start
-        for blk in self.blocks:
-            lo, hi = max(a, pos), min(b, pos + len(blk))
-            if lo < hi:
-                out.append(blk[lo - pos : hi - pos])
-            pos += len(blk)
-            if pos >= b:
-                break
-        return np.concatenate(out) if out else np.zeros(0, np.float32)
-
-
-class _ChunkWriter:
-    """Streams chunk rows into a local Parquet file, a row group at a time."""
-
-    def __init__(self, path: str):
-        self.path = path
-        self.rows: list[dict] = []
-        self.count = 0
-        self._writer: pq.ParquetWriter | None = None
-
-    def add(self, row: dict) -> None:
-        self.rows.append(row)
-        self.count += 1
-        if len(self.rows) >= ROW_GROUP:
-            self._flush()
-
-    def _flush(self) -> None:
-        if not self.rows:
-            return
-        if self._writer is None:
-            self._writer = pq.ParquetWriter(
-                self.path, schema.CHUNKS, compression={"audio": "NONE"}, use_dictionary=False
-            )
-        self._writer.write_table(pa.Table.from_pylist(self.rows, schema=schema.CHUNKS))
-        self.rows = []
-
-    def close(self) -> None:
-        self._flush()
-        if self._writer is not None:
-            self._writer.close()
 
 
 def cut_audio(
@@ -163,8 +95,8 @@ def cut_audio(
         pad_frames=round(PAD_S / FRAME_S),
         threshold=sc.vad_threshold,
     )
-    samples = _Samples()
-    writer = _ChunkWriter(out_path)
+    samples = SampleWindow()
+    writer = ParquetRowWriter(out_path, schema.CHUNKS, ROW_GROUP, {"audio": "NONE"})
     stats = DecodeStats()
     kept = {"speech_s": 0.0, "audio_s": 0.0, "low_speech": 0}
     min_samples = round((sc.min_chunk_s - FRAME_S) * sr)
@@ -341,25 +273,12 @@ def scrape_video(row: dict, cfg: Config, storage: Storage | None = None) -> dict
 # -- on Ray ----------------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=1)
-def _metrics():
-    """Counters in the Ray dashboard; None outside a Ray worker."""
-    import ray
-
-    if not ray.is_initialized():
-        return None
-    from ray.util.metrics import Counter as RayCounter
-
-    return {
-        "videos": RayCounter(
-            "voxtral_scrape_videos", "Videos scraped, by status.", tag_keys=("status",)
-        ),
-        "hours": RayCounter("voxtral_scrape_audio_hours", "Hours of audio decoded and cut."),
-        "chunk_hours": RayCounter("voxtral_scrape_chunk_hours", "Hours of audio kept as chunks."),
-        "failures": RayCounter(
-            "voxtral_scrape_failures", "Failed videos, by reason.", tag_keys=("reason",)
-        ),
-    }
+METRICS = Metrics(
+    videos=Metric("counter", "voxtral_scrape_videos", "Videos scraped, by status.", ("status",)),
+    hours=Metric("counter", "voxtral_scrape_audio_hours", "Hours of audio decoded and cut."),
+    chunk_hours=Metric("counter", "voxtral_scrape_chunk_hours", "Hours of audio kept as chunks."),
+    failures=Metric("counter", "voxtral_scrape_failures", "Failed videos, by reason.", ("reason",)),
+)
 
 
 def _scrape_task(row: dict, cfg: Config) -> dict:
@@ -369,16 +288,11 @@ def _scrape_task(row: dict, cfg: Config) -> dict:
     if torch.get_num_threads() != 1:
         torch.set_num_threads(1)  # parallelism comes from tasks, not from threads inside one
     out = scrape_video(row, cfg)
-    with contextlib.suppress(Exception):  # the dashboard is a view: never fail the work
-        m = _metrics()
-        if m is not None:
-            m["videos"].inc(1, tags={"status": out["status"]})
-            if out["audio_s"]:
-                m["hours"].inc(out["audio_s"] / 3600)
-            if out["speech_s"]:
-                m["chunk_hours"].inc(out["speech_s"] / 3600)
-            if out["status"] == "failed":
-                m["failures"].inc(1, tags={"reason": out["reason"]})
+    METRICS.record("videos", 1, status=out["status"])
+    METRICS.record("hours", out["audio_s"] / 3600)
+    METRICS.record("chunk_hours", out["speech_s"] / 3600)
+    if out["status"] == "failed":
+        METRICS.record("failures", 1, reason=out["reason"])
     return out
 
 
@@ -452,18 +366,18 @@ def run_scrape(cfg: Config) -> dict:
 
 def format_summary(summary: dict) -> str:
     """The end-of-stage table: counts, failures by reason, hours, x-realtime."""
-    reasons = ", ".join(f"{k}: {v}" for k, v in summary["failed_by_reason"].items())
-    rows = [
-        ("videos in index", f"{summary['index_videos']}"),
-        ("skipped: already done", f"{summary['done_before']}"),
-        ("skipped: out of attempts", f"{summary['out_of_attempts']}"),
-        ("scraped now", f"{summary['done']}"),
-        ("failed now", f"{summary['failed']}" + (f" ({reasons})" if reasons else "")),
-        ("chunks written", f"{summary['chunks']}"),
-        ("audio hours", f"{summary['audio_hours']:.3f}"),
-        ("speech hours in chunks", f"{summary['chunk_speech_hours']:.3f}"),
-        ("wall seconds", f"{summary['wall_s']:.1f}"),
-        ("x-realtime", f"{summary['xrt']:.0f}"),
-    ]
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(["scrape summary"] + [f"  {k:<{width}}  {v}" for k, v in rows])
+    return report.table(
+        "scrape summary",
+        [
+            ("videos in index", summary["index_videos"]),
+            ("skipped: already done", summary["done_before"]),
+            ("skipped: out of attempts", summary["out_of_attempts"]),
+            ("scraped now", summary["done"]),
+            ("failed now", f"{summary['failed']}{report.by_reason(summary['failed_by_reason'])}"),
+            ("chunks written", summary["chunks"]),
+            ("audio hours", f"{summary['audio_hours']:.3f}"),
+            ("speech hours in chunks", f"{summary['chunk_speech_hours']:.3f}"),
+            ("wall seconds", f"{summary['wall_s']:.1f}"),
+            ("x-realtime", f"{summary['xrt']:.0f}"),
+        ],
+    )

@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from voxtral.config import Config, ConfigError
+from voxtral.stages import report
 from voxtral.stages.train.data import (
     eval_videos,
     row_codes,
@@ -160,7 +161,7 @@ def _prompt_window(
 
 def latest_state(storage: Storage, run_name: str) -> dict | None:
     """``train_state.json`` of the run's newest checkpoint in storage, if any."""
-    from voxtral.stages.train.loop import TRAIN_STATE
+    from voxtral.stages.train.checkpoint import TRAIN_STATE
 
     names = [n for n in storage.listdir("train", run_name) if n.startswith("checkpoint_")]
     for name in sorted(names, reverse=True):
@@ -187,6 +188,7 @@ def format_summary(s: dict) -> str:
     """The summary table printed at the end of the stage."""
     keys = (
         "run_name",
+        "skipped",
         "step",
         "finished",
         "chunks",
@@ -197,18 +199,17 @@ def format_summary(s: dict) -> str:
         "tokens_per_s",
         "loss",
         "eval_loss",
+        "nonfinite_steps",
         "export",
     )
-    lines = [(k, s[k]) for k in keys if s.get(k) is not None]
-    width = max(len(k) for k, _ in lines)
-    return "\n".join(["train summary", *(f"  {k:<{width}}  {v}" for k, v in lines)])
+    return report.table("train summary", [(k, s.get(k)) for k in keys])
 
 
 def _export_task(cfg_dict: dict, checkpoint, prompt, source: dict, extra: dict) -> str:
     from pathlib import Path
 
+    from voxtral.stages.train.checkpoint import TRAIN_STATE
     from voxtral.stages.train.export import export_run
-    from voxtral.stages.train.loop import TRAIN_STATE
 
     cfg = Config.model_validate(cfg_dict)
     with checkpoint.as_directory() as folder:
@@ -236,7 +237,6 @@ def run_train(cfg: Config) -> dict:
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from voxtral.ray_utils import init_ray
     from voxtral.stages.train.loop import train_loop
 
     tc = cfg.train
@@ -254,12 +254,10 @@ def run_train(cfg: Config) -> dict:
             "export": storage.uri("models", tc.run_name) if export_done else None,
             **_totals(read_metrics(cfg)),
         }
-        print(format_summary(summary), flush=True)
         return summary
     held_out = frozenset(
         eval_videos(index.column("video_id").to_pylist(), tc.eval_fraction, tc.seed)
     )
-    init_ray()
     if tc.use_gpu and ray.cluster_resources().get("GPU", 0) < tc.num_workers:
         log.warning(
             "train.use_gpu with %d workers but the cluster has %s GPUs now: waiting "
@@ -329,5 +327,4 @@ def run_train(cfg: Config) -> dict:
         summary["export"] = ray.get(
             task.remote(cfg.model_dump(mode="json"), result.checkpoint, prompt, source, extra)
         )
-    print(format_summary(summary), flush=True)
     return summary
