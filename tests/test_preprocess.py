@@ -346,7 +346,9 @@ def test_rerun_adds_nothing(corpus, cfg, capsys):
     assert token_rows(storage) == before
     # the corrupt chunk is not retried: its bytes cannot decode any better
     assert summary["failures"] == 0 and summary["skipped_failed"] == 1
-    assert failures.attempts(storage, "preprocess") == {CORRUPT_ID: 1}
+    assert [
+        (r["item_id"], r["attempts"]) for r in failures.read_failures(storage, "preprocess")
+    ] == [(CORRUPT_ID, 1)]
 
 
 def test_rerun_of_a_run_with_the_legacy_codec_json(corpus, cfg):

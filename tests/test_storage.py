@@ -169,12 +169,16 @@ def test_failure_records(store):
     row = failures.record_failure(store, "scrape", "abc/../x", "abc", "http_404", "e" * 5000)
     assert row["attempts"] == 2 and len(row["error"]) == 2000
     failures.record_failure(store, "scrape", "def", "def", "no_speech", "silence")
-    assert failures.attempts(store, "scrape") == {"abc/../x": 2, "def": 1}
+    rows = failures.read_failures(store, "scrape")
+    assert {r["item_id"]: r["attempts"] for r in rows} == {"abc/../x": 2, "def": 1}
+    assert failures.given_up(rows, max_attempts=2) == {"abc/../x"}
+    assert failures.given_up(rows, 3, permanent=frozenset({"no_speech"})) == {"def"}
+    assert failures.given_up(rows, 3) == set()
     assert store.listdir("failures/scrape") == ["abc_.._x.parquet", "def.parquet"]
     table = store.read_table("failures/scrape")
     assert table.schema.equals(schema.FAILURES)
     failures.clear_failure(store, "scrape", "abc/../x")
-    assert failures.attempts(store, "scrape") == {"def": 1}
+    assert [r["item_id"] for r in failures.read_failures(store, "scrape")] == ["def"]
     assert failures.read_failures(store, "preprocess") == []
 
 

@@ -31,9 +31,8 @@ def record_failure(
 ) -> dict:
     """Write the failure row of one item and return it. ``new_attempt`` counts one more
     attempt; False gives the reason of the attempt that :func:`begin_attempt` counted."""
-    rel = _rel(stage, item_id)
-    old = storage.read_table(rel) if storage.exists(rel) else None
-    previous = old.column("attempts")[0].as_py() if old is not None and len(old) else 0
+    old = read_failure(storage, stage, item_id)
+    previous = old["attempts"] if old else 0
     row = {
         "item_id": item_id,
         "video_id": video_id,
@@ -42,7 +41,7 @@ def record_failure(
         "error": error[:2000],
         "attempts": previous + 1 if new_attempt else max(previous, 1),
     }
-    storage.write_table(rel, pa.Table.from_pylist([row], schema=schema.FAILURES))
+    storage.write_table(_rel(stage, item_id), pa.Table.from_pylist([row], schema=schema.FAILURES))
     return row
 
 
@@ -77,6 +76,9 @@ def read_failures(storage: Storage, stage: str) -> list[dict]:
     return [] if table is None else table.to_pylist()
 
 
-def attempts(storage: Storage, stage: str) -> dict[str, int]:
-    """item_id → attempts so far, for every item that failed in ``stage``."""
-    return {r["item_id"]: r["attempts"] for r in read_failures(storage, stage)}
+def given_up(
+    rows: list[dict], max_attempts: int, permanent: frozenset[str] = frozenset()
+) -> set[str]:
+    """The items of these failure rows that a rerun leaves alone: out of attempts, or failed
+    for a ``permanent`` reason (retrying changes nothing, e.g. undecodable bytes)."""
+    return {r["item_id"] for r in rows if r["attempts"] >= max_attempts or r["reason"] in permanent}

@@ -353,12 +353,7 @@ def run_preprocess(cfg: Config) -> dict[str, Any]:
     ensure_codec_record(storage, cfg.codec)
     done = done_chunk_ids(storage)
     failed = failures.read_failures(storage, STAGE)
-    exhausted = {
-        r["item_id"]
-        for r in failed
-        if (r["attempts"] >= pre.max_attempts or r["reason"] in PERMANENT_REASONS)
-        and r["item_id"] not in done
-    }
+    exhausted = failures.given_up(failed, pre.max_attempts, PERMANENT_REASONS) - done
     files, inner_skip, n_pending = pending_chunks(storage, done | exhausted)
 
     stats: list[pa.Table] = []

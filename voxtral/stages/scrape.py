@@ -301,7 +301,7 @@ def plan(storage: Storage, cfg: Config) -> tuple[list[dict], dict]:
     table = storage.read_table("index")
     rows = table.to_pylist() if table is not None else []
     done = {n[: -len(".parquet")] for n in storage.listdir("chunks", suffix=".parquet")}
-    tries = failures.attempts(storage, STAGE)
+    given_up = failures.given_up(failures.read_failures(storage, STAGE), cfg.scrape.max_attempts)
     todo, seen = [], set()
     skipped = {"done_before": 0, "out_of_attempts": 0}
     for r in rows:
@@ -311,7 +311,7 @@ def plan(storage: Storage, cfg: Config) -> tuple[list[dict], dict]:
         seen.add(vid)
         if schema.safe_name(vid) in done:
             skipped["done_before"] += 1
-        elif tries.get(vid, 0) >= cfg.scrape.max_attempts:
+        elif vid in given_up:
             skipped["out_of_attempts"] += 1
         else:
             todo.append(r)
