@@ -31,7 +31,7 @@ def build_app(cfg: Config, source: dict[str, Any] | None = None):
         source = resolve_model(cfg).describe()
     log.info("serving %s (%s)", source["model"], source["model_source"])
     s = cfg.serve
-    cfg_dict = cfg.model_dump(mode="json")
+    cfg_dict = cfg.for_cluster()  # the token as its digest: Serve shows deployment arguments
     lm = SpeechLM.options(
         num_replicas=s.num_replicas,
         max_ongoing_requests=2 * s.max_sessions + 8,

@@ -10,7 +10,6 @@ refusing the connection as a bad request.)
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import time
 import uuid
@@ -73,8 +72,8 @@ def refusal(
       loopback; a remote tokenless client without an Origin is refused.
     """
     authenticated = False
-    if s.token is not None:
-        if given_token is None or not hmac.compare_digest(given_token.encode(), s.token.encode()):
+    if s.requires_token:
+        if not s.token_matches(given_token):
             return "missing or wrong token"
         authenticated = True
     elif not s.allow_anonymous and not (

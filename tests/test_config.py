@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from pydantic import ValidationError
 
@@ -13,6 +15,7 @@ from voxtral.config import (
     ConfigError,
     load_config,
     parse_cli,
+    token_digest,
 )
 from voxtral.tokenizer import make_layout
 
@@ -308,3 +311,28 @@ def test_local_profile_is_loopback_without_token():
     cfg.serve.check_exposure()
     assert cfg.serve.allowed_origins == []  # only the page's own origin
     assert cfg.serve.max_sessions_per_client >= 1 and cfg.serve.max_messages_per_s > 0
+
+
+def test_the_config_ray_sees_holds_the_token_only_as_a_salted_digest():
+    token = "s3cret-" + "x" * 40
+    cfg = load_config(None, [f"serve.token={token}"], env={})
+    shipped = cfg.for_cluster()
+    assert token not in json.dumps(shipped)
+    assert shipped["serve"]["token"] is None
+    again = Config.model_validate(shipped).serve  # what a deployment or worker rebuilds
+    assert again.requires_token and again.token_matches(token)
+    assert not again.token_matches(token + "!") and not again.token_matches(None)
+    assert not again.token_matches("")
+    again.check_exposure("0.0.0.0")  # a digest counts as a token: public host allowed
+    # a fresh salt each time: equal tokens never show as equal digests
+    assert cfg.for_cluster()["serve"]["token_sha256"] != shipped["serve"]["token_sha256"]
+    assert load_config(None, env={}).for_cluster()["serve"]["token_sha256"] is None
+
+
+def test_a_digest_can_be_configured_instead_of_the_token():
+    digest = token_digest("tok-" + "y" * 30)
+    s = load_config(None, [f"serve.token_sha256={digest}"], env={}).serve
+    assert s.token is None and s.token_matches("tok-" + "y" * 30)
+    for bad in ("nosalt", ":" + "0" * 64, "salt:" + "z" * 64, "salt:abc"):
+        with pytest.raises(ConfigError, match="serve.token_sha256"):
+            load_config(None, [f"serve.token_sha256={bad}"], env={})

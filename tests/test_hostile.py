@@ -378,6 +378,18 @@ def test_start_refuses_a_public_host_without_token(serve_root):
         deploy(cfg)
 
 
+def test_the_serve_application_holds_no_token(serve_root):
+    """What ``serve.run`` ships (and Serve's REST API and dashboard show as deployment
+    arguments) is the bound application: the token is not in it, in any form Serve keeps."""
+    from ray import cloudpickle
+
+    from serve_app.app import build_app
+
+    token = "app-side-" + "a" * 32
+    cfg = C.local_serve_config(serve_root, extra=[f"serve.token={token}"])
+    assert token.encode() not in cloudpickle.dumps(build_app(cfg))
+
+
 def test_message_rate_bucket():
     now = [0.0]
     rate = MessageRate(10, 20, clock=lambda: now[0])

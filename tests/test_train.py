@@ -7,6 +7,7 @@ neither scrape nor preprocess. Runs share one storage root and differ by run nam
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -283,6 +284,28 @@ def test_export_loads_and_generates_well_formed_streams(zero2):
 def test_bad_train_config_is_refused_when_loaded(override, key, tmp_path):
     with pytest.raises(ConfigError, match=key):
         make_cfg(tmp_path, override)
+
+
+def test_train_workers_get_the_serve_token_only_as_a_digest(root, ray_session, monkeypatch):
+    """Ray Train keeps ``train_loop_config`` (the dashboard shows it): the config in it holds
+    no secret."""
+    import ray.train.torch
+
+    from voxtral.stages.train.run import run_train
+
+    class Captured(Exception):
+        pass
+
+    def trainer(*args, **kwargs):
+        raise Captured(kwargs)
+
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", trainer)
+    token = "train-side-" + "t" * 32
+    with pytest.raises(Captured) as got:
+        run_train(make_cfg(root, f"serve.token={token}", "train.run_name=secret"))
+    shipped = got.value.args[0]["train_loop_config"]
+    assert token not in json.dumps(shipped)
+    assert Config.model_validate(shipped["cfg"]).serve.token_matches(token)
 
 
 def test_bad_configs_fail_before_any_work(root):

@@ -27,6 +27,7 @@ from voxtral.config.sections import (
     TokenizerConfig,
     TrainConfig,
     is_loopback,
+    token_digest,
 )
 
 __all__ = [
@@ -51,6 +52,7 @@ __all__ = [
     "add_config_args",
     "config_from_args",
     "is_loopback",
+    "token_digest",
     "load_config",
     "parse_cli",
 ]

@@ -6,7 +6,10 @@ work starts, with a message that names the key.
 
 from __future__ import annotations
 
-from typing import Literal
+import hashlib
+import hmac
+import secrets
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -257,6 +260,18 @@ LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
 """Names and addresses that reach only this machine (127.0.0.0/8 is checked separately)."""
 
 
+def token_digest(token: str, salt: str | None = None) -> str:
+    """``<salt>:<sha256(salt + token)>`` (a fresh random salt unless given): what
+    ``serve.token_sha256`` holds. The token is a long random secret, so one salted hash
+    is enough; the salt keeps equal tokens from showing as equal digests."""
+    salt = secrets.token_hex(16) if salt is None else salt
+    return f"{salt}:{hashlib.sha256((salt + token).encode()).hexdigest()}"
+
+
+def _is_hex(text: str) -> bool:
+    return all(c in "0123456789abcdef" for c in text.lower())
+
+
 def is_loopback(host: str | None) -> bool:
     """True for a loopback address or name (``127.x.y.z``, ``::1``, ``localhost``)."""
     if not host:
@@ -271,6 +286,10 @@ class ServeConfig(Section):
     token: str | None = None
     """Shared secret clients pass as ``?token=`` or ``Authorization: Bearer``; None = no
     token, which is allowed only on a loopback host (or with ``allow_anonymous``)."""
+    token_sha256: str | None = None
+    """``<salt>:<hex>``, the SHA-256 of salt + token: what the gateway checks when it does not
+    hold the token itself. :meth:`Config.for_cluster` puts it in place of the token (no
+    config that reaches Ray holds the token); set it directly so no file holds the token."""
     allow_anonymous: bool = False
     """Serve without a token on a non-loopback host (anyone who reaches the port may talk
     to the model). Off: such a start fails, and tokenless servers take loopback clients only."""
@@ -332,11 +351,32 @@ class ServeConfig(Section):
             raise ValueError("must not start or end with whitespace")
         return v
 
+    @field_validator("token_sha256")
+    @classmethod
+    def _digest_form(cls, v: str | None) -> str | None:
+        salt, _, digest = (v or "").partition(":")
+        if v is not None and not (salt and len(digest) == 64 and _is_hex(digest)):
+            raise ValueError("must be <salt>:<64 hex digits> (see voxtral.config.token_digest)")
+        return v
+
+    @property
+    def requires_token(self) -> bool:
+        return self.token is not None or self.token_sha256 is not None
+
+    def token_matches(self, given: str | None) -> bool:
+        """Whether ``given`` is the token (in constant time, against the token or its digest)."""
+        if given is None or not self.requires_token:
+            return False
+        if self.token is not None:
+            return hmac.compare_digest(given.encode(), self.token.encode())
+        salt, _, digest = self.token_sha256.partition(":")  # type: ignore[union-attr]
+        return hmac.compare_digest(token_digest(given, salt).partition(":")[2], digest)
+
     def check_exposure(self, host: str | None = None) -> None:
         """Refuse to listen on a non-loopback ``host`` (default ``serve.host``) without a
         token unless ``allow_anonymous`` says so: closed by default."""
         host = self.host if host is None else host
-        if self.token is None and not self.allow_anonymous and not is_loopback(host):
+        if not self.requires_token and not self.allow_anonymous and not is_loopback(host):
             raise ConfigError(
                 f"serve.host={host} is reachable from other machines but serve.token is not "
                 "set: set serve.token (e.g. VOXTRAL_SERVE__TOKEN=$(openssl rand -hex 24)), "
@@ -354,3 +394,13 @@ class Config(Section):
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+
+    def for_cluster(self) -> dict[str, Any]:
+        """This config as the plain data that Ray ships to Serve deployments and Ray Train
+        workers. Ray shows both (Serve's REST API lists deployment arguments; Ray Train
+        keeps ``train_loop_config``), so the token goes as its salted digest instead."""
+        data = self.model_dump(mode="json")
+        if self.serve.token is not None:
+            data["serve"]["token"] = None
+            data["serve"]["token_sha256"] = token_digest(self.serve.token)
+        return data

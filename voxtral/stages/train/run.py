@@ -274,7 +274,7 @@ def run_train(cfg: Config) -> dict:
     }
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "layout": layout.to_dict()},
+        train_loop_config={"cfg": cfg.for_cluster(), "layout": layout.to_dict()},
         torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu),
         run_config=RunConfig(
@@ -325,6 +325,6 @@ def run_train(cfg: Config) -> dict:
         extra = {"run_name": tc.run_name, "eval_loss": final.get("eval_loss")}
         task = ray.remote(num_cpus=1, num_gpus=1 if tc.use_gpu else 0)(_export_task)
         summary["export"] = ray.get(
-            task.remote(cfg.model_dump(mode="json"), result.checkpoint, prompt, source, extra)
+            task.remote(cfg.for_cluster(), result.checkpoint, prompt, source, extra)
         )
     return summary
