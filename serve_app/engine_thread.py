@@ -25,14 +25,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from serve_app.codec_stream import (
+from voxtral.codec import Codec
+from voxtral.codec.streaming import (
     CodecStreamDecoder,
     CodecStreamEncoder,
     decode_many,
     encode_many,
 )
-from serve_app.generation import LMState, SpeechEngine, TextStream
-from voxtral.codec import Codec
+from voxtral.generation import LMState, SpeechEngine, TextStream
 from voxtral.tokenizer import Layout, StreamDecoder, encode_ids
 
 if TYPE_CHECKING:

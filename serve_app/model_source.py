@@ -43,21 +43,22 @@ def resolve_model(cfg: Config) -> ModelSource:
     for name in storage.listdir("models"):
         if name == TINY_EXPORT:
             continue
-        info = storage.fs.get_file_info(storage.path("models", name, VOXTRAL_JSON))
+        folder = storage.current(f"models/{name}")  # a versioned export: its current version
+        info = storage.fs.get_file_info(storage.path(folder, VOXTRAL_JSON))
         if info.type.name == "File":
             mtime = info.mtime.timestamp() if info.mtime else 0.0
             if newest is None or mtime > newest[0]:
-                newest = (mtime, name)
+                newest = (mtime, folder)
     if newest is not None:
-        return ModelSource(storage.uri("models", newest[1]), "trained")
+        return ModelSource(storage.uri(newest[1]), "trained")
     if cfg.model.base != TINY:
         raise FileNotFoundError(
             f"nothing to serve: serve.model is unset and {storage.uri('models')} holds no "
             "export; run the train stage first or set serve.model"
         )
-    if not storage.exists("models", TINY_EXPORT, VOXTRAL_JSON):
+    if not storage.exists(storage.current(f"models/{TINY_EXPORT}"), VOXTRAL_JSON):
         export_tiny(cfg, storage)
-    return ModelSource(storage.uri("models", TINY_EXPORT), "tiny-random")
+    return ModelSource(storage.uri(storage.current(f"models/{TINY_EXPORT}")), "tiny-random")
 
 
 def export_tiny(cfg: Config, storage: Storage) -> None:
@@ -74,7 +75,10 @@ def export_tiny(cfg: Config, storage: Storage) -> None:
 
 
 def materialize(uri: str) -> Path:
-    """A local folder holding the model: the folder itself, or a cached copy of a remote one."""
+    """A local folder holding the model: the folder itself, or a cached copy of a remote one
+    (of its current version, when it was published on an object store)."""
+    where = Storage(uri)
+    uri = where.uri(where.current(""))
     if "://" not in uri:
         p = Path(uri).expanduser()
         if not (p / VOXTRAL_JSON).is_file():

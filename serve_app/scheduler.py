@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 
 from serve_app.engine_thread import Conversation, EngineThread
-from serve_app.generation import Sampling, SpeechEngine
 from voxtral.codec import Codec
+from voxtral.generation import SpeechEngine
+from voxtral.sampling import Sampling
 from voxtral.tokenizer import Layout
 
 

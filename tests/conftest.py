@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -40,3 +41,32 @@ def ray_session():
 def local_cfg(tmp_path) -> Config:
     """configs/local.yaml with storage under this test's temporary folder."""
     return load_config(DEFAULT_CONFIG, [f"storage.root={tmp_path / 'run'}"], env={})
+
+
+@pytest.fixture(scope="session")
+def ray_head():
+    """A head started as the README starts one (``uv run ray start --head``), for the
+    session's command tests; killed at the end."""
+    from tests.commands import kill_head, start_head
+
+    head = start_head()
+    yield head
+    kill_head(head)
+    shutil.rmtree(head.tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def everything_run(ray_head, tmp_path_factory) -> tuple[Path, str, dict[str, dict]]:
+    """``uv run jobs/everything.py --no-serve`` once per session, on that head: (storage
+    root, output, stage → summary). The README test and the end-to-end checks share it."""
+    from tests.commands import EVERYTHING_FAST, sets, stage_summaries, uv_run
+
+    root = tmp_path_factory.mktemp("everything") / "run"
+    log = uv_run(
+        "jobs/everything.py",
+        "--no-serve",
+        *sets(f"storage.root={root}", *EVERYTHING_FAST),
+        env=ray_head.env,
+        timeout=1200,
+    )
+    return root, log, stage_summaries(log)

@@ -1,5 +1,6 @@
-"""End to end: `jobs/everything.py` on the local profile, its rerun, serving what it trained,
-and the dashboard metrics. (`ray job submit` to a head node: tests/test_readme.py.)"""
+"""End to end: `uv run jobs/everything.py --no-serve` on the local profile (run once per
+session on a `uv run ray start` head, see ``everything_run`` in conftest), its rerun,
+serving what it trained, and the dashboard metrics."""
 
 from __future__ import annotations
 
@@ -13,26 +14,23 @@ import urllib.request
 import numpy as np
 import pytest
 
+from tests.commands import EVERYTHING_FAST, sets
 from voxtral.config import DEFAULT_CONFIG, REPO_ROOT, load_config
 from voxtral.storage import Storage
 
 pytestmark = pytest.mark.slow
 
-# A short run: the sample corpus, a few train steps. Everything else is configs/local.yaml.
-FAST = ["train.max_steps=6", "train.checkpoint_every=3", "train.eval_every=3"]
-
 
 def _everything(root) -> dict:
-    """``jobs/everything.py --no-serve`` on the local profile, into ``root``, in this process."""
+    """``jobs/everything.py --no-serve`` again, in this process on the session's Ray."""
     main = runpy.run_path(str(REPO_ROOT / "jobs" / "everything.py"), run_name="everything")["main"]
-    return main(["--no-serve", *(a for s in [f"storage.root={root}", *FAST] for a in ("--set", s))])
+    return main(["--no-serve", *sets(f"storage.root={root}", *EVERYTHING_FAST)])
 
 
 @pytest.fixture(scope="module")
-def pipeline_root(tmp_path_factory, ray_session):
-    root = tmp_path_factory.mktemp("pipeline") / "run"
-    first = _everything(root)
-    return root, first
+def pipeline_root(everything_run):
+    root, _log, summaries = everything_run
+    return root, summaries
 
 
 def test_everything_produces_every_stage_output(pipeline_root):
@@ -55,7 +53,7 @@ def test_everything_produces_every_stage_output(pipeline_root):
     assert os.path.isfile(os.path.join(model_dir, "model.safetensors"))
 
 
-def test_rerun_does_no_new_work(pipeline_root):
+def test_rerun_does_no_new_work(pipeline_root, ray_session):
     root, _ = pipeline_root
     again = _everything(root)
     assert again["index"]["new"] == 0
@@ -64,7 +62,7 @@ def test_rerun_does_no_new_work(pipeline_root):
     assert again["train"].get("skipped"), again["train"]
 
 
-def test_serves_the_model_this_run_trained(pipeline_root, request):
+def test_serves_the_model_this_run_trained(pipeline_root, ray_session, request):
     from serve_app.app import deploy
     from tests.serve_client import connect, free_port, speech_clip, wait_healthy
 
@@ -110,10 +108,9 @@ def _scrape(port: int) -> str:
         return r.read().decode()
 
 
-def test_stage_metrics_reach_the_dashboard_endpoint(pipeline_root):
-    import ray
-
-    ports = {n["MetricsExportPort"] for n in ray.nodes() if n["Alive"]}
+def test_stage_metrics_reach_the_dashboard_endpoint(pipeline_root, ray_head):
+    """Every stage's counters, as the head node's Prometheus endpoint exports them."""
+    ports = {ray_head.metrics_port}
     wanted = [
         "ray_voxtral_index_videos",
         "ray_voxtral_scrape_videos",

@@ -1,72 +1,33 @@
 """The README's commands, run as a user types them: ``uv run …`` in a subprocess, each bounded
-in time. A README command that no test runs this way is not documented.
-
-The environment handed to every command leaves out what this pytest process gained from
-its own start-up (``RAY_ENABLE_UV_RUN_RUNTIME_ENV`` from the project's ``.pth`` file,
-``RAY_ADDRESS``), so each command has to set up Ray by itself, as it would for a user. The
-cluster tests keep Ray's record of "the last ``ray start``" in a private ``RAY_TMPDIR``, so
-they neither join nor clobber a cluster of the machine's own.
+in time (see tests/commands.py). A README command that no test runs this way is not
+documented.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import shutil
 import signal
 import subprocess
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
+from tests.commands import (
+    UV,
+    json_line,
+    kill_head,
+    sets,
+    start_head,
+    user_env,
+    uv_run,
+)
 from voxtral.config import REPO_ROOT
 from voxtral.storage import Storage
 
 pytestmark = pytest.mark.slow
 
-UV = os.environ.get("UV") or shutil.which("uv") or "uv"
 TWO_DIALOGUES = ("interview_en.mp3", "interview_en.vtt", "podcast_en.ogg", "podcast_en.vtt")
-FAST_TRAIN = ["train.max_steps=2", "train.checkpoint_every=1", "train.eval_every=1"]
-
-
-def user_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_TMPDIR")}
-    env.pop("RAY_ENABLE_UV_RUN_RUNTIME_ENV", None)
-    return {**env, **extra}
-
-
-def sets(*overrides: str) -> list[str]:
-    return [a for o in overrides for a in ("--set", o)]
-
-
-def uv_run(*args: str, env: dict[str, str], timeout: float) -> str:
-    """``uv run ARGS`` from the repository root; its output, or a failure that shows it."""
-    try:
-        out = subprocess.run(
-            [UV, "run", *args],
-            cwd=REPO_ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-    except subprocess.TimeoutExpired as exc:
-        tail = (exc.stdout or b"")[-3000:], (exc.stderr or b"")[-3000:]
-        pytest.fail(f"uv run {' '.join(args)}: no exit after {timeout} s\n{tail}")
-    log = out.stdout + out.stderr
-    assert out.returncode == 0, f"uv run {' '.join(args)} exited {out.returncode}\n{log[-5000:]}"
-    return log
-
-
-def json_line(output: str) -> dict:
-    """The last line of the output that is a JSON object."""
-    for line in reversed(output.splitlines()):
-        if line.startswith("{"):
-            return json.loads(line)
-    raise AssertionError(f"no JSON line in:\n{output[-3000:]}")
 
 
 def two_dialogue_corpus(folder: Path) -> Path:
@@ -76,67 +37,22 @@ def two_dialogue_corpus(folder: Path) -> Path:
     return folder
 
 
-# -- a head node started the way a uv project starts one ------------------------------------
-@pytest.fixture(scope="module")
-def head(tmp_path_factory):
-    """``uv run ray start --head`` on free ports, with its own RAY_TMPDIR; killed at the end."""
-    from tests.serve_client import free_port
-
-    ray_tmp = tempfile.mkdtemp(prefix="vxh-", dir="/tmp")  # Ray's socket paths must stay short
-    env = user_env(RAY_TMPDIR=ray_tmp)
-    gcs, dash, agent = free_port(), free_port(), free_port()
-    uv_run(
-        "ray",
-        "start",
-        "--head",
-        f"--port={gcs}",
-        f"--dashboard-port={dash}",
-        # 52365 (the agent's default HTTP port, where jobs are submitted) may be held by
-        # another Ray on this machine, such as this test session's own.
-        f"--dashboard-agent-listen-port={agent}",
-        "--num-cpus=4",
-        "--disable-usage-stats",
-        env=env,
-        timeout=180,
-    )
-    yield {"env": env, "tmp": ray_tmp, "dashboard": f"http://127.0.0.1:{dash}"}
-    kill_head(ray_tmp)
-    shutil.rmtree(ray_tmp, ignore_errors=True)
-
-
-def kill_head(ray_tmp: str) -> None:
-    """Every process of that head, at once, as a crash would (not ``ray stop``: it would stop
-    every Ray of this machine, this test session's included)."""
-    subprocess.run(["pkill", "-9", "-f", ray_tmp], timeout=60)
-    deadline = time.monotonic() + 30
-    while subprocess.run(["pgrep", "-f", ray_tmp], capture_output=True).returncode == 0:
-        assert time.monotonic() < deadline, "the head's processes outlived SIGKILL"
-        time.sleep(0.5)
-
-
-def test_everything_no_serve_on_two_dialogues_joins_the_running_head(head, tmp_path):
+def test_everything_no_serve_joins_the_running_head(everything_run):
     """``uv run jobs/everything.py --no-serve``: every stage, driver under ``uv run``, on the
     head that ``uv run ray start`` left running (its workers start from the project's
-    environment, not from a fresh one that ``uv run`` would build)."""
-    root = tmp_path / "run"
-    corpus = two_dialogue_corpus(tmp_path / "corpus")
-    log = uv_run(
-        "jobs/everything.py",
-        "--no-serve",
-        *sets(f"storage.root={root}", f"index.local_dir={corpus}", *FAST_TRAIN),
-        env=head["env"],
-        timeout=900,
-    )
+    environment, not from a fresh one that ``uv run`` would build). What the run made is
+    checked in tests/test_pipeline.py."""
+    root, log, summaries = everything_run
     assert "== ray: joined the Ray cluster" in log, log[-3000:]
-    for stage in ("index", "scrape", "preprocess", "train"):
-        assert f"== {stage}: done" in log, (stage, log[-3000:])
+    assert list(summaries) == ["index", "scrape", "preprocess", "train"], log[-3000:]
+    for title in ("index summary", "scrape summary", "preprocess summary", "train summary"):
+        assert title in log, (title, log[-3000:])
     s = Storage(root)
-    assert len(s.read_table("index")) == 2
     assert s.read_table("tokens", columns=["chunk_id"]) is not None
     assert any(s.exists("models", d, "voxtral.json") for d in s.listdir("models"))
 
 
-def test_ray_job_submit_of_a_stage_to_the_head(head, tmp_path):
+def test_ray_job_submit_of_a_stage_to_the_head(ray_head, tmp_path):
     """``uv run ray job submit --working-dir . -- python jobs/index.py``: the job supervisor
     and the driver run on workers of a head started through ``uv run``."""
     root = tmp_path / "run"
@@ -145,34 +61,35 @@ def test_ray_job_submit_of_a_stage_to_the_head(head, tmp_path):
         "ray",
         "job",
         "submit",
-        f"--address={head['dashboard']}",
+        f"--address={ray_head.dashboard}",
         "--working-dir",
         ".",
         "--",
         "python",
         "jobs/index.py",
         *sets(f"storage.root={root}", f"index.local_dir={corpus}"),
-        env=head["env"],
+        env=ray_head.env,
         timeout=300,
     )
     assert "succeeded" in log.lower(), log[-3000:]
     assert len(Storage(root).read_table("index")) == 2
 
 
-def test_serve_job_after_the_head_died(head, tmp_path):
+def test_serve_job_after_the_head_died(tmp_path):
     """``uv run jobs/serve.py`` on a machine whose recorded head was killed: it says so,
     starts a local Ray instead of waiting on the dead one, and serves; ``bench/serve.py
     --url`` measures it; Ctrl-C ends it."""
     from tests.serve_client import free_port, wait_healthy
 
-    kill_head(head["tmp"])
+    head = start_head(num_cpus=1)  # its own: the session's head stays up for other tests
+    kill_head(head)
     port = free_port()
     cmd = [UV, "run", "jobs/serve.py", *sets(f"storage.root={tmp_path / 'run'}")]
     cmd += sets(f"serve.port={port}")
     log_path = tmp_path / "serve.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            cmd, cwd=REPO_ROOT, env=head["env"], stdout=log, stderr=subprocess.STDOUT
+            cmd, cwd=REPO_ROOT, env=head.env, stdout=log, stderr=subprocess.STDOUT
         )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -193,6 +110,9 @@ def test_serve_job_after_the_head_died(head, tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
             raise
+        finally:
+            kill_head(head)  # the local Ray that jobs/serve.py started kept its files there too
+            shutil.rmtree(head.tmp, ignore_errors=True)
     assert code in (0, -signal.SIGINT, 130), (code, log_path.read_text()[-3000:])
 
 

@@ -22,9 +22,10 @@ from serve_app.audio_io import (
     float_to_pcm16,
     ogg_crc,
 )
-from serve_app.generation import Sampling, SpeechEngine, TextStream, sample_tokens
 from serve_app.routing import pick, session_of
 from serve_app.vad import TurnDetector
+from voxtral.generation import SpeechEngine, TextStream
+from voxtral.sampling import Sampling, sample_tokens
 
 
 # -- fixtures --------------------------------------------------------------------------------
@@ -161,7 +162,7 @@ def test_turn_detector_timing():
 
 # -- streaming codec ---------------------------------------------------------------------------
 def test_incremental_codec_matches_whole_and_has_no_clicks(tiny, speech):
-    from serve_app.codec_stream import CodecStreamDecoder, CodecStreamEncoder
+    from voxtral.codec.streaming import CodecStreamDecoder, CodecStreamEncoder
 
     sched, _ = tiny
     codec = sched.codec
@@ -190,7 +191,7 @@ def test_incremental_codec_matches_whole_and_has_no_clicks(tiny, speech):
 
 
 def test_batched_codec_calls_match_single_ones(tiny, speech):
-    from serve_app.codec_stream import (
+    from voxtral.codec.streaming import (
         CodecStreamDecoder,
         CodecStreamEncoder,
         decode_many,
@@ -300,7 +301,7 @@ def test_routing_policy_pins_sessions():
 def test_model_source_prefers_configured_then_newest_export(tmp_path):
     import os
 
-    from serve_app.model_source import codec_config_for, resolve_model
+    from serve_app.model_source import codec_config_for, materialize, resolve_model
     from voxtral.tokenizer import Layout, Vocab
 
     cfg = C.local_serve_config(tmp_path / "run")
@@ -311,6 +312,14 @@ def test_model_source_prefers_configured_then_newest_export(tmp_path):
         os.utime(models / name / "voxtral.json", (1000 + i, 1000 + i))
     src = resolve_model(cfg)
     assert (src.kind, Path(src.uri).name) == ("trained", "newer")
+    # an export published on an object store (versions + _current.json, copied here as is)
+    version = models / "newest" / "v-20261203T000000Z-abcd1234"
+    version.mkdir(parents=True)
+    (version / "voxtral.json").write_text("{}")
+    (models / "newest" / "_current.json").write_text(json.dumps({"version": version.name}))
+    src = resolve_model(cfg)
+    assert (src.kind, Path(src.uri)) == ("trained", version)
+    assert materialize(str(models / "newest")) == version
     pinned = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"model": "/x/y"})})
     assert resolve_model(pinned).describe() == {"model": "/x/y", "model_source": "configured"}
     real = cfg.model_copy(update={"model": cfg.model.model_copy(update={"base": "org/some-7b"})})

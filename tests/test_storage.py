@@ -319,22 +319,50 @@ def test_publish_without_replace_keeps_the_first(tmp_path):
         publish_folder(tmp_path / "missing", tmp_path / "cache" / "n", replace=False)
 
 
-def test_put_folder_on_an_object_store_uploads_the_marker_last(tmp_path, monkeypatch):
-    """No folder rename there: the marker readers wait for goes last (here one that sorts
-    first), after an older folder is removed; ``replace=False`` keeps a finished folder and
-    redoes a half one (no marker)."""
+def test_put_folder_on_an_object_store_publishes_versions(tmp_path, monkeypatch):
+    """No folder rename there: each publish uploads a new version folder (the marker readers
+    wait for last), then switches ``_current.json``; a reader following :meth:`current`
+    never sees a half folder, the previous version stays for readers still copying it, older
+    ones go, and ``replace=False`` keeps a finished folder."""
     store = Storage(tmp_path / "bucket")
     monkeypatch.setattr(store, "local", False)  # the object-store path, on a local disk
     order = []
-    put_file = store.put_file
+    put_file, write_bytes = store.put_file, store.write_bytes
     monkeypatch.setattr(store, "put_file", lambda rel, p: order.append(rel) or put_file(rel, p))
+    monkeypatch.setattr(
+        store, "write_bytes", lambda rel, b: order.append(rel) or write_bytes(rel, b)
+    )
     files = {"_done": "1", "a/b.bin": "b", "z.bin": "z"}
-    store.write_bytes("models/m/stale.bin", b"x")
+    write_bytes("models/m/stale.bin", b"x")  # a folder from before versioning
+    assert store.current("models/m") == "models/m"
     assert store.put_folder("models/m", _folder(tmp_path / "a", files), last="_done")
-    assert order == ["models/m/a/b.bin", "models/m/z.bin", "models/m/_done"]
-    assert _contents(Path(store.path("models/m"))) == files
+    v1 = store.current("models/m")
+    assert v1.startswith("models/m/v-")
+    assert order == [f"{v1}/a/b.bin", f"{v1}/z.bin", f"{v1}/_done", "models/m/_current.json"]
+    assert _contents(Path(store.path(v1))) == files
+    assert store.listdir("models/m") == sorted(["_current.json", v1.rsplit("/", 1)[1]])
     assert not store.put_folder("models/m", _folder(tmp_path / "b", OLD), False, "_done")
-    assert _contents(Path(store.path("models/m"))) == files
-    store.delete("models/m/_done")  # the upload of a publisher that died halfway
-    assert store.put_folder("models/m", _folder(tmp_path / "c", OLD), False, "voxtral.json")
-    assert _contents(Path(store.path("models/m"))) == OLD
+    assert store.current("models/m") == v1
+
+    # a publisher that dies halfway: readers still get the whole v1
+    def fail_second(rel, p, seen=[]):  # noqa: B006 - counts calls across this test
+        seen.append(rel)
+        if len(seen) == 2:
+            raise OSError("connection reset")
+        put_file(rel, p)
+
+    monkeypatch.setattr(store, "put_file", fail_second)
+    with pytest.raises(OSError, match="connection reset"):
+        store.put_folder("models/m", _folder(tmp_path / "c", NEW))
+    assert store.current("models/m") == v1 and _contents(Path(store.path(v1))) == files
+    monkeypatch.setattr(store, "put_file", put_file)
+    assert store.put_folder("models/m", _folder(tmp_path / "d", NEW))
+    v2 = store.current("models/m")
+    assert v2 != v1 and _contents(Path(store.path(v2))) == NEW
+    # v1 stays (a reader may still copy it); the half upload is gone
+    assert store.listdir("models/m") == sorted(
+        ["_current.json", *(v.split("/")[-1] for v in (v1, v2))]
+    )
+    assert store.put_folder("models/m", _folder(tmp_path / "e", OLD))
+    assert not store.exists(v1) and store.exists(v2)  # two back: removed
+    assert _contents(Path(store.path(store.current("models/m")))) == OLD

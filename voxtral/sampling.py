@@ -1,7 +1,7 @@
 """Choosing the next id from a model's logits: temperature, top-k and top-p under a mask.
 
 One home for the sampling math, used by the listening sample at the end of training
-(:mod:`voxtral.stages.train.sample`) and by the server (:mod:`serve_app.generation`), so a sample
+(:mod:`voxtral.stages.train.sample`) and by the server (:mod:`voxtral.generation`), so a sample
 written at export time is drawn the way the server would draw it.
 
 The mask comes first: a position of the multimodal stream may only hold ids of its slot's

@@ -15,6 +15,7 @@ import io
 import json
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,6 +27,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 TMP_PREFIX = ".tmp-"
+CURRENT = "_current.json"
+"""Beside the versions of a folder published on an object store: the one readers take."""
 
 
 def publish_folder(staging: str | os.PathLike, target: str | os.PathLike, replace: bool) -> bool:
@@ -171,11 +174,14 @@ class Storage:
     ) -> bool:
         """Publish a finished local folder at ``rel``; see :func:`publish_folder` for
         ``replace`` and the return value. The caller removes ``local_dir`` afterwards.
+        Readers find what was published at :meth:`current` ``(rel)``.
 
         Local disks: the folder is moved (copied when on another filesystem) beside the
-        target, then renamed into place. Object stores have no folder rename: the files are
-        uploaded one by one, ``last`` (a marker such as ``voxtral.json`` that readers look
-        for) after all the others, so a reader that waits for it never sees a half folder.
+        target, then renamed into place. Object stores have no folder rename: the files go
+        to a new version folder ``rel/v-<time>-<id>/`` (``last``, a marker such as
+        ``voxtral.json``, after all the others), and then ``rel/_current.json``, one PUT,
+        switches readers to it. A reader sees the old version or the whole new one, never a
+        half one; the previous version stays for readers still copying it, older ones go.
         """
         target = self.path(rel)
         parent, name = target.rsplit("/", 1)
@@ -192,14 +198,31 @@ class Storage:
                 return publish_folder(tmp, target, replace)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
-        if not replace and (self.exists(rel, last) if last else self.exists(rel)):
+        previous = self.current(rel)
+        if not replace and self.exists(previous, last):
             return False
-        self.delete(rel)  # an older folder, or the half upload of a publisher that died
+        version = f"v-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}"
         files = sorted(p for p in Path(local_dir).rglob("*") if p.is_file())
         files.sort(key=lambda p: p.relative_to(local_dir).as_posix() == last)
         for f in files:
-            self.put_file(f"{rel}/{f.relative_to(local_dir).as_posix()}", f)
+            self.put_file(f"{rel}/{version}/{f.relative_to(local_dir).as_posix()}", f)
+        self.write_json(f"{rel}/{CURRENT}", {"version": version})
+        keep = {version, CURRENT, previous.rsplit("/", 1)[-1]}
+        for entry in self.listdir(rel):  # older versions, half uploads, an unversioned folder
+            if entry not in keep:
+                self.delete(f"{rel}/{entry}")
         return True
+
+    def current(self, rel: str) -> str:
+        """Where the content of the folder published at ``rel`` is: the version its
+        ``_current.json`` names (published on an object store), else ``rel`` itself."""
+        pointer = "/".join(p for p in (rel.strip("/"), CURRENT) if p)
+        if not self.exists(pointer):
+            return rel
+        version = self.read_json(pointer)["version"]
+        if not version.startswith("v-") or "/" in version:
+            raise ValueError(f"{self.uri(pointer)} names no version folder: {version!r}")
+        return "/".join(p for p in (rel.strip("/"), version) if p)
 
     def read_bytes(self, rel: str) -> bytes:
         with self.fs.open_input_file(self.path(rel)) as f:

@@ -108,6 +108,6 @@ def export_run(
         meta = {"base": cfg.model.base, **extra}
         export_speech_lm(model, tokenizer, layout, staging, extra=meta, codec=codec_info(cfg.codec))
         storage.put_folder(f"models/{name}", staging, last=VOXTRAL_JSON)
-        return storage.uri("models", name)
+        return storage.uri(storage.current(f"models/{name}"))
     finally:
         shutil.rmtree(staging, ignore_errors=True)

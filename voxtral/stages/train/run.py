@@ -244,14 +244,15 @@ def run_train(cfg: Config) -> dict:
     storage = Storage(cfg.storage.root)
     index = check_tokens(storage, cfg.codec, layout)
     done = latest_state(storage, tc.run_name)
-    export_done = storage.exists("models", tc.run_name, "voxtral.json")
+    export = storage.current(f"models/{tc.run_name}")  # on object stores: its current version
+    export_done = storage.exists(export, "voxtral.json")
     if done and done["step"] >= tc.max_steps and (export_done or not tc.export):
         summary = {
             "run_name": tc.run_name,
             "skipped": f"already trained to step {done['step']} (train.max_steps={tc.max_steps})",
             "step": done["step"],
             "finished": True,
-            "export": storage.uri("models", tc.run_name) if export_done else None,
+            "export": storage.uri(export) if export_done else None,
             **_totals(read_metrics(cfg)),
         }
         return summary

@@ -7,8 +7,7 @@ To step many conversations at once, their caches are left-padded to a common len
 stacked; positions stay each conversation's own, and the padding is masked out. Streams are
 always whole groups long, so every row of a batch is at the same slot of its group and one
 allowed-token mask and one set of sampling settings serve the whole step. The sampling math
-itself lives in :mod:`voxtral.sampling` (shared with the training sample); ``Sampling`` and
-``sample_tokens`` are imported from there (the scheduler and tests import them from here).
+itself lives in :mod:`voxtral.sampling` (shared with the training sample).
 """
 
 from __future__ import annotations

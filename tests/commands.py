@@ -1,0 +1,137 @@
+"""Running the README's commands as a user types them: ``uv run …`` in a subprocess, with the
+environment a user's shell would have, and a Ray head started the way a uv project starts one.
+
+The environment handed to every command leaves out what this pytest process gained from
+its own start-up (``RAY_ENABLE_UV_RUN_RUNTIME_ENV`` from the project's ``.pth`` file,
+``RAY_ADDRESS``), so each command has to set up Ray by itself, as it would for a user. A
+head keeps Ray's record of "the last ``ray start``" in a private ``RAY_TMPDIR``, so it
+neither joins nor clobbers a cluster of the machine's own (this test session's included).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+
+import pytest
+
+from voxtral.config import REPO_ROOT
+
+UV = os.environ.get("UV") or shutil.which("uv") or "uv"
+EVERYTHING_FAST = ["train.max_steps=6", "train.checkpoint_every=3", "train.eval_every=3"]
+"""A short run of the local profile: its sample corpus, a few train steps."""
+
+
+def user_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_TMPDIR")}
+    env.pop("RAY_ENABLE_UV_RUN_RUNTIME_ENV", None)
+    return {**env, **extra}
+
+
+def sets(*overrides: str) -> list[str]:
+    return [a for o in overrides for a in ("--set", o)]
+
+
+def uv_run(*args: str, env: dict[str, str], timeout: float) -> str:
+    """``uv run ARGS`` from the repository root; its output, or a failure that shows it."""
+    try:
+        out = subprocess.run(
+            [UV, "run", *args],
+            cwd=REPO_ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired as exc:
+        tail = (exc.stdout or b"")[-3000:], (exc.stderr or b"")[-3000:]
+        pytest.fail(f"uv run {' '.join(args)}: no exit after {timeout} s\n{tail}")
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, f"uv run {' '.join(args)} exited {out.returncode}\n{log[-5000:]}"
+    return log
+
+
+def json_line(output: str) -> dict:
+    """The last line of the output that is a JSON object."""
+    for line in reversed(output.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    raise AssertionError(f"no JSON line in:\n{output[-3000:]}")
+
+
+def stage_summaries(output: str) -> dict[str, dict]:
+    """``jobs/everything.py``'s ``== <stage>: done {json}`` lines → stage → summary."""
+    done = {}
+    for line in output.splitlines():
+        if line.startswith("== ") and ": done {" in line:
+            name, _, body = line[3:].partition(": done ")
+            done[name] = json.loads(body)
+    return done
+
+
+@dataclass
+class Head:
+    env: dict[str, str]  # a user's environment whose Ray commands find this head
+    tmp: str  # its RAY_TMPDIR
+    dashboard: str  # where ``ray job submit`` goes
+    metrics_port: int  # its node's Prometheus endpoint
+
+
+def start_head(num_cpus: int = 4) -> Head:
+    """``uv run ray start --head`` on free ports, with its own RAY_TMPDIR.
+
+    Every agent port is given: for a port left to the agent, the raylet waits for the
+    agent to write it down and dies after a fixed 15 s (ray-project/ray#65983), which a
+    loaded 2-core machine can take. A start that fails anyway is retried once."""
+    from tests.serve_client import free_port
+
+    for _ in range(2):
+        ray_tmp = tempfile.mkdtemp(prefix="vxh-", dir="/tmp")  # socket paths must stay short
+        env = user_env(RAY_TMPDIR=ray_tmp)
+        ports = {
+            "port": free_port(),
+            "dashboard-port": free_port(),
+            # 52365 (the agent's default HTTP port, where jobs are submitted) may be held by
+            # another Ray on this machine, such as this test session's own.
+            "dashboard-agent-listen-port": free_port(),
+            "dashboard-agent-grpc-port": free_port(),
+            "runtime-env-agent-port": free_port(),
+            "metrics-export-port": free_port(),
+        }
+        args = [f"--{k}={v}" for k, v in ports.items()]
+        args += [f"--num-cpus={num_cpus}", "--disable-usage-stats"]
+        out = subprocess.run(
+            [UV, "run", "ray", "start", "--head", *args],
+            cwd=REPO_ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        head = Head(
+            env,
+            ray_tmp,
+            f"http://127.0.0.1:{ports['dashboard-port']}",
+            ports["metrics-export-port"],
+        )
+        if out.returncode == 0:
+            return head
+        kill_head(head)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    pytest.fail(f"uv run ray start --head failed twice:\n{(out.stdout + out.stderr)[-4000:]}")
+
+
+def kill_head(head: Head) -> None:
+    """Every process of that head, at once, as a crash would (not ``ray stop``: it would stop
+    every Ray of this machine, this test session's included). Its RAY_TMPDIR stays, with
+    Ray's record of the dead head in it, as after a crash."""
+    subprocess.run(["pkill", "-9", "-f", head.tmp], timeout=60)
+    deadline = time.monotonic() + 30
+    while subprocess.run(["pgrep", "-f", head.tmp], capture_output=True).returncode == 0:
+        assert time.monotonic() < deadline, "the head's processes outlived SIGKILL"
+        time.sleep(0.5)
