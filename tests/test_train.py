@@ -289,8 +289,7 @@ def test_bad_train_config_is_refused_when_loaded(override, key, tmp_path):
 def test_train_workers_get_the_serve_token_only_as_a_digest(root, ray_session, monkeypatch):
     """Ray Train keeps ``train_loop_config`` (the dashboard shows it): the config in it holds
     no secret."""
-    import ray.train.torch
-
+    from voxtral.stages.train import run
     from voxtral.stages.train.run import run_train
 
     class Captured(Exception):
@@ -299,7 +298,7 @@ def test_train_workers_get_the_serve_token_only_as_a_digest(root, ray_session, m
     def trainer(*args, **kwargs):
         raise Captured(kwargs)
 
-    monkeypatch.setattr(ray.train.torch, "TorchTrainer", trainer)
+    monkeypatch.setattr(run, "TorchTrainer", trainer)
     token = "train-side-" + "t" * 32
     with pytest.raises(Captured) as got:
         run_train(make_cfg(root, f"serve.token={token}", "train.run_name=secret"))

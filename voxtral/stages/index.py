@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow as pa
+import ray
 
 from voxtral import failures, schema
 from voxtral.config import Config, IndexConfig
@@ -262,8 +263,6 @@ def run_index(cfg: Config, search: SearchFn = search_youtube) -> dict:
         terms: list[str] = []
         found = index_local(cfg.index)
     else:
-        import ray
-
         terms = read_terms(resolve_path(cfg.index.searches), cfg.index.max_terms)
         items = [{"term": t, "order": i} for i, t in enumerate(terms)]
         ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))

@@ -42,6 +42,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as pds
+import ray
 import torch
 
 from voxtral import failures, schema
@@ -56,6 +58,8 @@ from voxtral.codec.batching import (
 )
 from voxtral.config import CodecConfig, Config, ModelConfig, PreprocessConfig
 from voxtral.metrics import Metric, Metrics
+from voxtral.model import load_text_tokenizer, resolve_base
+from voxtral.ray_utils import read_parquet
 from voxtral.schema import TOKENS_DIR, codes_to_bytes
 from voxtral.stages import report
 from voxtral.storage import Storage
@@ -241,8 +245,6 @@ class ChunkEncoder:
 
 @functools.lru_cache(maxsize=4)
 def _text_tokenizer(base: str):
-    from voxtral.model import load_text_tokenizer, resolve_base
-
     return load_text_tokenizer(resolve_base(ModelConfig(base=base)))
 
 
@@ -312,8 +314,6 @@ def pending_chunks(storage: Storage, skip: set[str]) -> tuple[list[str], frozens
 
     Reads only the ``chunk_id`` column, so a rerun over a finished corpus reads no audio.
     """
-    import pyarrow.dataset as pds
-
     files = storage.parquet_files("chunks")
     if not files:
         return [], frozenset(), 0
@@ -342,10 +342,6 @@ def decode_task_memory(window: int, max_chunk_s: float, sample_rate: int) -> int
 
 def run_preprocess(cfg: Config) -> dict[str, Any]:
     """Encode every chunk not yet in ``tokens/`` on the connected Ray; return the summary."""
-    import ray
-
-    from voxtral.ray_utils import read_parquet
-
     t0, t0_unix = time.perf_counter(), time.time()
     pre = cfg.preprocess
     storage = Storage(cfg.storage.root)
@@ -404,8 +400,6 @@ def run_preprocess(cfg: Config) -> dict[str, Any]:
 
 
 def _warn_if_no_gpus(pre: PreprocessConfig) -> None:
-    import ray
-
     if pre.num_gpus > 0 and not ray.cluster_resources().get("GPU"):
         log.warning(
             "preprocess.num_gpus=%s but the cluster has no GPU now; the codec actors wait "

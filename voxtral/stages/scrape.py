@@ -28,6 +28,8 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import ray
+import torch
 
 from voxtral import failures, schema
 from voxtral.audio import AudioError, StreamResampler, flac_encode
@@ -283,8 +285,6 @@ METRICS = Metrics(
 
 def _scrape_task(row: dict, cfg: Config) -> dict:
     """Ray Data map function: one video per call, one core's worth of threads."""
-    import torch
-
     if torch.get_num_threads() != 1:
         torch.set_num_threads(1)  # parallelism comes from tasks, not from threads inside one
     out = scrape_video(row, cfg)
@@ -319,8 +319,6 @@ def plan(storage: Storage, cfg: Config) -> tuple[list[dict], dict]:
 
 
 def _alive_nodes() -> int:
-    import ray
-
     return max(1, sum(1 for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU")))
 
 
@@ -345,8 +343,6 @@ def summarize(results: list[dict], wall_s: float, counts: dict) -> dict:
 
 def run_scrape(cfg: Config) -> dict:
     """Scrape every index row not yet done, as a Ray Data plan; returns the summary."""
-    import ray
-
     storage = Storage(cfg.storage.root)
     todo, counts = plan(storage, cfg)
     t0 = time.perf_counter()

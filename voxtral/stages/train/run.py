@@ -12,13 +12,29 @@ from __future__ import annotations
 import json
 import logging
 import math
+from pathlib import Path
 
 import numpy as np
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
+import ray
+import ray.train
+from ray.data import ExecutionOptions
+from ray.train import (
+    CheckpointConfig,
+    DataConfig,
+    FailureConfig,
+    RunConfig,
+    ScalingConfig,
+    UserCallback,
+)
+from ray.train.torch import TorchConfig, TorchTrainer
 
 from voxtral.config import Config, ConfigError
+from voxtral.model import layout_for
+from voxtral.ray_utils import read_parquet
 from voxtral.stages import report
+from voxtral.stages.train.checkpoint import TRAIN_STATE
 from voxtral.stages.train.data import (
     eval_videos,
     row_codes,
@@ -26,6 +42,8 @@ from voxtral.stages.train.data import (
     split_batch,
     windows_batch,
 )
+from voxtral.stages.train.export import export_run
+from voxtral.stages.train.loop import train_loop
 from voxtral.stages.train.token_check import check_tokens
 from voxtral.storage import Storage
 from voxtral.tokenizer import Layout
@@ -47,7 +65,6 @@ METRICS_FILE = "metrics.jsonl"
 
 def validate(cfg: Config) -> Layout:
     """The layout of ``cfg``, after checking the train section against it."""
-    from voxtral.model import layout_for
 
     try:
         layout = layout_for(cfg)
@@ -74,7 +91,6 @@ def window_dataset(
     ``materialize`` holds the windows in the object store once, for corpora small enough
     that re-reading them (every worker reads the split, every epoch) is the cost.
     """
-    from voxtral.ray_utils import read_parquet
 
     ds = read_parquet(storage.parquet_files("tokens"), storage.fs, TOKEN_COLUMNS)
     ds = ds.map_batches(
@@ -111,8 +127,6 @@ def read_metrics(cfg: Config) -> list[dict]:
 
 
 def _metrics_callback(root: str, run_name: str):
-    from ray.train import UserCallback
-
     class MetricsLog(UserCallback):
         """Keeps ``train/<run>/metrics.jsonl`` on the controller: one line per report. A
         step reported again after a restart replaces the lines from that step on."""
@@ -161,8 +175,6 @@ def _prompt_window(
 
 def latest_state(storage: Storage, run_name: str) -> dict | None:
     """``train_state.json`` of the run's newest checkpoint in storage, if any."""
-    from voxtral.stages.train.checkpoint import TRAIN_STATE
-
     names = [n for n in storage.listdir("train", run_name) if n.startswith("checkpoint_")]
     for name in sorted(names, reverse=True):
         rel = f"train/{run_name}/{name}/{TRAIN_STATE}"
@@ -206,11 +218,6 @@ def format_summary(s: dict) -> str:
 
 
 def _export_task(cfg_dict: dict, checkpoint, prompt, source: dict, extra: dict) -> str:
-    from pathlib import Path
-
-    from voxtral.stages.train.checkpoint import TRAIN_STATE
-    from voxtral.stages.train.export import export_run
-
     cfg = Config.model_validate(cfg_dict)
     with checkpoint.as_directory() as folder:
         state = json.loads(Path(folder, TRAIN_STATE).read_text())
@@ -231,13 +238,6 @@ def _best_checkpoint(result) -> str | None:
 
 def run_train(cfg: Config) -> dict:
     """Train (or resume) ``cfg.train.run_name``; export at the end. Returns a summary."""
-    import ray
-    import ray.train
-    from ray.data import ExecutionOptions
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from voxtral.stages.train.loop import train_loop
 
     tc = cfg.train
     layout = validate(cfg)
