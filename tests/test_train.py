@@ -444,19 +444,18 @@ class WatchForward:
 def watch(
     monkeypatch, bad: set[int] = frozenset(), snapshot: bool = False, poison: int = 0
 ) -> WatchForward:
-    import voxtral.model
     import voxtral.stages.train.loop as loop
     from tests.test_model import CountCalls
 
     watcher = WatchForward(loop._forward, bad, snapshot, poison)
-    build = voxtral.model.build_speech_lm
+    build = loop.build_speech_lm
 
     def build_and_count(*args, **kwargs):
         model, tok, layout = build(*args, **kwargs)
         watcher.mlp = CountCalls(model.model.layers[1].mlp)
         return model, tok, layout
 
-    monkeypatch.setattr(voxtral.model, "build_speech_lm", build_and_count)
+    monkeypatch.setattr(loop, "build_speech_lm", build_and_count)
     monkeypatch.setattr(loop, "_forward", watcher)
     return watcher
 

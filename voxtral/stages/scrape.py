@@ -73,6 +73,47 @@ def chunks_rel(video_id: str) -> str:
 # -- per video -----------------------------------------------------------------------------
 
 
+class _ChunkCutter:
+    """Turns the planner's chunks into chunk rows: slices their samples out of the window,
+    drops the too short and the too quiet, encodes FLAC and streams the rows out."""
+
+    def __init__(self, video_id: str, cfg: Config, out_path: str, captions: CaptionIndex | None):
+        self.video_id, self.sc, self.captions = video_id, cfg.scrape, captions
+        self.sr = target_sample_rate(cfg)
+        self.hop = round(self.sr * FRAME_S)
+        self.min_samples = round((self.sc.min_chunk_s - FRAME_S) * self.sr)
+        self.samples = SampleWindow()
+        self.writer = ParquetRowWriter(out_path, schema.CHUNKS, ROW_GROUP, {"audio": "NONE"})
+        self.speech_s = self.audio_s = 0.0
+        self.low_speech = 0
+
+    def emit(self, chunks) -> None:
+        for ch in chunks:
+            a, b = ch.start * self.hop, min(ch.end * self.hop, self.samples.end)
+            if b - a < self.min_samples:
+                continue
+            if ch.speech_ratio < self.sc.min_speech_ratio:
+                self.low_speech += 1
+                continue
+            start_s, dur_s = a / self.sr, (b - a) / self.sr
+            self.writer.add(
+                {
+                    "chunk_id": f"{self.video_id}-{self.writer.count:05d}",
+                    "video_id": self.video_id,
+                    "start_s": start_s,
+                    "duration_s": dur_s,
+                    "sample_rate": self.sr,
+                    "audio": flac_encode(self.samples.slice(a, b), self.sr),
+                    "speech_ratio": ch.speech_ratio,
+                    "captions": self.captions.within(start_s, start_s + dur_s)
+                    if self.captions
+                    else [],
+                }
+            )
+            self.speech_s += ch.speech * FRAME_S
+            self.audio_s += dur_s
+
+
 def cut_audio(
     path: str,
     video_id: str,
@@ -87,8 +128,8 @@ def cut_audio(
     (``truncated``, ``empty``, ``no_speech``) when the file gives no usable chunks.
     """
     sc = cfg.scrape
-    sr = target_sample_rate(cfg)
-    hop = round(sr * FRAME_S)
+    cut = _ChunkCutter(video_id, cfg, out_path, captions)
+    sr, hop, samples = cut.sr, cut.hop, cut.samples
     vad = BatchedVAD(sc.vad_rate)
     to_vad = StreamResampler(sr, sc.vad_rate)
     planner = ChunkPlanner(
@@ -97,37 +138,7 @@ def cut_audio(
         pad_frames=round(PAD_S / FRAME_S),
         threshold=sc.vad_threshold,
     )
-    samples = SampleWindow()
-    writer = ParquetRowWriter(out_path, schema.CHUNKS, ROW_GROUP, {"audio": "NONE"})
     stats = DecodeStats()
-    kept = {"speech_s": 0.0, "audio_s": 0.0, "low_speech": 0}
-    min_samples = round((sc.min_chunk_s - FRAME_S) * sr)
-
-    def emit(chunks) -> None:
-        for ch in chunks:
-            a, b = ch.start * hop, min(ch.end * hop, samples.end)
-            if b - a < min_samples:
-                continue
-            if ch.speech_ratio < sc.min_speech_ratio:
-                kept["low_speech"] += 1
-                continue
-            audio = samples.slice(a, b)
-            start_s, dur_s = a / sr, (b - a) / sr
-            writer.add(
-                {
-                    "chunk_id": f"{video_id}-{writer.count:05d}",
-                    "video_id": video_id,
-                    "start_s": start_s,
-                    "duration_s": dur_s,
-                    "sample_rate": sr,
-                    "audio": flac_encode(audio, sr),
-                    "speech_ratio": ch.speech_ratio,
-                    "captions": captions.within(start_s, start_s + dur_s) if captions else [],
-                }
-            )
-            kept["speech_s"] += ch.speech * FRAME_S
-            kept["audio_s"] += dur_s
-
     max_samples = cfg.index.max_duration_s * sr
     try:
         for block in decode_stream(path, sr, stats=stats):
@@ -137,12 +148,12 @@ def cut_audio(
             if samples.end + len(block) > max_samples:  # the header may lie or say nothing
                 check_duration((samples.end + len(block)) / sr, cfg.index.max_duration_s)
             samples.append(block)
-            emit(planner.push(vad.push(to_vad.push(block))))
+            cut.emit(planner.push(vad.push(to_vad.push(block))))
             samples.drop_before(planner.pos * hop)
         tail = np.concatenate([vad.push(to_vad.flush()), vad.flush()])
-        emit(planner.finish(tail))
+        cut.emit(planner.finish(tail))
     finally:
-        writer.close()
+        cut.writer.close()
     audio_s = samples.end / sr
     if audio_s <= 0:
         raise ScrapeFailure("empty", "the file decodes to no audio")
@@ -151,7 +162,7 @@ def cut_audio(
         raise ScrapeFailure(
             "truncated", f"decoded {audio_s:.1f} s of an announced {expected or 0:.1f} s"
         )
-    if writer.count == 0:
+    if cut.writer.count == 0:
         if audio_s < sc.min_chunk_s:
             raise ScrapeFailure("too_short", f"{audio_s:.1f} s is under scrape.min_chunk_s")
         raise ScrapeFailure(
@@ -161,10 +172,10 @@ def cut_audio(
         )
     return {
         "audio_s": audio_s,
-        "chunks": writer.count,
-        "chunk_s": kept["audio_s"],
-        "speech_s": kept["speech_s"],
-        "dropped_low_speech": kept["low_speech"],
+        "chunks": cut.writer.count,
+        "chunk_s": cut.audio_s,
+        "speech_s": cut.speech_s,
+        "dropped_low_speech": cut.low_speech,
         "vad_model_s": vad.model_frames * FRAME_S,
         "source_rate": stats.source_rate,
         "channels": stats.channels,

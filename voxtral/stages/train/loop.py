@@ -269,6 +269,24 @@ def _report(metrics: dict[str, Any], folder: str | None, step: int) -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
+def held_out_metrics(w: Worker, rows: list[Packed]) -> dict[str, float]:
+    """``eval_*`` figures over this rank's held-out rows (reduced over ranks)."""
+    tc = w.cfg.train
+    pad = w.layout.vocab.text_pad
+    ev = _evaluate(w.engine, rows, tc.micro_batch, tc.seq_len, pad, w.weights, w.device)
+    return stats_metrics(ev, w.weights, prefix="eval_") if ev[1].sum() > 0 else {}
+
+
+def _checkpoint(w: Worker, step: int, position: Position, metrics: dict, last_saved: int) -> str:
+    """This rank's checkpoint folder, only ever of finite weights (every rank checks)."""
+    if not weights_finite(w.engine, w.device):
+        raise NonFiniteTraining(
+            f"the weights are non-finite at step {step}: not checkpointing them. The "
+            f"latest checkpoint (step {last_saved}) holds the last good weights."
+        )
+    return save(w.engine, step, position, w.rank, w.world, {"metrics": metrics})
+
+
 def train_loop(config: dict) -> None:
     """Ray Train entry: ``config = {"cfg": Config.model_dump(), "layout": Layout.to_dict()}``.
 
@@ -333,21 +351,13 @@ def train_loop(config: dict) -> None:
             **window_metrics(w, acc, elapsed, window_steps),
         }
         if do_eval:
-            if held_out is None:
+            if held_out is None:  # read once, on first use
                 n_rows = tc.eval_max_batches * tc.micro_batch
                 held_out = eval_rows(eval_iter, w.layout, tc.seq_len, w.rank, w.world, n_rows)
-            pad = w.layout.vocab.text_pad
-            ev = _evaluate(w.engine, held_out, tc.micro_batch, tc.seq_len, pad, w.weights, w.device)
-            if ev[1].sum() > 0:
-                metrics.update(stats_metrics(ev, w.weights, prefix="eval_"))
+            metrics.update(held_out_metrics(w, held_out))
         folder = None
         if do_ckpt:
-            if not weights_finite(w.engine, w.device):
-                raise NonFiniteTraining(
-                    f"the weights are non-finite at step {step}: not checkpointing them. The "
-                    f"latest checkpoint (step {last_saved}) holds the last good weights."
-                )
-            folder = save(w.engine, step, stream.position, w.rank, w.world, {"metrics": metrics})
+            folder = _checkpoint(w, step, stream.position, metrics, last_saved)
             last_saved = step
         metrics = {k: v for k, v in metrics.items() if v is not None}
         _dashboard(metrics, elapsed, w.rank)

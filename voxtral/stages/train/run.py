@@ -236,9 +236,39 @@ def _best_checkpoint(result) -> str | None:
     return min(scored)[1] if scored else None
 
 
+def make_trainer(cfg: Config, layout: Layout, datasets: dict, storage: Storage) -> TorchTrainer:
+    """The Ray Train plan: ``train.num_workers`` workers running :func:`train_loop`, named
+    and stored so that rerunning resumes, keeping the best checkpoints by eval loss."""
+    tc = cfg.train
+    return TorchTrainer(
+        train_loop,
+        train_loop_config={"cfg": cfg.for_cluster(), "layout": layout.to_dict()},
+        torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu),
+        run_config=RunConfig(
+            name=tc.run_name,
+            storage_path=storage.uri("train"),
+            failure_config=FailureConfig(max_failures=tc.max_failures),
+            # Ranked by eval loss (every checkpoint step evaluates); Ray always keeps the
+            # latest too, which is what a restart resumes from.
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=tc.keep_checkpoints,
+                checkpoint_score_attribute="eval_loss",
+                checkpoint_score_order="min",
+            ),
+            callbacks=[_metrics_callback(cfg.storage.root, tc.run_name)],
+        ),
+        datasets=datasets,
+        # Each worker reads the whole split in file order and takes its own share (see
+        # voxtral.stages.train.stream): deterministic shards, exact resume, no epoch deadlock.
+        dataset_config=DataConfig(
+            datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)
+        ),
+    )
+
+
 def run_train(cfg: Config) -> dict:
     """Train (or resume) ``cfg.train.run_name``; export at the end. Returns a summary."""
-
     tc = cfg.train
     layout = validate(cfg)
     storage = Storage(cfg.storage.root)
@@ -273,31 +303,7 @@ def run_train(cfg: Config) -> dict:
         split: window_dataset(storage, layout, tc.seq_len, held_out, split == "eval", small)
         for split in ("train", "eval")
     }
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"cfg": cfg.for_cluster(), "layout": layout.to_dict()},
-        torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu),
-        run_config=RunConfig(
-            name=tc.run_name,
-            storage_path=storage.uri("train"),
-            failure_config=FailureConfig(max_failures=tc.max_failures),
-            # Ranked by eval loss (every checkpoint step evaluates); Ray always keeps the
-            # latest too, which is what a restart resumes from.
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=tc.keep_checkpoints,
-                checkpoint_score_attribute="eval_loss",
-                checkpoint_score_order="min",
-            ),
-            callbacks=[_metrics_callback(cfg.storage.root, tc.run_name)],
-        ),
-        datasets=datasets,
-        # Each worker reads the whole split in file order and takes its own share (see
-        # voxtral.stages.train.stream): deterministic shards, exact resume, no epoch deadlock.
-        dataset_config=DataConfig(
-            datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)
-        ),
-    )
+    trainer = make_trainer(cfg, layout, datasets, storage)
     result = trainer.fit()
     if getattr(result, "error", None):
         raise result.error
