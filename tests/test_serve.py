@@ -275,6 +275,58 @@ def test_context_limit_keeps_groups_whole(tiny):
         assert st.ids[0] == eng.layout.vocab.bos
 
 
+def test_context_cap_holds_whatever_arrives_at_once(tiny):
+    """More ids in one append than the context holds: the newest whole groups are kept,
+    the rest reported as dropped, and the stream stays well formed."""
+    from voxtral.tokenizer import encode_ids
+
+    sched, _ = tiny
+    s = Sampling(1.0)
+    eng = SpeechEngine(sched.engine.model, sched.layout, s, s, max_context=64, seed=0)
+    layout, g = eng.layout, eng.layout.group_len
+    st = eng.new_state()
+    eng.generate_group([st])  # something already held (kept while it fits)
+    codes = np.random.default_rng(0).integers(0, 1024, (layout.vocab.n_q, 40 * 3))
+    ids = encode_ids(layout, codes, bos=False).tolist()
+    assert len(ids) > 4 * eng.max_context
+    dropped = eng.append(st, ids)
+    assert st.length <= eng.max_context and st.kv[0][0].shape[2] == st.length
+    assert dropped % g == 0 and len(ids) - dropped == eng.room
+    assert st.ids[0] == layout.vocab.bos and st.ids[-eng.room :] == ids[dropped:]
+    assert (st.length - 1) % g == 0
+    eng.generate_group([st])  # whole groups: generation goes on
+    assert st.length <= eng.max_context
+    assert all(layout.is_allowed(i, t) for i, t in enumerate(st.ids))
+    assert eng.append(st, ids[: 2 * g]) == 0  # what fits is never dropped
+
+
+def test_scheduler_context_cap_holds_a_fast_feed(tiny):
+    """Audio far faster than real time (one 4 s feed, 700 ids) into a 64-id context: the
+    conversation holds at most 64 ids, and the replica reports the audio it dropped."""
+    from serve_app.scheduler import LocalLM, Scheduler
+
+    sched, _ = tiny
+    s = Sampling(0.0)
+    engine = SpeechEngine(sched.engine.model, sched.layout, s, s, max_context=64, seed=0)
+
+    async def main(small: Scheduler) -> int:
+        lm = LocalLM(small, "fast")
+        await lm.open()
+        held = await lm.feed(silence(4.0))
+        await lm.end_turn()
+        async for item in lm.respond():  # the model still answers
+            if "end" in item:
+                break
+        return held
+
+    with Scheduler(engine, sched.codec, sched.tokenizer, sched.s) as small:
+        held = asyncio.run(main(small))
+        stats = small.stats()
+        state = small.convs["fast"].state
+    assert held <= engine.max_context and state.length <= engine.max_context
+    assert stats["unheard_audio_s"] >= 4.0 - engine.room / sched.layout.group_len * 0.04 - 0.2
+
+
 def test_text_stream_waits_for_whole_characters():
     class Tok:
         def decode(self, ids, skip_special_tokens=True):
