@@ -557,7 +557,7 @@ def test_session_interrupt_keeps_what_was_heard(tiny, speech):
             Recording(sched, "interrupt"), out, Pcm16Wire(), SessionSettings(end_of_turn_ms=300)
         )
         await s.start({})
-        assert out.kinds()[0] == P.Kind.HANDSHAKE
+        assert await s.flush() and out.kinds()[0] == P.Kind.HANDSHAKE
         await _feed(s, np.concatenate([silence(0.3), speech]))
         await _feed(s, silence(20), until=lambda: out.events("first_audio"))
         assert out.events("first_audio"), out.events()
