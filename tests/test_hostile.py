@@ -752,6 +752,43 @@ def test_session_of_a_client_that_stops_reading_is_stalled(tiny):
     assert "stuck" not in tiny.convs
 
 
+def test_gateway_closes_a_session_whose_client_stopped_reading(tiny, serve_root):
+    """The Gateway's ticker sees the stalled outbox and closes the session with 1008 (the
+    receive loop then ends it and frees its slot), even though the socket never drains."""
+    from serve_app.gateway import Gateway
+    from serve_app.scheduler import LocalLM
+
+    class StuckSocket:
+        closed_with: tuple[int, str] | None = None
+
+        async def close(self, code: int, reason: str) -> None:
+            self.closed_with = (code, reason)
+            await asyncio.Event().wait()  # the close frame does not drain either
+
+    async def main():
+        gate = asyncio.Event()
+
+        async def never(m: bytes) -> None:
+            await gate.wait()
+
+        gw = object.__new__(Gateway.func_or_class)
+        gw.cfg = C.local_serve_config(serve_root, extra=["serve.send_timeout_s=0.3"])
+        s = DuplexSession(
+            LocalLM(tiny, "deaf"), never, Pcm16Wire(), SessionSettings(send_timeout_s=0.3)
+        )
+        await s.start({})
+        ws = StuckSocket()
+        t0 = time.monotonic()
+        reason = await asyncio.wait_for(gw._tick(ws, s), 30)
+        took = time.monotonic() - t0
+        await s.close()
+        return reason, ws.closed_with, took
+
+    reason, closed_with, took = asyncio.run(main())
+    assert reason == "not_reading" and closed_with[0] == 1008, (reason, closed_with)
+    assert "not taken" in closed_with[1] and took < 3, took
+
+
 def test_internal_errors_are_generic_to_clients(tiny, caplog):
     from serve_app.scheduler import LocalLM
 
