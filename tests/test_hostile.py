@@ -380,23 +380,29 @@ def test_a_client_that_never_reads_loses_its_slot(server, speech):
     (``serve.send_timeout_s``, tested in process below)."""
     settle(server)
 
-    async def hostile():
-        deaf = await asyncio.to_thread(DeafClient, server, 12)
-        clip = np.concatenate([silence(0.3), speech, silence(2.0)])
-        held = (await asyncio.to_thread(C.healthz, server))["gateway_sessions"]
-        dropped_at = await asyncio.to_thread(deaf.stream, clip, 60)
-        for _ in range(50):  # the gateway frees the slot once the session has ended
-            after = (await asyncio.to_thread(C.healthz, server))["gateway_sessions"]
-            if after < held:
+    async def sessions_become(n: int) -> int:
+        for _ in range(50):
+            now = (await asyncio.to_thread(C.healthz, server))["gateway_sessions"]
+            if now == n:
                 break
             await asyncio.sleep(0.2)
-        deaf.close()
-        return held, after, dropped_at
+        return now
 
-    (held, after, dropped_at), w = run(alongside(server, hostile), timeout=180)
+    async def hostile():
+        before = (await asyncio.to_thread(C.healthz, server))["gateway_sessions"]
+        deaf = await asyncio.to_thread(DeafClient, server, 12)
+        held = await sessions_become(before + 1)
+        clip = np.concatenate([silence(0.3), speech, silence(2.0)])
+        dropped_at = await asyncio.to_thread(deaf.stream, clip, 60)
+        after = await sessions_become(before)  # the slot is freed once the session ended
+        deaf.close()
+        return before, held, after, dropped_at
+
+    (before, held, after, dropped_at), w = run(alongside(server, hostile), timeout=180)
     w.check()
+    assert held == before + 1, (before, held)
     assert dropped_at is not None, "a client that never reads kept its connection for 60 s"
-    assert after == held - 1, (held, after)
+    assert after == before, (before, after, dropped_at)
 
 
 # -- admission rules, in process -----------------------------------------------------------------
