@@ -253,7 +253,8 @@ class Gateway:
             )
 
     async def _tick(self, ws: WebSocket, session: DuplexSession) -> str:
-        """Keep-alive pings while listening; idle and session-length limits."""
+        """Keep-alive pings while listening; idle and session-length limits; a client that
+        stopped reading (its session's outbox failed)."""
         s = self.cfg.serve
         t0 = time.monotonic()
         while True:
