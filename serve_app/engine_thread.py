@@ -107,6 +107,7 @@ class EngineThread:
         self.convs: dict[str, Conversation] = {}
         self.steps = 0
         self.batch_hist: dict[int, int] = {}
+        self.unheard_s = 0.0  # user audio dropped before the model heard it (see append)
         self._ops: queue.SimpleQueue = queue.SimpleQueue()
         self._rr = itertools.count()
         self._stop = threading.Event()
@@ -240,12 +241,25 @@ class EngineThread:
                 c.held_frames = frames[:, whole:]
                 if whole:
                     ids = encode_ids(self.layout, frames[:, :whole], bos=False)
-                    self.engine.append(c.state, ids.tolist())
+                    self._report_unheard(c, self.engine.append(c.state, ids.tolist()))
                 if f.end:
                     c.encoder.reset()
                 f.fut.set_result(c.state.length)
             except Exception as exc:  # this conversation's audio only
                 f.fut.set_exception(exc)
+
+    def _report_unheard(self, c: Conversation, dropped_ids: int) -> None:
+        """User audio that arrived faster than the context holds lost its oldest part."""
+        if dropped_ids:
+            seconds = dropped_ids / self.layout.group_len * self.layout.group_s
+            self.unheard_s += seconds
+            log.warning(
+                "session %s: more user audio came at once than the context holds (%d ids): "
+                "its oldest %.1f s were dropped unheard",
+                c.sid,
+                self.engine.max_context,
+                seconds,
+            )
 
     # -- model audio out ---------------------------------------------------------------
     def _due(self, t: Turn, now: float) -> bool:

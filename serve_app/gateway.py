@@ -15,6 +15,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -27,9 +28,10 @@ from ray.serve.handle import DeploymentHandle
 from serve_app import metrics
 from serve_app import protocol as P
 from serve_app.audio_io import WIRE_FORMATS, make_wire_audio
+from serve_app.limits import SessionOverload, TokenBucket
 from serve_app.routing import pinned_sessions
 from serve_app.scheduler import Busy
-from serve_app.session import DuplexSession, MessageRate, SessionOverload, SessionSettings
+from serve_app.session import DuplexSession, SessionSettings
 from serve_app.speech_lm import HandleLM
 from voxtral.config import Config, ServeConfig, is_loopback
 
@@ -107,8 +109,14 @@ class Gateway:
             end_of_turn_ms=s.end_of_turn_ms,
             interrupt_ms=s.interrupt_ms,
             vad_threshold=s.vad_threshold,
+            preroll_ms=s.preroll_ms,
             max_pending_ops=s.max_pending_ops,
+            max_audio_rate=s.max_audio_rate,
+            max_audio_ahead_s=s.max_audio_ahead_s,
+            send_timeout_s=s.send_timeout_s,
         )
+        # Ogg, Opus and VAD work of every session, off the event loop (see session.py)
+        self.audio_pool = ThreadPoolExecutor(s.audio_threads, thread_name_prefix="voxtral-audio")
         self.sessions: dict[str, DuplexSession] = {}
         self.per_client: Counter[str] = Counter()  # open websockets per client address
         self.started = time.time()
@@ -170,6 +178,7 @@ class Gateway:
             self.settings,
             on_first_audio=lambda ms: metrics.record("first_audio", ms),
             on_interrupt=lambda: metrics.record("interrupts"),
+            audio_pool=self.audio_pool,
         )
         try:
             info = await self.lm.describe.remote()
@@ -203,7 +212,7 @@ class Gateway:
     async def _receive(self, ws: WebSocket, session: DuplexSession, ticker: asyncio.Task) -> str:
         s = self.cfg.serve
         limit = s.max_message_bytes
-        rate = MessageRate(s.max_messages_per_s, 2 * s.max_messages_per_s)
+        rate = TokenBucket(s.max_messages_per_s, 2 * s.max_messages_per_s)
         receive = asyncio.ensure_future(ws.receive())
         try:
             while True:
@@ -238,10 +247,14 @@ class Gateway:
         log.info("closing a session: %s", why)
         with contextlib.suppress(Exception):
             await session.send(P.error(f"closing: {why}"))
-            await ws.close(code=CLOSE_POLICY, reason=why[:120])
+            await session.flush()
+            await asyncio.wait_for(
+                ws.close(code=CLOSE_POLICY, reason=why[:120]), self.cfg.serve.send_timeout_s
+            )
 
     async def _tick(self, ws: WebSocket, session: DuplexSession) -> str:
-        """Keep-alive pings while listening; idle and session-length limits."""
+        """Keep-alive pings while listening; idle and session-length limits; a client that
+        stopped reading (its session's outbox failed)."""
         s = self.cfg.serve
         t0 = time.monotonic()
         while True:
@@ -250,6 +263,8 @@ class Gateway:
             code = 1000
             if session.lost:
                 why, reason, code = "the model replica lost this conversation", "lost", 1011
+            elif session.stalled:  # the client stopped reading: nothing more will reach it
+                why, reason, code = session.stalled, "not_reading", CLOSE_POLICY
             elif now - session.last_active > s.idle_timeout_s:
                 why, reason = f"idle for {s.idle_timeout_s:g} s", "idle"
             elif now - t0 > s.max_session_s:
@@ -259,5 +274,6 @@ class Gateway:
                 continue
             with contextlib.suppress(Exception):
                 await session.send(P.error(f"closing: {why}"))
-                await ws.close(code=code, reason=why)
+                await session.flush()
+                await asyncio.wait_for(ws.close(code=code, reason=why[:120]), s.send_timeout_s)
             return reason

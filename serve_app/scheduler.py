@@ -150,6 +150,7 @@ class Scheduler:
             "generating": sum(c.turn is not None for c in convs),
             "steps": self.thread.steps,
             "batch_sizes": dict(self.thread.batch_hist),
+            "unheard_audio_s": round(self.thread.unheard_s, 3),
         }
 
     def alive(self) -> bool:

@@ -9,6 +9,12 @@ told to drop its queued audio, and the model's context is cut back to what was h
 
 All model work goes through ``LMClient``; the Ray Serve handle implements it in production
 and a local scheduler in tests, so this module knows nothing about Ray.
+
+What a client costs is bounded: its audio by an ``AudioBudget`` (a little ahead of real
+time, checked before decoding), the CPU work of an audio message (Ogg, Opus, VAD) runs in the
+gateway's audio thread pool, one job per session at a time, so a heavy message never holds
+the event loop that every other session shares, and what goes out waits in an ``Outbox``, so
+a client that stops reading stalls only itself.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -25,7 +32,9 @@ import numpy as np
 
 from serve_app import protocol as P
 from serve_app.audio_io import SAMPLE_RATE, AudioInputError, WireAudio
-from serve_app.vad import TurnDetector
+from serve_app.limits import AudioBudget, SessionOverload
+from serve_app.outbox import Outbox
+from serve_app.vad import TurnDetector, TurnEvent
 from voxtral.vad import LiveVAD
 
 log = logging.getLogger("ray.serve.voxtral")
@@ -41,26 +50,15 @@ class LMClient(Protocol):
     async def close(self) -> None: ...
 
 
-class SessionOverload(RuntimeError):
-    """The session queued more model work than it may; the gateway closes it with 1008.
-    The message is ours (safe to send to the client)."""
-
-
-class MessageRate:
-    """Token bucket: ``rate`` messages per second on average, bursts of ``burst``."""
-
-    def __init__(self, rate: float, burst: float, clock: Callable[[], float] = time.monotonic):
-        self.rate, self.burst, self.clock = rate, burst, clock
-        self.tokens, self.t = burst, clock()
-
-    def allow(self) -> bool:
-        now = self.clock()
-        self.tokens = min(self.burst, self.tokens + (now - self.t) * self.rate)
-        self.t = now
-        if self.tokens < 1:
-            return False
-        self.tokens -= 1
-        return True
+def keep_last(chunks: list[np.ndarray], n: int) -> list[np.ndarray]:
+    """The last ``n`` samples of ``chunks`` (fewer if they hold fewer), as chunks."""
+    total = sum(map(len, chunks))
+    out = list(chunks)
+    while out and total - len(out[0]) >= n:
+        total -= len(out.pop(0))
+    if out and total > n:
+        out[0] = out[0][total - n :]
+    return out
 
 
 @dataclass(frozen=True)
@@ -75,6 +73,9 @@ class SessionSettings:
     playback_delay_s: float = 0.15  # client buffering assumed when estimating what was heard
     max_pending_ops: int = 32  # queued model operations (after coalescing) before 1008
     max_pending_audio_s: float = 60.0  # user audio waiting for the model before 1008
+    max_audio_rate: float = 1.5  # seconds of client audio per second of wall time …
+    max_audio_ahead_s: float = 10.0  # … in bursts of at most this much; past it 1008
+    send_timeout_s: float = 10.0  # a message the client has not taken by then: closed
 
 
 class DuplexSession:
@@ -89,10 +90,16 @@ class DuplexSession:
         on_first_audio: Callable[[float], None] | None = None,
         on_interrupt: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        audio_pool: Executor | None = None,
     ):
-        self.lm, self._send_raw, self.wire, self.s = lm, send, wire, settings
+        """``audio_pool``: where audio messages are decoded and run through the VAD (None:
+        the event loop's default executor)."""
+        self.lm, self.wire, self.s = lm, wire, settings
         self.on_first_audio, self.on_interrupt = on_first_audio, on_interrupt
-        self.clock = clock
+        self.clock, self.audio_pool = clock, audio_pool
+        self.outbox = Outbox(send, settings.send_timeout_s)  # real time, as the socket's
+        self.budget = AudioBudget(settings.max_audio_rate, settings.max_audio_ahead_s, clock)
+        self._listening = asyncio.Lock()  # one audio job per session in the pool
         self.vad = LiveVAD(SAMPLE_RATE)
         self.turns = TurnDetector(
             settings.vad_threshold, settings.start_ms, settings.end_of_turn_ms
@@ -105,7 +112,6 @@ class DuplexSession:
         self._wake = asyncio.Event()
         self._worker: asyncio.Task | None = None
         self._speak: asyncio.Task | None = None
-        self._send_lock = asyncio.Lock()
         self.last_sent = self.last_active = clock()  # last_active: audio or control only
         self._barge_at: float | None = None
         self._turn_end_at: float | None = None
@@ -117,11 +123,20 @@ class DuplexSession:
 
     # -- output --------------------------------------------------------------------------
     async def send(self, message: bytes) -> None:
+        """Queue ``message`` for the client (never waits on the socket: see ``Outbox``)."""
         if self.closed:
             return
-        async with self._send_lock:
-            await self._send_raw(message)
-            self.last_sent = self.clock()
+        self.outbox.put(message)
+        self.last_sent = self.clock()
+
+    async def flush(self) -> bool:
+        """Wait until what was sent is written (before closing the websocket after it)."""
+        return await self.outbox.flush()
+
+    @property
+    def stalled(self) -> str | None:
+        """Why the client can no longer be written to (it stopped reading), if it cannot."""
+        return self.outbox.failed
 
     async def event(self, **obj: Any) -> None:
         await self.send(P.metadata(obj))
@@ -140,7 +155,8 @@ class DuplexSession:
         await self.event(event="state", state=self.state)
 
     async def close(self) -> None:
-        """Free everything now (the client is gone or the session ended)."""
+        """Free everything now (the client is gone or the session ended); what is already
+        queued for the client then gets the send timeout to go out."""
         self.closed = True
         for task in (self._speak, self._worker):
             if task is not None:
@@ -152,6 +168,8 @@ class DuplexSession:
             await self.lm.close()
         except Exception:  # the model replica may be gone; nothing left to free then
             log.debug("close failed", exc_info=True)
+        await self.outbox.flush()
+        await self.outbox.close()
 
     async def keepalive(self) -> None:
         if self.state != self.SPEAKING and self.clock() - self.last_sent >= self.s.keepalive_s:
@@ -165,9 +183,13 @@ class DuplexSession:
         try:
             msg = P.decode(raw)
             if msg.kind == P.Kind.AUDIO:
-                pcm = self.wire.decode(msg.payload)
+                async with self._listening:
+                    loop = asyncio.get_running_loop()
+                    pcm, events = await loop.run_in_executor(
+                        self.audio_pool, self._listen, msg.payload
+                    )
                 self.last_active = self.clock()  # pings and junk do not keep a session
-                await self.on_audio(pcm)
+                await self.on_audio(pcm, events)
             elif msg.kind == P.Kind.CONTROL:
                 code = P.read_control(msg.payload)
                 self.last_active = self.clock()
@@ -199,12 +221,18 @@ class DuplexSession:
             self._enqueue(("restart",))
             await self.event(event="restart")
 
-    async def on_audio(self, pcm: np.ndarray) -> None:
-        if not len(pcm):
-            return
+    def _listen(self, payload: bytes) -> tuple[np.ndarray, list[TurnEvent]]:
+        """The CPU side of an audio message, in the audio pool: decode within the session's
+        audio budget (``SessionOverload`` past it), then the VAD's turn events."""
+        pcm = self.wire.decode(payload, self.budget.admit)
         if not np.isfinite(pcm).all():
             raise AudioInputError("audio contains NaN or infinite samples")
-        events = self.turns.push(self.vad.push(pcm))
+        return pcm, self.turns.push(self.vad.push(pcm)) if len(pcm) else []
+
+    async def on_audio(self, pcm: np.ndarray, events: list[TurnEvent]) -> None:
+        """Decoded audio and its turn events (from ``_listen``) → the state machine."""
+        if not len(pcm):
+            return
         if self.state == self.LISTENING and self.user_speaking:
             self._feed_buf.append(pcm)
         else:
@@ -226,10 +254,10 @@ class DuplexSession:
             self._flush_feed()
 
     def _push_preroll(self, pcm: np.ndarray) -> None:
-        self._preroll.append(pcm)
-        keep = (self.s.preroll_ms + self.s.start_ms) / 1000 * SAMPLE_RATE
-        while len(self._preroll) > 1 and sum(map(len, self._preroll[1:])) >= keep:
-            self._preroll.pop(0)
+        """Keep the last ``preroll_ms`` (plus the onset the VAD waits for) of what was heard
+        outside a user turn, whatever the size of the messages."""
+        keep = round((self.s.preroll_ms + self.s.start_ms) / 1000 * SAMPLE_RATE)
+        self._preroll = keep_last([*self._preroll, pcm], keep)
 
     async def _user_started(self) -> None:
         if self.state == self.LISTENING:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from serve_app import protocol as P
-from serve_app.audio_io import SAMPLE_RATE, float_to_pcm16, pcm16_to_float
+from serve_app.audio_io import SAMPLE_RATE, float_to_pcm16, ogg_crc, pcm16_to_float
 from voxtral.audio import prepare
 from voxtral.config import REPO_ROOT
 
@@ -72,6 +72,36 @@ def speech_clip(folder: Path, seconds: float = 1.6) -> np.ndarray:
     x, rate = sf.read(wav, dtype="float32")
     y = prepare(x, rate, SAMPLE_RATE).numpy()[: int(seconds * SAMPLE_RATE)]
     return (0.5 * y / max(1e-6, np.abs(y).max())).astype(np.float32)
+
+
+# -- hand-made Ogg/Opus (decompression bombs and other hostile streams) -----------------------
+def ogg_page(packets: list[bytes], seq: int, flags: int = 0, serial: int = 7) -> bytes:
+    """One Ogg page holding ``packets`` whole (``flags``: 0x02 first page, 0x01 continued)."""
+    lacing = []
+    for p in packets:
+        lacing += [255] * (len(p) // 255) + [len(p) % 255]
+    head = b"OggS" + bytes([0, flags]) + bytes(8) + serial.to_bytes(4, "little")
+    page = head + seq.to_bytes(4, "little") + bytes(4) + bytes([len(lacing), *lacing])
+    page += b"".join(packets)
+    return page[:22] + ogg_crc(page).to_bytes(4, "little") + page[26:]
+
+
+def opus_headers() -> bytes:
+    """The OpusHead and OpusTags pages that start an Ogg/Opus stream (mono, 24 kHz)."""
+    head = b"OpusHead" + bytes([1, 1]) + (312).to_bytes(2, "little")
+    head += SAMPLE_RATE.to_bytes(4, "little") + bytes(3)
+    tags = b"OpusTags" + (4).to_bytes(4, "little") + b"test" + bytes(4)
+    return ogg_page([head], 0, flags=0x02) + ogg_page([tags], 1)
+
+
+BOMB_PACKET = bytes([0x83, 0x06])
+"""Two bytes of Opus that decode to 15 ms: CELT 2.5 ms frames (config 16), code 3, six
+frames of zero bytes each."""
+
+
+def opus_bomb(pages: int, first_seq: int = 2) -> bytes:
+    """Pages of 255 ``BOMB_PACKET`` each: 3.8 s of audio per 800-byte page."""
+    return b"".join(ogg_page([BOMB_PACKET] * 255, first_seq + i) for i in range(pages))
 
 
 @dataclass

@@ -24,7 +24,9 @@ import serve_client as C  # tests/ helper shared with test_serve.py and test_bro
 
 from serve_app import protocol as P
 from serve_app.audio_io import Pcm16Wire
-from serve_app.session import DuplexSession, MessageRate, SessionOverload, SessionSettings
+from serve_app.limits import AudioBudget, SessionOverload, TokenBucket
+from serve_app.outbox import Outbox
+from serve_app.session import DuplexSession, SessionSettings, keep_last
 from voxtral.config import ConfigError, ServeConfig
 
 GAP_S = 2.0  # the polite session may never go this long without a message
@@ -39,6 +41,11 @@ def silence(seconds: float) -> np.ndarray:
 @pytest.fixture(scope="module")
 def serve_root(tmp_path_factory):
     return C.shared_root(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def speech(tmp_path_factory) -> np.ndarray:
+    return C.speech_clip(tmp_path_factory.mktemp("speech"))
 
 
 @pytest.fixture(scope="module")
@@ -118,9 +125,52 @@ async def alongside(url: str, hostile: Callable[[], Awaitable[Any]]) -> tuple[An
     return result, w
 
 
-async def hostile_client(url: str, n: int = 2, **kw) -> C.ChatClient:
+async def hostile_client(url: str, n: int = 2, codec: str = "pcm16", **kw) -> C.ChatClient:
     """A session from loopback address 127.0.0.n (another client to the server)."""
-    return await C.connect(url, "pcm16", local_addr=(f"127.0.0.{n}", 0), **kw)
+    return await C.connect(url, codec, local_addr=(f"127.0.0.{n}", 0), **kw)
+
+
+class DeafClient:
+    """A websocket client that never reads its socket after the handshake (a tiny receive
+    buffer, so the server's side fills up), but keeps sending: it is never idle."""
+
+    def __init__(self, url: str, n: int):
+        import socket
+
+        from websockets.client import ClientProtocol
+        from websockets.uri import parse_uri
+
+        host, port = url.split("//")[1].split(":")
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.sock.bind((f"127.0.0.{n}", 0))
+        self.sock.connect((host, int(port)))
+        query = f"/api/chat?codec=pcm16&token={C.TOKEN}"
+        self.proto = ClientProtocol(parse_uri(url.replace("http", "ws") + query))
+        self.proto.send_request(self.proto.connect())
+        self.sock.sendall(b"".join(self.proto.data_to_send()))
+        response = b""
+        while b"\r\n\r\n" not in response:  # the handshake, byte by byte: nothing more
+            response += self.sock.recv(1)
+        self.proto.receive_data(response)
+        assert b" 101 " in response.split(b"\r\n")[0], response
+
+    def stream(self, pcm: np.ndarray, seconds: float) -> float | None:
+        """Send ``pcm`` over and over at real time for ``seconds``; when the server drops
+        the connection, return when (else None)."""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < seconds:
+            for i in range(0, len(pcm), 1920):
+                self.proto.send_binary(P.audio(Pcm16Wire().encode(pcm[i : i + 1920])))
+                try:
+                    self.sock.sendall(b"".join(self.proto.data_to_send()))
+                except OSError:
+                    return time.monotonic() - t0
+                time.sleep(0.08)
+        return None
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 async def started(c: C.ChatClient) -> bool:
@@ -295,6 +345,66 @@ def test_busy_refusal_leaves_no_routing_pin(server):
     assert after["pinned_sessions"] == after["lm"]["sessions"] == 0, after
 
 
+def test_opus_bomb_is_refused_with_1008(server):
+    """A decompression bomb (Opus pages of 2-byte packets of empty 2.5 ms frames: 76 s of
+    audio in 16 KB; the old gateway decoded it all, then ran the VAD over it on its event
+    loop) is refused before it is decoded: 0x05, then close 1008. An empty Opus packet (5 s
+    of concealment to a decoder) is refused with a 0x05 and the session goes on."""
+
+    async def hostile():
+        c = await hostile_client(server, 11, codec="opus")
+        assert await started(c)
+        await c.ws.send(P.audio(C.opus_headers() + C.ogg_page([b""], 2)))
+        assert await c.wait_for(lambda: c.of_kind(P.Kind.ERROR), 20)
+        open_after_empty = not c.closed.is_set()
+        bomb = C.opus_bomb(20, first_seq=3)
+        assert len(bomb) < 16_500
+        await c.ws.send(P.audio(bomb))
+        assert await c.wait_for(lambda: c.closed.is_set(), 20)
+        return c, open_after_empty
+
+    (c, open_after_empty), w = run(alongside(server, hostile))
+    w.check()
+    errors = errors_of(c)
+    assert open_after_empty and "empty Opus packet" in errors[0], errors
+    assert c.close_code == 1008, (c.close_code, errors)
+    assert any("ahead of real time" in e for e in errors[1:]), errors
+
+
+def test_a_client_that_never_reads_loses_its_slot(server, speech):
+    """A client that never reads its socket but keeps streaming speech (never idle; the
+    model answers into its full buffers) loses its slot, and the polite session does not
+    notice. Behind Ray Serve's proxy the Gateway's sends never block (the proxy holds what
+    the client has not taken) and the proxy's websocket keep-alive (a ping every 20 s, 20 s
+    for the pong) drops the client; where the Gateway's own sends block, its outbox does
+    (``serve.send_timeout_s``, tested in process below)."""
+    settle(server)
+
+    async def sessions_become(n: int) -> int:
+        for _ in range(50):
+            now = (await asyncio.to_thread(C.healthz, server))["gateway_sessions"]
+            if now == n:
+                break
+            await asyncio.sleep(0.2)
+        return now
+
+    async def hostile():
+        before = (await asyncio.to_thread(C.healthz, server))["gateway_sessions"]
+        deaf = await asyncio.to_thread(DeafClient, server, 12)
+        held = await sessions_become(before + 1)
+        clip = np.concatenate([silence(0.3), speech, silence(2.0)])
+        dropped_at = await asyncio.to_thread(deaf.stream, clip, 60)
+        after = await sessions_become(before)  # the slot is freed once the session ended
+        deaf.close()
+        return before, held, after, dropped_at
+
+    (before, held, after, dropped_at), w = run(alongside(server, hostile), timeout=180)
+    w.check()
+    assert held == before + 1, (before, held)
+    assert dropped_at is not None, "a client that never reads kept its connection for 60 s"
+    assert after == before, (before, after, dropped_at)
+
+
 # -- admission rules, in process -----------------------------------------------------------------
 def _serve(**kw) -> ServeConfig:
     return ServeConfig(**kw)
@@ -392,7 +502,7 @@ def test_the_serve_application_holds_no_token(serve_root):
 
 def test_message_rate_bucket():
     now = [0.0]
-    rate = MessageRate(10, 20, clock=lambda: now[0])
+    rate = TokenBucket(10, 20, clock=lambda: now[0])
     assert sum(rate.allow() for _ in range(30)) == 20  # the burst, then nothing
     now[0] += 0.5
     assert sum(rate.allow() for _ in range(30)) == 5  # refilled at 10/s
@@ -400,8 +510,33 @@ def test_message_rate_bucket():
     assert sum(rate.allow() for _ in range(30)) == 20  # never above the burst
 
 
+def test_audio_budget_allows_real_time_and_bursts_only():
+    now = [0.0]
+    budget = AudioBudget(1.5, 10.0, clock=lambda: now[0])
+    for _ in range(3000):  # ten minutes at real time, 0.2 s messages
+        now[0] += 0.2
+        budget.admit(0.2)
+    budget.admit(9.7)  # a burst (a client catching up after a stall)
+    with pytest.raises(SessionOverload, match="ahead of real time"):
+        budget.admit(0.5)
+    now[0] += 1.0  # the budget refills at 1.5 × real time
+    budget.admit(1.4)
+    with pytest.raises(SessionOverload):
+        budget.admit(60.0)  # one message more than the burst is refused whole
+
+
+def test_keep_last():
+    chunks = [np.arange(5), np.arange(5, 8), np.arange(8, 20)]
+    assert np.concatenate(keep_last(chunks, 4)).tolist() == [16, 17, 18, 19]
+    assert np.concatenate(keep_last(chunks, 16)).tolist() == list(range(4, 20))
+    assert np.concatenate(keep_last(chunks, 99)).tolist() == list(range(20))
+    assert keep_last([], 4) == [] and keep_last(chunks, 0) == []
+
+
 # -- the session's queue and its errors, in process ----------------------------------------------
-class Outbox:
+class Recorder:
+    """A client's side of the socket: every message the session sent."""
+
     def __init__(self):
         self.messages: list[bytes] = []
 
@@ -427,7 +562,7 @@ def test_restart_flood_is_coalesced(tiny):
             await super().restart()
 
     async def main():
-        out = Outbox()
+        out = Recorder()
         s = DuplexSession(Counting(tiny, "flood"), out, Pcm16Wire())
         await s.start({})
         for _ in range(500):  # no await yields to the worker in between
@@ -451,7 +586,7 @@ def test_session_queue_is_bounded(tiny):
 
     async def main():
         s = DuplexSession(
-            LocalLM(tiny, "bound"), Outbox(), Pcm16Wire(), SessionSettings(max_pending_ops=8)
+            LocalLM(tiny, "bound"), Recorder(), Pcm16Wire(), SessionSettings(max_pending_ops=8)
         )  # not started: nothing drains the queue
         for _ in range(200):
             s._enqueue(("feed", silence(0.1)))
@@ -469,6 +604,197 @@ def test_session_queue_is_bounded(tiny):
     asyncio.run(main())
 
 
+async def _wait(predicate: Callable[[], Any], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate() and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+
+
+def test_session_running_ahead_of_real_time_is_closed(tiny):
+    """Audio faster than real time: bursts pass, then ``SessionOverload`` (the Gateway's 0x05
+    and 1008); nothing past the budget is decoded."""
+    from serve_app.scheduler import LocalLM
+
+    now = [0.0]
+    settings = SessionSettings(max_audio_rate=1.5, max_audio_ahead_s=4.0)
+
+    async def main():
+        wire = Pcm16Wire()
+        s = DuplexSession(LocalLM(tiny, "ahead"), Recorder(), wire, settings, clock=lambda: now[0])
+        await s.start({})
+        for _ in range(20):  # 0.2 s of audio every 0.2 s: fine for as long as it lasts
+            now[0] += 0.2
+            await s.on_message(P.audio(wire.encode(silence(0.2))))
+        await s.on_message(P.audio(wire.encode(silence(3.7))))  # a burst within the budget
+        with pytest.raises(SessionOverload, match="4 s ahead of real time"):
+            await s.on_message(P.audio(wire.encode(silence(1.0))))
+        await s.close()
+
+    asyncio.run(main())
+
+
+def test_preroll_is_bounded_in_ms(tiny):
+    """A session that is not in a user turn keeps ``preroll_ms`` (+ the onset) of audio, not
+    the whole of a long message."""
+    from serve_app.scheduler import LocalLM
+
+    settings = SessionSettings(preroll_ms=300, start_ms=96, max_audio_ahead_s=60)
+
+    async def main():
+        wire = Pcm16Wire()
+        s = DuplexSession(LocalLM(tiny, "preroll"), Recorder(), wire, settings)
+        await s.start({})
+        await s.on_message(P.audio(wire.encode(silence(20.0))))
+        held = sum(map(len, s._preroll))
+        await s.on_message(P.audio(wire.encode(silence(0.01))))
+        await s.close()
+        return held, sum(map(len, s._preroll))
+
+    held, after_small = asyncio.run(main())
+    assert held == after_small == round(0.396 * 24_000)
+
+
+def test_audio_work_leaves_the_event_loop_free(tiny):
+    """Decoding and VAD run in the session's audio pool: while one session's 30 s message is
+    decoded and run through the VAD (most of a second of CPU), the event loop that every
+    session shares keeps ticking."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from serve_app.scheduler import LocalLM
+
+    settings = SessionSettings(max_audio_ahead_s=60)
+    noise = np.random.default_rng(0).normal(0, 0.1, 30 * 24_000).astype(np.float32)
+    lags: list[float] = []
+
+    async def tick(stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            t = time.monotonic()
+            await asyncio.sleep(0.005)
+            lags.append(time.monotonic() - t - 0.005)
+
+    async def main() -> float:
+        wire = Pcm16Wire()
+        with ThreadPoolExecutor(2) as pool:
+            s = DuplexSession(LocalLM(tiny, "pool"), Recorder(), wire, settings, audio_pool=pool)
+            await s.start({})
+            stop = asyncio.Event()
+            ticker = asyncio.ensure_future(tick(stop))
+            t0 = time.monotonic()
+            await s.on_message(P.audio(wire.encode(noise)))
+            took = time.monotonic() - t0
+            stop.set()
+            await ticker
+            await s.close()
+        return took
+
+    took = asyncio.run(main())
+    print(f"30 s message: {took:.2f} s of work, longest event-loop lag {max(lags):.3f} s")
+    assert took > 0.2, took  # real work, or this test proves nothing
+    # inline, the loop would stall for all of it; in the pool, for GIL hand-overs only
+    assert max(lags) < took / 3, (max(lags), took)
+
+
+def test_outbox_fails_when_the_client_stops_reading():
+    """Sends that never complete (a client that stopped reading, full socket buffers): the
+    session keeps queuing without waiting, and after ``timeout_s`` the outbox has failed."""
+    written: list[bytes] = []
+    gate = asyncio.Event()
+
+    async def send(m: bytes) -> None:
+        if m == b"stuck":
+            await gate.wait()  # never set: the socket does not drain
+        written.append(m)
+
+    async def main():
+        box = Outbox(send, timeout_s=0.3)
+        for m in (b"a", b"b"):
+            box.put(m)
+        assert await box.flush() and written == [b"a", b"b"]  # in order
+        t0 = time.monotonic()
+        box.put(b"stuck")
+        for _ in range(100):
+            box.put(b"more")  # never waits
+        assert time.monotonic() - t0 < 0.05
+        await _wait(lambda: box.failed is not None, 5)
+        waited = time.monotonic() - t0
+        box.put(b"after")  # dropped: nobody reads
+        assert not await box.flush()
+        await box.close()
+        return box, waited
+
+    box, waited = asyncio.run(main())
+    assert "0.3 s" in box.failed and 0.25 <= waited < 1.0, (box.failed, waited)
+    assert written == [b"a", b"b"] and box.pending == 0
+
+
+def test_session_of_a_client_that_stops_reading_is_stalled(tiny):
+    """The session's own work goes on (its sends return at once), and ``stalled`` tells the
+    Gateway to close it and free its slot."""
+    from serve_app.scheduler import LocalLM
+
+    async def main():
+        gate = asyncio.Event()
+
+        async def never(m: bytes) -> None:
+            await gate.wait()
+
+        s = DuplexSession(
+            LocalLM(tiny, "stuck"), never, Pcm16Wire(), SessionSettings(send_timeout_s=0.3)
+        )
+        t0 = time.monotonic()
+        await s.start({})
+        for _ in range(20):
+            await s.keepalive()
+            await s.event(event="noise")
+        assert time.monotonic() - t0 < 1.0  # nothing waited on the socket
+        await _wait(lambda: s.stalled is not None, 5)
+        stalled = s.stalled
+        t1 = time.monotonic()
+        await s.close()  # frees the model slot at once: nothing is left to flush
+        return stalled, time.monotonic() - t1
+
+    stalled, closing = asyncio.run(main())
+    assert stalled and "not taken" in stalled and closing < 0.5
+    assert "stuck" not in tiny.convs
+
+
+def test_gateway_closes_a_session_whose_client_stopped_reading(tiny, serve_root):
+    """The Gateway's ticker sees the stalled outbox and closes the session with 1008 (the
+    receive loop then ends it and frees its slot), even though the socket never drains."""
+    from serve_app.gateway import Gateway
+    from serve_app.scheduler import LocalLM
+
+    class StuckSocket:
+        closed_with: tuple[int, str] | None = None
+
+        async def close(self, code: int, reason: str) -> None:
+            self.closed_with = (code, reason)
+            await asyncio.Event().wait()  # the close frame does not drain either
+
+    async def main():
+        gate = asyncio.Event()
+
+        async def never(m: bytes) -> None:
+            await gate.wait()
+
+        gw = object.__new__(Gateway.func_or_class)
+        gw.cfg = C.local_serve_config(serve_root, extra=["serve.send_timeout_s=0.3"])
+        s = DuplexSession(
+            LocalLM(tiny, "deaf"), never, Pcm16Wire(), SessionSettings(send_timeout_s=0.3)
+        )
+        await s.start({})
+        ws = StuckSocket()
+        t0 = time.monotonic()
+        reason = await asyncio.wait_for(gw._tick(ws, s), 30)
+        took = time.monotonic() - t0
+        await s.close()
+        return reason, ws.closed_with, took
+
+    reason, closed_with, took = asyncio.run(main())
+    assert reason == "not_reading" and closed_with[0] == 1008, (reason, closed_with)
+    assert "not taken" in closed_with[1] and took < 3, took
+
+
 def test_internal_errors_are_generic_to_clients(tiny, caplog):
     from serve_app.scheduler import LocalLM
 
@@ -479,13 +805,13 @@ def test_internal_errors_are_generic_to_clients(tiny, caplog):
             raise RuntimeError(secret)
 
     class FailingWire(Pcm16Wire):
-        def decode(self, payload: bytes) -> np.ndarray:
+        def decode(self, payload: bytes, *admit) -> np.ndarray:
             if payload == b"\x00\x00boom":
                 raise KeyError(secret)
-            return super().decode(payload)
+            return super().decode(payload, *admit)
 
     async def main():
-        out = Outbox()
+        out = Recorder()
         s = DuplexSession(FailingLM(tiny, "errors"), out, FailingWire())
         await s.start({})
         await s.on_message(P.audio(b"\x00\x00boom"))  # an unexpected failure in the handler

@@ -21,6 +21,8 @@ from serve_app.audio_io import (
     Pcm16Wire,
     float_to_pcm16,
     ogg_crc,
+    opus_packet_s,
+    page_packets,
 )
 from serve_app.routing import pick, session_of
 from serve_app.vad import TurnDetector
@@ -106,19 +108,19 @@ def opus_stream(pcm: np.ndarray) -> list[bytes]:
 
 def test_ogg_pages_any_split_and_crc():
     data = b"".join(opus_stream(tone(0.5)))
-    whole = OggPages().push(data)
+    whole = list(OggPages().push(data))
     assert len(whole) == 2 + 12  # OpusHead, OpusTags, one page per 40 ms packet
     pages, splitter = [], OggPages()
     for i in range(0, len(data), 37):  # arbitrary message boundaries
-        pages += splitter.push(data[i : i + 37])
+        pages += list(splitter.push(data[i : i + 37]))
     assert pages == whole
     assert ogg_crc(b"") == 0
     bad = bytearray(whole[3])
     bad[-1] ^= 0xFF
     with pytest.raises(AudioInputError, match="CRC"):
-        OggPages().push(bytes(bad))
+        list(OggPages().push(bytes(bad)))
     with pytest.raises(AudioInputError, match="not an Ogg stream"):
-        OggPages().push(b"garbage!")
+        list(OggPages().push(b"garbage!"))
 
 
 def test_opus_wire_survives_corrupt_messages():
@@ -132,7 +134,7 @@ def test_opus_wire_survives_corrupt_messages():
     total += sum(len(wire.decode(m)) for m in messages[10:])
     assert total >= 0.9 * 24_000  # the stream went on after the bad messages
     out = wire.encode(tone(0.1)) + wire.flush()
-    assert OggPages().push(out)  # whole, valid pages on the way out
+    assert list(OggPages().push(out))  # whole, valid pages on the way out
 
 
 def test_pcm16_wire():
@@ -145,6 +147,107 @@ def test_pcm16_wire():
     assert float_to_pcm16(np.array([2.0, -2.0, np.nan], dtype=np.float32)) == (
         np.array([32767, -32767, 0], dtype="<i2").tobytes()
     )
+
+
+def _ogg_crc_bitwise(data: bytes) -> int:
+    """Ogg's CRC-32 from its definition, one bit at a time."""
+    crc = 0
+    for byte in data:
+        crc ^= byte << 24
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x04C11DB7) if crc & 0x80000000 else crc << 1
+            crc &= 0xFFFFFFFF
+    return crc
+
+
+def test_ogg_crc_matches_its_definition():
+    rng = np.random.default_rng(0)
+    for n in (0, 1, 4, 27, 255, 4099):
+        data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+        assert ogg_crc(data) == _ogg_crc_bitwise(data), n
+
+
+@pytest.mark.parametrize(
+    ("packet", "seconds"),
+    [
+        (bytes([0x83, 0x06]), 0.015),  # CELT 2.5 ms, code 3, six frames
+        (bytes([0x83, 0x30]), 0.120),  # 48 of them: the most a packet holds
+        (bytes([0x83, 0x3F]), 0.120),  # 63 × 2.5 ms claimed: capped (libopus refuses it)
+        (bytes([0x83]), 0.120),  # code 3 without its count byte: counted at the maximum
+        (bytes([0xFD, 0x01, 0xAA]), 0.040),  # CELT 20 ms, code 1 (two frames)
+        (bytes([0x50]) + bytes(20), 0.040),  # SILK WB 40 ms, one frame
+        (bytes([0x6A, 0x00]), 0.040),  # hybrid FB 20 ms, code 2
+        (b"OpusHead" + bytes(11), 0.0),
+        (b"OpusTags" + bytes(8), 0.0),
+    ],
+)
+def test_opus_packet_duration_from_its_toc(packet, seconds):
+    assert opus_packet_s(packet) == pytest.approx(seconds)
+
+
+def test_opus_packet_durations_match_the_decoder():
+    """What the TOC byte claims is what sphn decodes (so the budget charges the truth)."""
+    for packet in (bytes([0x83, 0x06]), bytes([0x83, 0x18]), bytes([0x8B, 0x02])):
+        wire = OpusWire()
+        stream = C.opus_headers() + C.ogg_page([packet] * 10, 2)
+        claimed: list[float] = []
+        pcm = wire.decode(stream, claimed.append)
+        assert len(pcm) / 24_000 == pytest.approx(sum(claimed)), packet.hex()
+        assert sum(claimed) == pytest.approx(10 * opus_packet_s(packet))
+    with pytest.raises(AudioInputError, match="empty Opus packet"):
+        OpusWire().decode(C.opus_headers() + C.ogg_page([b""], 2))  # 5 s of concealment
+
+
+def test_page_packets_and_continuations():
+    body = [bytes([0x83, 0x06]), bytes(300), bytes([0xFC])]
+    packets, inside = page_packets(C.ogg_page(body, 2), continuing=False)
+    assert packets == body and not inside
+    # a packet cut at the page's end: counted where it starts, and the next page continues it
+    cut = C.ogg_page([bytes([0xFC]) + bytes(254)], 2)  # lacing 255, 0
+    cut = cut[:26] + bytes([1, 255]) + cut[29:]  # lacing 255 alone: the packet goes on
+    packets, inside = page_packets(cut, continuing=False)
+    assert [p[:1] for p in packets] == [b"\xfc"] and inside
+    follow = C.ogg_page([bytes(10), bytes([0x83, 0x06])], 3, flags=0x01)
+    assert page_packets(follow, continuing=True) == ([bytes([0x83, 0x06])], False)
+    # a continuation with nothing to continue is a packet of its own: it is charged
+    assert page_packets(follow, continuing=False)[0] == [bytes(10), bytes([0x83, 0x06])]
+
+
+def test_opus_bomb_is_refused_before_it_is_decoded():
+    """A decompression bomb: 800-byte pages of 3.8 s each. The budget (10 s ahead) refuses
+    the page that would cross it, before the decoder sees it."""
+    import types
+
+    import sphn
+
+    from serve_app.limits import AudioBudget, SessionOverload
+
+    decoded = []
+
+    class SpyReader:  # what reaches the decoder, and what comes out
+        def __init__(self, rate: int):
+            self.reader = sphn.OpusStreamReader(rate)
+
+        def append_bytes(self, page: bytes):
+            out = self.reader.append_bytes(page)
+            decoded.append(0 if out is None else len(out))
+            return out
+
+    wire = OpusWire()
+    wire._sphn = types.SimpleNamespace(OpusStreamReader=SpyReader)
+    budget = AudioBudget(1.5, 10.0, clock=lambda: 0.0)  # no wall time passes
+    bomb = C.opus_headers() + C.opus_bomb(20)  # 76 s in 16 KB
+    assert len(bomb) < 17_000
+    with pytest.raises(SessionOverload, match="ahead of real time"):
+        wire.decode(bomb, budget.admit)
+    assert sum(decoded) / 24_000 <= 10.0  # two pages (7.6 s) decoded, the third refused
+    assert len(decoded) == 2 + 2  # the header pages, then two bomb pages
+
+
+def test_pcm16_is_admitted_before_decoding():
+    seen: list[float] = []
+    Pcm16Wire().decode(bytes(4800), seen.append)
+    assert seen == [pytest.approx(0.1)]
 
 
 # -- VAD ---------------------------------------------------------------------------------------
@@ -275,6 +378,58 @@ def test_context_limit_keeps_groups_whole(tiny):
         assert st.ids[0] == eng.layout.vocab.bos
 
 
+def test_context_cap_holds_whatever_arrives_at_once(tiny):
+    """More ids in one append than the context holds: the newest whole groups are kept,
+    the rest reported as dropped, and the stream stays well formed."""
+    from voxtral.tokenizer import encode_ids
+
+    sched, _ = tiny
+    s = Sampling(1.0)
+    eng = SpeechEngine(sched.engine.model, sched.layout, s, s, max_context=64, seed=0)
+    layout, g = eng.layout, eng.layout.group_len
+    st = eng.new_state()
+    eng.generate_group([st])  # something already held (kept while it fits)
+    codes = np.random.default_rng(0).integers(0, 1024, (layout.vocab.n_q, 40 * 3))
+    ids = encode_ids(layout, codes, bos=False).tolist()
+    assert len(ids) > 4 * eng.max_context
+    dropped = eng.append(st, ids)
+    assert st.length <= eng.max_context and st.kv[0][0].shape[2] == st.length
+    assert dropped % g == 0 and len(ids) - dropped == eng.room
+    assert st.ids[0] == layout.vocab.bos and st.ids[-eng.room :] == ids[dropped:]
+    assert (st.length - 1) % g == 0
+    eng.generate_group([st])  # whole groups: generation goes on
+    assert st.length <= eng.max_context
+    assert all(layout.is_allowed(i, t) for i, t in enumerate(st.ids))
+    assert eng.append(st, ids[: 2 * g]) == 0  # what fits is never dropped
+
+
+def test_scheduler_context_cap_holds_a_fast_feed(tiny):
+    """Audio far faster than real time (one 4 s feed, 700 ids) into a 64-id context: the
+    conversation holds at most 64 ids, and the replica reports the audio it dropped."""
+    from serve_app.scheduler import LocalLM, Scheduler
+
+    sched, _ = tiny
+    s = Sampling(0.0)
+    engine = SpeechEngine(sched.engine.model, sched.layout, s, s, max_context=64, seed=0)
+
+    async def main(small: Scheduler) -> int:
+        lm = LocalLM(small, "fast")
+        await lm.open()
+        held = await lm.feed(silence(4.0))
+        await lm.end_turn()
+        async for item in lm.respond():  # the model still answers
+            if "end" in item:
+                break
+        return held
+
+    with Scheduler(engine, sched.codec, sched.tokenizer, sched.s) as small:
+        held = asyncio.run(main(small))
+        stats = small.stats()
+        state = small.convs["fast"].state
+    assert held <= engine.max_context and state.length <= engine.max_context
+    assert stats["unheard_audio_s"] >= 4.0 - engine.room / sched.layout.group_len * 0.04 - 0.2
+
+
 def test_text_stream_waits_for_whole_characters():
     class Tok:
         def decode(self, ids, skip_special_tokens=True):
@@ -402,7 +557,7 @@ def test_session_interrupt_keeps_what_was_heard(tiny, speech):
             Recording(sched, "interrupt"), out, Pcm16Wire(), SessionSettings(end_of_turn_ms=300)
         )
         await s.start({})
-        assert out.kinds()[0] == P.Kind.HANDSHAKE
+        assert await s.flush() and out.kinds()[0] == P.Kind.HANDSHAKE
         await _feed(s, np.concatenate([silence(0.3), speech]))
         await _feed(s, silence(20), until=lambda: out.events("first_audio"))
         assert out.events("first_audio"), out.events()

@@ -93,15 +93,34 @@ class SpeechEngine:
     def _mask(self, index: int) -> torch.Tensor:
         return self.masks[0 if index == 0 else 1 + (index - 1) % self.layout.group_len]
 
+    @property
+    def room(self) -> int:
+        """The most ids one ``append`` takes: whole groups filling the context that
+        ``_make_room`` rebuilds, after ``<bos>``."""
+        g = self.layout.group_len
+        return (self.max_context * 3 // 4 - 1) // g * g
+
     @torch.inference_mode()
-    def append(self, st: LMState, ids: list[int]) -> None:
+    def append(self, st: LMState, ids: list[int]) -> int:
         """Prefill ``ids`` after what ``st`` holds (chunked, so a long prefill is several
-        bounded forward passes)."""
+        bounded forward passes); returns how many were dropped unheard.
+
+        The context never exceeds ``max_context``, however much arrives at once: audio far
+        faster than real time loses its oldest whole groups here, before any forward pass,
+        exactly as if it had come in pieces and ``_make_room`` had dropped them. The oldest
+        go because a speech LM answers what was said last, and because the window is rebuilt
+        from ``<bos>`` (positions start again at 0), the KV cache holds at most
+        ``max_context`` positions and the model never sees positions it was not trained on.
+        """
         if not ids:
-            return
+            return 0
+        g = self.layout.group_len
+        dropped = -(-(len(ids) - self.room) // g) * g if len(ids) > self.room else 0
+        ids = ids[dropped:]
         self._make_room(st, len(ids))
         for i in range(0, len(ids), self.prefill_chunk):
             self._forward_one(st, ids[i : i + self.prefill_chunk])
+        return dropped
 
     def _forward_one(self, st: LMState, ids: list[int]) -> None:
         x = torch.tensor([ids], device=self.device)

@@ -315,6 +315,22 @@ class ServeConfig(Section):
     max_pending_ops: int = Field(32, ge=4)
     """Model operations one session may have queued (after coalescing) before it is closed
     with 1008."""
+    max_audio_rate: float = Field(1.5, ge=1.0, le=100.0)
+    """Seconds of audio a session may send per second of wall time, on average (1 is real
+    time; above it a client that fell behind can catch up). Audio is counted before it is
+    decoded (Opus: from each packet's header), so a decompression bomb costs nothing."""
+    max_audio_ahead_s: float = Field(10.0, ge=1.0, le=600.0)
+    """How far a session's audio may run ahead of real time (the burst, and so the most
+    audio one message may carry); past it: 0x05 and close 1008."""
+    preroll_ms: float = Field(400.0, ge=0.0, le=5000.0)
+    """Audio kept from before the user's detected onset (and while the model speaks, for
+    barge-in): it starts the user's turn. Bounded whatever the size of the messages."""
+    send_timeout_s: float = Field(10.0, gt=0.0, le=300.0)
+    """A message to the client not written within this long (the client stopped reading)
+    closes the session with 1008 and frees its slot."""
+    audio_threads: int = Field(2, ge=1, le=64)
+    """Threads per Gateway replica for the sessions' audio decoding and VAD (each session
+    has at most one message in work at a time, so one client cannot take them all)."""
     text_temperature: float = Field(0.7, ge=0)
     text_top_k: int = Field(50, ge=0)
     text_top_p: float = Field(0.95, gt=0, le=1)
