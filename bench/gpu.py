@@ -71,7 +71,7 @@ def plan(dry_run: bool) -> list[Step]:
     """The steps in order of what matters most, so a spent budget cuts the least: the
     correctness checks, the stages' figures, then the training matrix. ``limit_s`` is what
     a step may take on an H100 (the first FlexAttention and compile runs build kernels)."""
-    from voxtral.train.attention import unavailable
+    from voxtral.stages.train.attention import unavailable
 
     device = "cpu" if dry_run else "cuda"
     dev = ["--device", device]
