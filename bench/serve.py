@@ -5,14 +5,19 @@ the user's speech to the first audio message of the model's turn, over the N con
 sessions; it includes the end-of-turn silence the VAD waits for, ``end_of_turn_ms``),
 ``rtf_1`` / ``rtf_n`` (generation wall seconds per second of audio produced, one session
 alone and N at once; generation is left unpaced here so it runs as fast as it can).
+With ``--sweep MAX`` (engine mode) also ``sessions_at_rtf_0.5``: the most sessions at once,
+up to MAX, whose RTF stays at or below ``--rtf-target`` (0.5: generation twice as fast as
+real time), found by doubling then bisecting; ``rtf_by_sessions`` holds every round.
 
     uv run bench/serve.py                 # full stack: Ray Serve + websockets, local profile
     uv run bench/serve.py --engine        # the model side alone, in process (no Ray)
     uv run bench/serve.py --url http://127.0.0.1:8000    # an endpoint that is already up
-    python bench/serve.py --engine --base 1b --set serve.num_gpus=1 --set model.dtype=bfloat16
+    python bench/serve.py --engine --base 1b --sweep 64 --set serve.num_gpus=1 \
+        --set model.dtype=bfloat16
 
 ``--base`` swaps the tiny model for a larger random-init Mistral of the same tokenizer
-(``small``: 512 wide, 8 layers; ``1b``: 2048 wide, 16 layers), for GPU figures.
+(a shape of ``bench/shapes.py``: ``small`` 512 wide, 8 layers; ``1b`` 2048 wide, 18
+layers; ``7b``), for GPU figures.
 """
 
 from __future__ import annotations
@@ -31,25 +36,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.shapes import SHAPES, mistral_config  # noqa: E402
 from voxtral.config import add_config_args, config_from_args  # noqa: E402
 
 RATE = 24_000
-SIZES = {
-    "small": dict(
-        hidden_size=512,
-        intermediate_size=1536,
-        num_hidden_layers=8,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-    ),
-    "1b": dict(
-        hidden_size=2048,
-        intermediate_size=5632,
-        num_hidden_layers=16,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-    ),
-}
 
 
 def speech_like(seconds: float, seed: int = 0) -> np.ndarray:
@@ -87,21 +77,15 @@ def speech(seconds: float = 1.6) -> np.ndarray:
 def random_base(size: str, folder: Path) -> Path:
     """A random-init Mistral of ``size`` with the tiny model's tokenizer."""
     import torch
-    from transformers import MistralConfig, MistralForCausalLM
+    from transformers import MistralForCausalLM
 
     from voxtral.model import tiny_mistral_dir, write_tiny_mistral
 
     tiny = write_tiny_mistral(tiny_mistral_dir())
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    cfg = MistralConfig(
-        vocab_size=512,
-        max_position_embeddings=8192,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-        **SIZES[size],
-    )
+    vocab = json.loads((tiny / "config.json").read_text())["vocab_size"]
+    cfg = mistral_config(size, vocab, max_position_embeddings=8192, bos_token_id=1, eos_token_id=2)
     MistralForCausalLM(cfg).save_pretrained(folder)
     for f in tiny.iterdir():
         if "token" in f.name or f.name == "special_tokens_map.json":
@@ -142,21 +126,50 @@ async def engine_turns(sched, n: int, clip: np.ndarray, tag: str) -> list[dict]:
     return await asyncio.gather(*(one(i) for i in range(n)))
 
 
-def run_engine(cfg, source: dict, n: int, rounds: int) -> tuple[dict, dict]:
+async def most_sessions(measure, target: float, most: int) -> tuple[int, dict[int, float]]:
+    """The largest session count up to ``most`` whose ``await measure(n)`` (an RTF) stays at
+    or below ``target``: doubling from 1, then bisecting; 0 when one session is too slow.
+    Returns it with every RTF measured."""
+    seen: dict[int, float] = {}
+
+    async def fits(n: int) -> bool:
+        if n not in seen:
+            seen[n] = await measure(n)
+        return seen[n] <= target
+
+    if not await fits(1):
+        return 0, seen
+    lo, hi = 1, None
+    while hi is None and lo < most:
+        n = min(2 * lo, most)
+        lo, hi = (n, None) if await fits(n) else (lo, n)
+    while hi is not None and hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if await fits(mid) else (lo, mid)
+    return lo, seen
+
+
+def run_engine(
+    cfg, source: dict, n: int, rounds: int, sweep: int = 0, target: float = 0.5
+) -> tuple[dict, dict]:
     from serve_app.scheduler import build_scheduler
 
     sched, info = build_scheduler(cfg, source)
     clip = speech()
     eot = cfg.serve.end_of_turn_ms
 
+    async def at_once(k: int) -> float:
+        return rtf(await engine_turns(sched, k, clip, f"s{k}"))
+
     async def main():
         await engine_turns(sched, 1, clip, "warm")
         single = [r for k in range(rounds) for r in await engine_turns(sched, 1, clip, f"a{k}")]
         many = [r for k in range(rounds) for r in await engine_turns(sched, n, clip, f"b{k}")]
-        return single, many
+        swept = await most_sessions(at_once, target, sweep) if sweep else None
+        return single, many, swept
 
     try:
-        single, many = asyncio.run(main())
+        single, many, swept = asyncio.run(main())
     finally:
         sched.shutdown()
     firsts = [r["first_s"] * 1000 + eot for r in many]
@@ -166,6 +179,9 @@ def run_engine(cfg, source: dict, n: int, rounds: int) -> tuple[dict, dict]:
         "rtf_1": rtf(single),
         "rtf_n": rtf(many),
     }
+    if swept is not None:
+        out[f"sessions_at_rtf_{target:g}"] = swept[0]
+        out["rtf_by_sessions"] = {str(k): v for k, v in sorted(swept[1].items())}
     return out, info
 
 
@@ -271,15 +287,22 @@ def main(argv=None) -> dict:
     parser.add_argument("--sessions", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--engine", action="store_true", help="model side only, no Ray")
-    parser.add_argument("--base", choices=["tiny", *SIZES], default="tiny")
+    parser.add_argument("--base", choices=["tiny", *SHAPES], default="tiny")
+    parser.add_argument("--sweep", type=int, default=0, help="engine: most sessions to try")
+    parser.add_argument("--rtf-target", type=float, default=0.5)
     parser.add_argument("--url", help="measure this running endpoint instead of starting one")
     parser.add_argument("--quick", action="store_true", help="smoke run: seconds of work")
     args = parser.parse_args(argv)
     if args.quick:
         args.sessions, args.rounds = 2, 1
+    if args.sweep and not args.engine:
+        parser.error("--sweep measures the engine: add --engine")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     root = Path(tempfile.mkdtemp(prefix="voxtral-bench-"))
-    overrides = [f"storage.root={root}", "serve.lead_ms=1000000", *args.overrides]
+    overrides = [f"storage.root={root}", "serve.lead_ms=1000000"]
+    if args.sweep:  # room for every session of the sweep on the one replica
+        overrides.append(f"serve.max_sessions={max(args.sweep, args.sessions)}")
+    overrides += args.overrides
     if args.base != "tiny":
         overrides.append(f"model.base={random_base(args.base, root / 'base')}")
     args.overrides = overrides
@@ -301,7 +324,9 @@ def main(argv=None) -> dict:
 
     source = resolve_model(cfg).describe()
     if args.engine:
-        figures, info = run_engine(cfg, source, args.sessions, args.rounds)
+        figures, info = run_engine(
+            cfg, source, args.sessions, args.rounds, args.sweep, args.rtf_target
+        )
         device = info["device"]
     else:
         figures, info = run_stack(cfg, args.sessions, args.rounds, args.url)

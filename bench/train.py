@@ -1,11 +1,20 @@
 """Training throughput of one worker: the loop's own forward/backward/step under DeepSpeed.
 
 Prints one JSON line: device, params, zero_stage, micro_batch, seq_len,
-tokens_per_s_per_worker, mfu (null on CPU), and a few more figures. No Ray: one process,
-world size 1, so the number is the per-worker compute rate the Ray run multiplies.
+tokens_per_s_per_worker, mfu (null on CPU), the attention kernel, compile and checkpointing
+settings, and a few more figures. No Ray: one process, world size 1, so the number is the
+per-worker compute rate the Ray run multiplies.
 
     uv run bench/train.py                                  # tiny model, CPU
     python bench/train.py --device cuda --model 1b         # ~1B random Mistral on a GPU
+    python bench/train.py --device cuda --model 7b-pruned --zero-stage 3 --attention flex
+    uv run bench/train.py --bf16 --check-precision         # bf16 + fp32 masters, on CPU
+
+``--model``: ``tiny`` (the pipeline's), or a shape of ``bench/shapes.py``: ``small``, ``1b``,
+``7b-pruned`` (Mistral-7B's config with every ``--keep-every``-th layer, 4 by default: 8
+layers, ~2 B parameters, which trains on one 80 GB GPU without offload). Weights are
+random: nothing is downloaded.
+``--check-precision`` adds the fp32-master figures of :mod:`bench.precision`.
 """
 
 from __future__ import annotations
@@ -23,17 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-# ~1B Mistral: 18 layers of d=2048 (GQA 16/8 heads), Mistral's 32768 text vocabulary.
-MISTRAL_1B = dict(
-    vocab_size=32768,
-    hidden_size=2048,
-    intermediate_size=5632,
-    num_hidden_layers=18,
-    num_attention_heads=16,
-    num_key_value_heads=8,
-    max_position_embeddings=32768,
-    tie_word_embeddings=False,
-)
+from bench.shapes import MISTRAL_VOCAB, mistral_config  # noqa: E402
+from voxtral.stages.train.attention import CHOICES  # noqa: E402
+
+MODELS = {"small": "small", "1b": "1b", "7b-pruned": "7b"}  # --model → bench/shapes.py
 
 
 def _init_single_process(backend: str) -> None:
@@ -55,26 +57,27 @@ def _init_single_process(backend: str) -> None:
 
 
 def build(args, cfg, device):
-    """(model, layout): the pipeline's tiny model, or a random ~1B Mistral with the speech
-    vocabulary added the same way the pipeline adds it."""
+    """(model, layout): the pipeline's tiny model, or a random Mistral of a bench shape with
+    the speech vocabulary added the same way the pipeline adds it."""
     from voxtral.codec import codec_info
     from voxtral.model import add_speech_tokens, build_speech_lm, enable_gradient_checkpointing
     from voxtral.tokenizer import make_layout
 
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
     if args.model == "tiny":
         model, _, layout = build_speech_lm(cfg, dtype=dtype)
     else:
-        from transformers import MistralConfig, MistralForCausalLM
+        from transformers import MistralForCausalLM
 
-        mc = MistralConfig(**MISTRAL_1B)
+        keep = args.keep_every if args.model == "7b-pruned" else 1
+        mc = mistral_config(MODELS[args.model], MISTRAL_VOCAB, keep)
         torch.manual_seed(0)
         with device:
             model = MistralForCausalLM(mc).to(dtype)
         layout = make_layout(codec_info(cfg.codec), mc.vocab_size, cfg.tokenizer)
         add_speech_tokens(model, layout)
-        if args.grad_ckpt:
-            enable_gradient_checkpointing(model)
+    if cfg.model.gradient_checkpointing and not model.is_activation_checkpointing:
+        enable_gradient_checkpointing(model)
     model.config.use_cache = False
     return model.to(device), layout
 
@@ -104,8 +107,18 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument(
-        "--model", choices=["tiny", "1b"], default=None, help="default: tiny on CPU, 1b on CUDA"
+        "--model", choices=["tiny", *MODELS], default=None, help="default: tiny on CPU, 1b on CUDA"
     )
+    p.add_argument("--keep-every", type=int, default=4, help="7b-pruned: keep every k-th layer")
+    p.add_argument("--attention", choices=CHOICES, default="auto", help="train.attention")
+    p.add_argument("--compile", action="store_true", help="train.compile (engine.compile)")
+    p.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="bf16 compute with fp32 masters (default: on CUDA only)",
+    )
+    p.add_argument("--check-precision", action="store_true", help="fp32 masters, export")
     p.add_argument("--zero-stage", type=int, choices=[2, 3], default=2)
     p.add_argument("--micro-batch", type=int, default=None)
     p.add_argument("--seq-len", type=int, default=None, help="default: train.seq_len")
@@ -119,11 +132,13 @@ def main(argv=None) -> dict:
     if args.quick:
         args.steps, args.warmup = 2, 1
     args.model = args.model or ("1b" if args.device == "cuda" else "tiny")
+    args.bf16 = args.device == "cuda" if args.bf16 is None else args.bf16
 
     from voxtral.config import DEFAULT_CONFIG, load_config
 
     os.environ.setdefault("DS_ACCELERATOR", args.device)
-    cfg = load_config(args.config or DEFAULT_CONFIG, env={})
+    overrides = ["model.gradient_checkpointing=true"] if args.grad_ckpt else []
+    cfg = load_config(args.config or DEFAULT_CONFIG, overrides, env={})
     seq_len = args.seq_len or cfg.train.seq_len
     micro = args.micro_batch or cfg.train.micro_batch
     tc = cfg.train.model_copy(
@@ -137,6 +152,8 @@ def main(argv=None) -> dict:
             offload_params=False,
             warmup_steps=1,
             max_steps=10**6,
+            attention=args.attention,
+            compile=args.compile,
         )
     )
     device = torch.device(args.device, 0) if args.device == "cuda" else torch.device("cpu")
@@ -146,6 +163,7 @@ def main(argv=None) -> dict:
 
     import deepspeed
 
+    from voxtral.stages.train.attention import use_attention
     from voxtral.stages.train.loop import _forward, _to_device
     from voxtral.stages.train.loss import stream_weights
     from voxtral.stages.train.optim import (
@@ -157,14 +175,19 @@ def main(argv=None) -> dict:
 
     model, layout = build(args, cfg, device)
     tc.check_layout(layout.group_len)
+    kernel = use_attention(model, tc.attention, device.type)
     n_params = sum(p.numel() for p in model.parameters())
     flops_tok = flops_per_token(model.config, matmul_params(model), seq_len)
+    ds_config = deepspeed_config(tc, 1, device.type == "cuda")
+    ds_config["bf16"]["enabled"] = args.bf16  # CPU too, to run the GPU's precision path
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=build_optimizer(model, tc, device.type == "cuda"),
         lr_scheduler=lambda opt: build_lr_scheduler(opt, tc),
-        config=deepspeed_config(tc, 1, device.type == "cuda"),
+        config=ds_config,
     )
+    if tc.compile:
+        engine.compile()
     weights = stream_weights(tc).to(device)
     data = batches(layout, seq_len, micro, split=not args.no_split)
 
@@ -199,13 +222,23 @@ def main(argv=None) -> dict:
         if device.type == "cuda"
         else None,
         "model": args.model,
-        "grad_checkpointing": bool(args.grad_ckpt) or cfg.model.gradient_checkpointing,
+        "layers": model.config.num_hidden_layers,
+        "attention": kernel,
+        "compile": tc.compile,
+        "bf16": args.bf16,
+        "grad_checkpointing": cfg.model.gradient_checkpointing,
         "split_packing": not args.no_split,
         "step_time_s": round(dt / args.steps, 4),
         "peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
         if device.type == "cuda"
         else None,
     }
+    if args.check_precision:
+        from bench.precision import check
+        from voxtral.model import load_text_tokenizer, resolve_base
+
+        tokenizer = load_text_tokenizer(resolve_base(cfg.model))  # saved beside the weights
+        out.update(check(engine, layout, tokenizer))
     print(json.dumps(out), flush=True)
     return out
 

@@ -39,9 +39,16 @@ def sets(*overrides: str) -> list[str]:
 
 def uv_run(*args: str, env: dict[str, str], timeout: float) -> str:
     """``uv run ARGS`` from the repository root; its output, or a failure that shows it."""
+    return run_command([UV, "run", *args], env=env, timeout=timeout)
+
+
+def run_command(argv: list[str], env: dict[str, str], timeout: float) -> str:
+    """``argv`` from the repository root (``bash bench/gpu.sh``, say); its output, or a
+    failure that shows it."""
+    shown = " ".join(["uv" if argv[0] == UV else argv[0], *argv[1:]])
     try:
         out = subprocess.run(
-            [UV, "run", *args],
+            argv,
             cwd=REPO_ROOT,
             env=env,
             capture_output=True,
@@ -50,9 +57,9 @@ def uv_run(*args: str, env: dict[str, str], timeout: float) -> str:
         )
     except subprocess.TimeoutExpired as exc:
         tail = (exc.stdout or b"")[-3000:], (exc.stderr or b"")[-3000:]
-        pytest.fail(f"uv run {' '.join(args)}: no exit after {timeout} s\n{tail}")
+        pytest.fail(f"{shown}: no exit after {timeout} s\n{tail}")
     log = out.stdout + out.stderr
-    assert out.returncode == 0, f"uv run {' '.join(args)} exited {out.returncode}\n{log[-5000:]}"
+    assert out.returncode == 0, f"{shown} exited {out.returncode}\n{log[-5000:]}"
     return log
 
 

@@ -6,6 +6,7 @@ documented.
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import signal
 import subprocess
@@ -17,6 +18,7 @@ from tests.commands import (
     UV,
     json_line,
     kill_head,
+    run_command,
     sets,
     start_head,
     user_env,
@@ -145,6 +147,60 @@ def test_bench_quick_prints_its_json_line(name):
     assert not missing, (missing, figures)
     for key in BENCH_KEYS[name] - {"codec", "mfu"}:
         assert isinstance(figures[key], int | float) and figures[key] >= 0, (key, figures)
+
+
+# -- the lent-GPU script, rehearsed on CPU -----------------------------------------------------
+GPU_FIGURES = {  # issue 14's figures, each line's keys (null when skipped)
+    "tokenizer": {"codec", "encode_xrt"},
+    "precision": {"zero_stage", "master_dtype", "module_dtype", "export_round_trip"},
+    "preprocess": {"efficiency", "codec_xrt"},
+    "serve": {"first_audio_ms_p50", "sessions_at_rtf_0.5"},
+    "train": {"model", "zero_stage", "attention", "mfu", "tokens_per_s_per_worker"},
+    "run": {"wall_s", "errors", "skipped"},
+}
+
+
+@pytest.mark.timeout(1500)
+def test_gpu_script_dry_run_prints_every_figure():
+    """``bash bench/gpu.sh --dry-run``: every step of the GPU run, on CPU with tiny shapes.
+    One JSON line per figure with its keys; no step fails; the bf16 path keeps fp32 masters
+    and its export round-trips; every attention kernel of the matrix has its line (those
+    that cannot train on CPU say why), on ZeRO-2 and -3, and so do checkpointing and compile."""
+    out = run_command(["bash", "bench/gpu.sh", "--dry-run"], env=user_env(), timeout=1400)
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    by_figure: dict[str, list[dict]] = {}
+    for line in lines:
+        missing = GPU_FIGURES[line["figure"]] - set(line)
+        assert not missing, (missing, line)
+        by_figure.setdefault(line["figure"], []).append(line)
+    assert set(by_figure) == set(GPU_FIGURES), sorted(by_figure)
+    run = by_figure["run"][0]
+    assert run["errors"] == 0, [x for x in lines if "error" in x]
+    assert {(x["codec"], x["encode_xrt"] > 0) for x in by_figure["tokenizer"]} == {
+        ("encodec", True),
+        ("mimi", True),
+    }
+    precision = {x["zero_stage"]: x for x in by_figure["precision"]}
+    assert set(precision) == {2, 3}
+    for x in precision.values():
+        assert (x["module_dtype"], x["master_dtype"]) == ("bfloat16", "float32"), x
+        assert x["module_is_rounded_master"] is True and x["export_round_trip"] is True, x
+    assert by_figure["preprocess"][0]["efficiency"] > 0
+    assert by_figure["serve"][0]["first_audio_ms_p50"] > 0
+    assert by_figure["serve"][0]["sessions_at_rtf_0.5"] >= 0
+    matrix = {(x["zero_stage"], x["attention"]): x for x in by_figure["train"][:6]}
+    assert set(matrix) == {(z, a) for z in (2, 3) for a in ("sdpa", "flex", "flash_varlen")}
+    for (_, attention), x in matrix.items():
+        if attention == "sdpa":
+            assert x["tokens_per_s_per_worker"] > 0 and x["mfu"] is None, x  # no MFU on CPU
+        else:
+            assert x["tokens_per_s_per_worker"] is None and "CUDA" in x["skipped"], x
+    extras = by_figure["train"][6:]
+    assert [(x["grad_checkpointing"], x["compile"]) for x in extras] == [
+        (True, False),
+        (False, True),
+    ]
+    assert all(x["tokens_per_s_per_worker"] > 0 for x in extras), extras
 
 
 def test_quick_inner_loop_leaves_out_the_slow_tests():

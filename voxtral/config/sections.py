@@ -175,6 +175,13 @@ class TrainConfig(Section):
     """Tokens per packed sequence: ``1 + k * group_len`` (``<bos>`` + whole groups)."""
     micro_batch: int = Field(1, ge=1)
     """Packed sequences per worker per forward pass."""
+    attention: Literal["auto", "sdpa", "flex", "flash_varlen"] = "auto"
+    """Attention kernel over the packed windows (:mod:`voxtral.stages.train.attention`):
+    ``sdpa`` (dense block-diagonal mask, CPU and GPU), ``flex`` (FlexAttention document
+    mask, GPU), ``flash_varlen`` (flash-attn varlen, GPU + the flash-attn package); ``auto``
+    picks ``flash_varlen`` if installed, else ``flex``, on GPU and ``sdpa`` on CPU."""
+    compile: bool = False
+    """``torch.compile`` the model (DeepSpeed's ``engine.compile``): the first steps compile."""
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(1e-4, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
@@ -233,6 +240,11 @@ class TrainConfig(Section):
     def _consistent(self) -> TrainConfig:
         if self.offload_params and self.zero_stage != 3:
             raise ValueError("train.offload_params needs train.zero_stage=3")
+        if self.attention in ("flex", "flash_varlen") and not self.use_gpu:
+            raise ValueError(
+                f"train.attention={self.attention} needs train.use_gpu=true (no CPU backward); "
+                "use sdpa or auto on CPU"
+            )
         if not any(
             (
                 self.loss_weight_text,

@@ -10,13 +10,15 @@ dropped because its chunk is longer than ``seq_len``.
 a window that does not fit the rest of a row is cut at a group boundary and continues,
 with its own ``<bos>``, in the next row (see :func:`pack`), so rows are nearly full.
 Each window gets its own position ids starting at 0, and the model is called with
-``attention_mask=None`` and ``use_cache=False``: transformers then reads the position
-resets as document boundaries and builds a block-diagonal causal mask, so no token attends
-across chunks or windows, and RoPE sees the same positions as at inference. The target of
-each window's last token is ignored (the next id belongs to another window), and so is the
-padding. Packing rather than one window per row matters because chunk lengths vary (10–30 s
-against ~24 s windows): the tail of one chunk fills the rest of a row instead of padding.
-A row holding a single window keeps the plain causal path (flash kernels on GPU).
+``attention_mask=None`` and ``use_cache=False``: the position resets are the document
+boundaries, which the attention kernel turns into a block-diagonal causal mask, a
+FlexAttention document mask or flash-attn varlen boundaries
+(:mod:`voxtral.stages.train.attention`), so no token attends across chunks or windows, and
+RoPE sees the same positions as at inference. The target of each window's last token is
+ignored (the next id belongs to another window), and so is the padding. Packing rather than
+one window per row matters because chunk lengths vary (10–30 s against ~24 s windows): the
+tail of one chunk fills the rest of a row instead of padding. A row holding a single window
+keeps the plain causal path (flash kernels on GPU).
 
 **Targets and streams.** ``labels[t]`` is the id at ``t + 1`` (already shifted) and
 ``streams[t]`` its stream: text, ``<text_pad>``, first codebook, other codebooks (-1 =

@@ -35,6 +35,7 @@ import torch
 from voxtral.config import Config
 from voxtral.metrics import Metric, Metrics
 from voxtral.model import build_speech_lm
+from voxtral.stages.train.attention import packed_kwargs, use_attention
 from voxtral.stages.train.checkpoint import checkpoint_tag, restore, save, weights_finite
 from voxtral.stages.train.data import Packed, collate, empty_like_batch
 from voxtral.stages.train.dist import all_max, all_reduce, init_deepspeed_distributed
@@ -74,6 +75,7 @@ def _forward(engine, batch: dict[str, torch.Tensor], weights: torch.Tensor):
         position_ids=batch["position_ids"],
         attention_mask=None,  # packed windows: the mask comes from the position resets
         use_cache=False,
+        **packed_kwargs(engine.module, batch["position_ids"]),  # flash-attn: the windows
     )
     return stream_loss(out.logits, batch["labels"], batch["streams"], weights)
 
@@ -199,6 +201,8 @@ def start_worker(config: dict) -> Worker:
         raise RuntimeError(f"worker layout {layout} differs from the driver's {expected}")
     built_fraction = local_param_count(model) / param_count(model)
     model.config.use_cache = False
+    kernel = use_attention(model, tc.attention, device.type)
+    log.info("attention: %s (train.attention=%s)", kernel, tc.attention)
     flops_tok = flops_per_token(model.config, matmul_params(model), tc.seq_len)
     if tc.use_gpu and tc.zero_stage == 3:  # the partitions sit on the device already
         for buf in model.buffers():
@@ -213,6 +217,8 @@ def start_worker(config: dict) -> Worker:
         lr_scheduler=partial(build_lr_scheduler, cfg=tc),
         config=ds_config,
     )
+    if tc.compile:
+        engine.compile()
     engine.train()  # from_pretrained returns eval mode: no dropout, no checkpointing
     peak = peak_flops(torch.cuda.get_device_name(device), tc.peak_tflops) if tc.use_gpu else None
     return Worker(
