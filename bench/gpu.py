@@ -19,6 +19,7 @@ time prints its line with ``error``; one that cannot run here (FlexAttention's b
 CPU, flash-attn not installed, the time budget spent) prints it with ``skipped``; either
 way its figure keys are there, null, and the run goes on.
 
+``--logs DIR`` keeps each step's log and ``figures.jsonl`` (every line printed) there.
 ``--dry-run`` runs the same steps on CPU with the tiny shapes and the scripts' ``--quick``
 sizes: minutes, the same keys, figures that mean nothing.
 """
@@ -154,31 +155,38 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     start = time.monotonic()
     results: list[dict] = []
-    for i, step in enumerate(plan(args.dry_run)):
-        if only and step.figure not in only:
-            continue
-        limit = DRY_RUN_LIMIT_S if args.dry_run else step.limit_s
-        left = budget - (time.monotonic() - start) if budget else limit
-        if step.skip:
-            lines = [blank(step, skipped=step.skip)]
-        elif left < 20:
-            lines = [blank(step, skipped=f"time budget of {budget:g} s spent")]
-        else:
-            print(f"== {' '.join(step.command)}", file=sys.stderr, flush=True)
-            lines = run_step(step, min(limit, left), log_dir, i)
-        for line in lines:
-            print(json.dumps(line), flush=True)
-        results += lines
-    summary = {
-        "figure": "run",
-        "dry_run": args.dry_run,
-        "wall_s": round(time.monotonic() - start, 1),
-        "lines": len(results),
-        "errors": sum("error" in r for r in results),
-        "skipped": sum("skipped" in r for r in results),
-        "logs": str(log_dir),
-    }
-    print(json.dumps(summary), flush=True)
+    with open(log_dir / "figures.jsonl", "w") as figures:  # the lines again, beside the logs
+
+        def emit(line: dict) -> None:
+            for stream in (sys.stdout, figures):
+                print(json.dumps(line), file=stream, flush=True)
+
+        for i, step in enumerate(plan(args.dry_run)):
+            if only and step.figure not in only:
+                continue
+            limit = DRY_RUN_LIMIT_S if args.dry_run else step.limit_s
+            left = budget - (time.monotonic() - start) if budget else limit
+            if step.skip:
+                lines = [blank(step, skipped=step.skip)]
+            elif left < 20:
+                lines = [blank(step, skipped=f"time budget of {budget:g} s spent")]
+            else:
+                print(f"== {' '.join(step.command)}", file=sys.stderr, flush=True)
+                lines = run_step(step, min(limit, left), log_dir, i)
+            for line in lines:
+                emit(line)
+            results += lines
+        emit(
+            {
+                "figure": "run",
+                "dry_run": args.dry_run,
+                "wall_s": round(time.monotonic() - start, 1),
+                "lines": len(results),
+                "errors": sum("error" in r for r in results),
+                "skipped": sum("skipped" in r for r in results),
+                "logs": str(log_dir),
+            }
+        )
     return results
 
 
