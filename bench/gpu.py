@@ -21,7 +21,8 @@ way its figure keys are there, null, and the run goes on.
 
 ``--logs DIR`` keeps each step's log and ``figures.jsonl`` (every line printed) there.
 ``--dry-run`` runs the same steps on CPU with the tiny shapes and the scripts' ``--quick``
-sizes: minutes, the same keys, figures that mean nothing.
+sizes, two at a time (``--jobs``: most of a tiny step is process start-up): minutes, the
+same keys, figures that mean nothing.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -142,6 +144,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--budget-s", type=float, default=None, help=f"GPU default {GPU_BUDGET_S:g}")
     p.add_argument("--logs", default=None, help="folder for each step's log (default: a temp)")
     p.add_argument("--only", default=None, help="comma-separated figures to run")
+    p.add_argument("--jobs", type=int, default=None, help="steps at once (GPU 1, dry run 2)")
     args = p.parse_args(argv)
     import torch
 
@@ -153,29 +156,36 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"logs: {log_dir}", file=sys.stderr, flush=True)
     only = set(args.only.split(",")) if args.only else None
 
+    jobs = args.jobs or (2 if args.dry_run else 1)
     start = time.monotonic()
     results: list[dict] = []
+
+    def lines_of(index: int, step: Step) -> list[dict]:
+        if step.skip:
+            return [blank(step, skipped=step.skip)]
+        limit = DRY_RUN_LIMIT_S if args.dry_run else step.limit_s
+        if budget:
+            left = budget - (time.monotonic() - start)
+            if left < 20:
+                return [blank(step, skipped=f"time budget of {budget:g} s spent")]
+            limit = min(limit, left)
+        print(f"== {' '.join(step.command)}", file=sys.stderr, flush=True)
+        return run_step(step, limit, log_dir, index)
+
     with open(log_dir / "figures.jsonl", "w") as figures:  # the lines again, beside the logs
 
         def emit(line: dict) -> None:
             for stream in (sys.stdout, figures):
                 print(json.dumps(line), file=stream, flush=True)
 
-        for i, step in enumerate(plan(args.dry_run)):
-            if only and step.figure not in only:
-                continue
-            limit = DRY_RUN_LIMIT_S if args.dry_run else step.limit_s
-            left = budget - (time.monotonic() - start) if budget else limit
-            if step.skip:
-                lines = [blank(step, skipped=step.skip)]
-            elif left < 20:
-                lines = [blank(step, skipped=f"time budget of {budget:g} s spent")]
-            else:
-                print(f"== {' '.join(step.command)}", file=sys.stderr, flush=True)
-                lines = run_step(step, min(limit, left), log_dir, i)
-            for line in lines:
-                emit(line)
-            results += lines
+        steps = [(i, s) for i, s in enumerate(plan(args.dry_run)) if not only or s.figure in only]
+        # One GPU: one step at a time. The CPU rehearsal runs steps side by side (most of a
+        # tiny step is process start-up); either way the lines come in plan order.
+        with ThreadPoolExecutor(jobs) as pool:
+            for lines in pool.map(lambda item: lines_of(*item), steps):
+                for line in lines:
+                    emit(line)
+                results.extend(lines)
         emit(
             {
                 "figure": "run",

@@ -67,10 +67,10 @@ def speech_like(seconds: float, seed: int) -> np.ndarray:
     return np.clip(0.25 * voice * env + noise, -1, 1).astype(np.float32)
 
 
-def make_clips(unique: int, seed: int = 0) -> list[bytes]:
-    """Distinct chunks of 10–30 s (scrape's default bounds), as FLAC."""
+def make_clips(unique: int, seed: int = 0, seconds: tuple[float, float] = (10, 30)) -> list[bytes]:
+    """Distinct chunks as FLAC, their lengths drawn from ``seconds`` (default: scrape's bounds)."""
     rng = np.random.default_rng(seed)
-    durations = rng.uniform(10, 30, size=unique)
+    durations = rng.uniform(*seconds, size=unique)
     return [flac_encode(speech_like(float(d), seed + i), SR) for i, d in enumerate(durations)]
 
 
@@ -148,7 +148,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="smoke run: seconds of work")
     args = p.parse_args()
     if args.quick:
-        args.unique, args.codec_seconds, args.hours = 4, 4.0, args.hours or 0.01
+        args.unique, args.codec_seconds, args.hours = 4, 4.0, args.hours or 0.004
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device here")
@@ -165,7 +165,7 @@ def main() -> None:
         f"preprocess.num_gpus={args.gpus_per_actor if cuda else 0}",
     ]
     cfg = load_config(DEFAULT_CONFIG, overrides, env={})
-    flacs = make_clips(args.unique)
+    flacs = make_clips(args.unique, seconds=(2, 5) if args.quick else (10, 30))
 
     # -- the codec alone, same settings as the actors ------------------------------------
     from voxtral.codec import load_codec

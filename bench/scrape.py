@@ -169,9 +169,11 @@ def main() -> None:
         [f"storage.root={work / 'ray'}", f"scrape.concurrency={args.cores}", *overrides],
         env={},
     )
-    warm = load_config(None, [f"storage.root={work / 'warm'}", *overrides], env={})
-    write_rows(Storage(warm.storage.root), rows_for(server, names[:1] * args.cores, seconds, "w"))
-    run_scrape(warm)  # start the workers and load the models, as a long stage run would
+    if not args.quick:  # start the workers and load the models, as a long stage run would
+        warm = load_config(None, [f"storage.root={work / 'warm'}", *overrides], env={})
+        warm_rows = rows_for(server, names[:1] * args.cores, seconds, "w")
+        write_rows(Storage(warm.storage.root), warm_rows)
+        run_scrape(warm)
     write_rows(Storage(cfg.storage.root), rows_for(server, names, seconds, "v"))
     stage = run_scrape(cfg)
     assert stage["done"] == n_files, stage

@@ -689,7 +689,7 @@ def test_node_removed_mid_scrape_every_chunk_exactly_once(tmp_path, server, medi
     every chunk exactly once, the same chunks a plain sequential loop makes."""
     names = ["mp3_44k_stereo.mp3", "opus48k_mono.ogg", "aac8k_mono.m4a"]
     rows = []
-    for copy in range(4):
+    for copy in range(2):
         for name in names:
             rows.append(
                 {
