@@ -5,8 +5,10 @@ Each stage writes under ``storage.root``:
 - ``index/<batch>.parquet``: one row per video to scrape.
 - ``chunks/<video_id>.parquet``: every chunk of one video in one atomically written file, so
   a video is either fully scraped or absent (never partial).
-- ``tokens/<batch>.parquet``: codec codes and timed text ids per chunk; ``tokens/_codec.json``
-  records the codec that made them (runs before the rename wrote ``tokens/codec.json``).
+- ``tokens/<batch>.parquet``: codec codes and timed text ids per chunk, with the words they
+  were made from, where those came from (``text_source``) and the chunk's language;
+  ``tokens/_codec.json`` records the codec that made them (runs before the rename wrote
+  ``tokens/codec.json``).
 - ``failures/<stage>/<item_id>.parquet``: one row per failed item with its attempt count.
 
 Every one of these folders opens as a Parquet dataset (pyarrow, Ray Data, DuckDB, pandas):
@@ -56,6 +58,21 @@ CHUNKS = pa.schema(
     ]
 )
 
+WORD = pa.struct(
+    [
+        ("word", pa.string()),
+        ("start_s", pa.float32()),  # chunk-relative, like caption words
+        ("end_s", pa.float32()),
+        ("speaker", pa.string()),  # null where the chunk row's words carry no speaker
+    ]
+)
+"""A word of a token row: a caption word or a Whisper word, one structure for both."""
+
+TEXT_SOURCES = ("captions", "asr", "none")
+"""``text_source`` of a token row: caption words; Whisper's words (``asr``, see
+:mod:`voxtral.asr`); ``none``, no words at all (no captions and ``text.source=captions``,
+or Whisper heard no words: then ``language`` is still set)."""
+
 TOKENS = pa.schema(
     [
         ("chunk_id", pa.string()),
@@ -66,6 +83,10 @@ TOKENS = pa.schema(
         ("codes", pa.binary()),  # int16 little-endian, shape (n_q, frames), C order
         ("text_ids", pa.list_(pa.int32())),
         ("text_starts_s", pa.list_(pa.float32())),  # start time of each text id, chunk-relative
+        # The words text_ids were made from, time-ordered, times inside the chunk.
+        ("words", pa.list_(WORD)),
+        ("text_source", pa.string()),  # one of TEXT_SOURCES
+        ("language", pa.string()),  # Whisper's language code ("en") where ASR ran, else null
     ]
 )
 

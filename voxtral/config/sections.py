@@ -158,6 +158,40 @@ class PreprocessConfig(Section):
         return self
 
 
+class TextConfig(Section):
+    """Where each chunk's words (the text stream) come from: captions, speech recognition."""
+
+    source: Literal["captions", "asr", "auto"] = "auto"
+    """``captions``: caption words only (a chunk without them gets no text; ASR never runs);
+    ``asr``: Whisper's words for every chunk; ``auto``: captions where a chunk has caption
+    words, Whisper elsewhere."""
+    asr_model: str = "openai/whisper-large-v3-turbo"
+    """Whisper for ``asr``/``auto``: a Hugging Face id, a local folder, or ``tiny`` (a tiny
+    random Whisper written under the system temporary folder: nonsense words, real mechanics)."""
+    batch_size: int = Field(16, ge=1, le=256)
+    """30 s windows per Whisper call. Every window costs the same (Whisper pads to 30 s),
+    so this is bounded by memory only: ~1 GB per 16 windows for large-v3-turbo in bf16."""
+    max_new_tokens: int = Field(224, ge=1, le=440)
+    """Text tokens per 30 s window: Whisper's own cap is 224 (448 positions in all, minus
+    the prompt); lower it for a random model, which never ends on its own."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """``auto``: bfloat16 on GPU, float32 on CPU."""
+    num_gpus: float = Field(0.0, ge=0)
+    """GPUs per ASR actor; 0 runs Whisper on CPU. Fractional shares a GPU with the codec
+    actors (e.g. 0.5 each)."""
+    num_cpus: float = Field(1.0, gt=0)
+    """CPUs reserved per ASR actor; on CPU also its torch threads (rounded, at least 1)."""
+    min_actors: int = Field(1, ge=1)
+    max_actors: int = Field(1, ge=1)
+    """ASR actors (each holds Whisper once): the pool grows with the backlog."""
+
+    @model_validator(mode="after")
+    def _actors(self) -> TextConfig:
+        if self.min_actors > self.max_actors:
+            raise ValueError("text.min_actors must be <= text.max_actors")
+        return self
+
+
 class TrainConfig(Section):
     run_name: str = Field("voxtral", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     """Names the Ray Train run (checkpoints under ``storage.root/train/<run_name>``) and the
@@ -420,6 +454,7 @@ class Config(Section):
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    text: TextConfig = Field(default_factory=TextConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
 
