@@ -260,9 +260,17 @@ def test_text_ids_in_base_vocab_and_time_ordered(corpus, cfg, text_tokenizer):
     for r in token_rows(storage):
         ids, starts = r["text_ids"], r["text_starts_s"]
         assert len(ids) == len(starts)
-        words = captions[r["chunk_id"]] or []
+        # text.source=auto: the caption words where the chunk has them, else Whisper's
+        words = r["words"]
+        if captions[r["chunk_id"]]:
+            assert r["text_source"] == "captions" and r["language"] is None
+            assert [w["word"] for w in words] == [
+                w["word"] for w in sorted(captions[r["chunk_id"]], key=lambda w: w["start_s"])
+            ]
+        else:
+            assert r["text_source"] in ("asr", "none") and r["language"]
         if not words:
-            assert ids == []
+            assert ids == [] and r["text_source"] == "none"
             continue
         with_text += 1
         assert all(0 <= i < vocab for i in ids)

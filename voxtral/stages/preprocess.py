@@ -334,8 +334,15 @@ class ChunkTranscriber:
                 if words is not None
             )
             METRICS.record("asr_seconds", seconds)
-            rows.append({**out, "pcm": pcm})
-        return pa.Table.from_pylist(rows, schema=TRANSCRIBED)
+            rows.append(out)
+        return with_pcm(rows, table["pcm"])
+
+
+def with_pcm(rows: list[dict], pcm: pa.ChunkedArray) -> pa.Table:
+    """TRANSCRIBED rows (all but ``pcm``) + the batches' ``pcm`` column, passed on uncopied."""
+    meta = TRANSCRIBED.remove(TRANSCRIBED.get_field_index("pcm"))
+    table = pa.Table.from_pylist(rows, schema=meta).append_column("pcm", pcm)
+    return table.select(TRANSCRIBED.names).cast(TRANSCRIBED)
 
 
 class ChunkEncoder:
