@@ -20,7 +20,8 @@ tests compare a batch of mixed lengths with one-by-one). A chunk longer than 30 
 30 s windows, transcribed as separate items and joined with their offsets.
 
 **Times.** DTW gives each token the encoder frame (20 ms) where the text "jumps" to it; a
-word starts at its first token's time and ends at the next token's. :func:`repair_times`
+word starts at its first token's time and ends at the next token's (the first token's time
+is where the DTW path starts, 0 s: transformers' estimate, as OpenAI's). :func:`repair_times`
 then guarantees what consumers rely on: every time inside ``[0, duration]``, starts and ends
 non-decreasing, each word's end at or after its start.
 """
