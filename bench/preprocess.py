@@ -163,6 +163,7 @@ def main() -> None:
         f"preprocess.min_actors={args.actors}",
         f"preprocess.max_actors={args.actors}",
         f"preprocess.num_gpus={args.gpus_per_actor if cuda else 0}",
+        "text.source=captions",  # the codec path alone: bench/asr.py measures Whisper
     ]
     cfg = load_config(DEFAULT_CONFIG, overrides, env={})
     flacs = make_clips(args.unique, seconds=(2, 5) if args.quick else (10, 30))
