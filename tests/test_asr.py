@@ -193,25 +193,6 @@ def test_windows_cover_the_chunk():
     ]
 
 
-def test_which_chunks_need_asr_and_whose_words_count():
-    cap = [{"word": "hi", "start_s": 0.5, "end_s": 0.8}]
-    assert preprocess.needs_asr(None, "auto") and preprocess.needs_asr([], "auto")
-    assert preprocess.needs_asr([{"word": " ", "start_s": 0, "end_s": 1}], "auto")
-    assert not preprocess.needs_asr(cap, "auto") and preprocess.needs_asr(cap, "asr")
-    assert not preprocess.needs_asr(None, "captions")
-    heard = [{"word": "yo", "start_s": 0.1, "end_s": 0.2}]
-    assert preprocess.choose_words(cap, None) == (
-        [{**cap[0], "speaker": None}],
-        "captions",
-    )
-    assert preprocess.choose_words(cap, heard)[1] == "asr"
-    assert preprocess.choose_words(None, []) == ([], "none")
-    assert preprocess.choose_words(None, None) == ([], "none")
-    # chunk rows from diarisation carry a speaker: it is kept, as text
-    (w,) = preprocess.as_words([{**cap[0], "speaker": 1}])
-    assert w["speaker"] == "1"
-
-
 # -- through the preprocess stage ----------------------------------------------------------
 def chunk_rows(video_id: str, lengths_s: list[float], captioned: set[int]) -> list[dict]:
     rows = []

@@ -1,0 +1,218 @@
+"""The preprocess plan on Ray Data, and its summary (see the package docstring)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.dataset as pds
+import ray
+
+from voxtral import failures, schema
+from voxtral.codec import CodecInfo, codec_info, ensure_codec_record
+from voxtral.config import Config, PreprocessConfig, TextConfig
+from voxtral.ray_utils import read_parquet
+from voxtral.schema import TOKENS_DIR
+from voxtral.stages import report
+from voxtral.stages.preprocess.steps import (
+    PERMANENT_REASONS,
+    STAGE,
+    ChunkEncoder,
+    decode_batch,
+    write_batch,
+)
+from voxtral.stages.preprocess.transcribe import ChunkTranscriber
+from voxtral.storage import Storage
+
+log = logging.getLogger(__name__)
+
+
+def done_chunk_ids(storage: Storage) -> set[str]:
+    """Chunk ids that already have token rows."""
+    table = storage.read_table(TOKENS_DIR, columns=["chunk_id"])
+    return set() if table is None else set(table["chunk_id"].to_pylist())
+
+
+def pending_chunks(storage: Storage, skip: set[str]) -> tuple[list[str], frozenset[str], int]:
+    """(chunk files holding pending chunks, skipped ids inside those files, pending count).
+
+    Reads only the ``chunk_id`` column, so a rerun over a finished corpus reads no audio.
+    """
+    files = storage.parquet_files("chunks")
+    if not files:
+        return [], frozenset(), 0
+    ids = pds.dataset(files, format="parquet", filesystem=storage.fs).to_table(
+        columns=["chunk_id", "__filename"]
+    )
+    pending: set[str] = set()
+    skipped_by_file: dict[str, list[str]] = {}
+    count = 0
+    for cid, path in zip(ids["chunk_id"].to_pylist(), ids["__filename"].to_pylist(), strict=True):
+        if cid in skip:
+            skipped_by_file.setdefault(path, []).append(cid)
+        else:
+            pending.add(path)
+            count += 1
+    inner_skip = frozenset(c for p in pending for c in skipped_by_file.get(p, ()))
+    return sorted(pending), inner_skip, count
+
+
+def decode_task_memory(window: int, max_chunk_s: float, sample_rate: int) -> int:
+    """Bytes a decode task may hold at once: its window as FLAC, as PCM and packed (at most
+    2 bytes a sample each, plus float32 for one chunk), and a worker's imports."""
+    samples = max_chunk_s * sample_rate
+    return int(window * samples * 6 + samples * 8 + (768 << 20))
+
+
+def run_preprocess(cfg: Config) -> dict[str, Any]:
+    """Encode every chunk not yet in ``tokens/`` on the connected Ray; return the summary."""
+    t0, t0_unix = time.perf_counter(), time.time()
+    pre = cfg.preprocess
+    storage = Storage(cfg.storage.root)
+    info = codec_info(cfg.codec)
+    ensure_codec_record(storage, cfg.codec)
+    done = done_chunk_ids(storage)
+    failed = failures.read_failures(storage, STAGE)
+    exhausted = failures.given_up(failed, pre.max_attempts, PERMANENT_REASONS) - done
+    files, inner_skip, n_pending = pending_chunks(storage, done | exhausted)
+
+    stats: list[pa.Table] = []
+    if files:
+        _warn_if_no_gpus(pre, cfg.text)
+        ds = read_parquet(files, storage.fs, ["chunk_id", "video_id", "audio", "captions"])
+        ds = ds.map_batches(
+            decode_batch,
+            batch_size=pre.sort_window,
+            batch_format="pyarrow",
+            fn_kwargs={
+                "sample_rate": info.sample_rate,
+                "hop": info.hop,
+                "batch_size": pre.batch_size,
+                "max_pad": pre.max_pad,
+                "skip": inner_skip,
+            },
+            num_cpus=1,
+            # Declared so Ray packs no more decode tasks on a node than its memory holds.
+            # It also keeps decoding in CPU tasks: Ray Data would otherwise fuse it into the
+            # codec actors, where it would stall the GPU.
+            memory=decode_task_memory(pre.sort_window, cfg.scrape.max_chunk_s, info.sample_rate),
+        )
+        if cfg.text.source != "captions":
+            ds = ds.map_batches(
+                ChunkTranscriber,
+                fn_constructor_kwargs={"text": cfg.text, "sample_rate": info.sample_rate},
+                batch_size=1,  # one packed batch per call, as the codec actors take them
+                batch_format="pyarrow",
+                compute=ray.data.ActorPoolStrategy(
+                    min_size=cfg.text.min_actors, max_size=cfg.text.max_actors
+                ),
+                num_gpus=cfg.text.num_gpus,
+                num_cpus=cfg.text.num_cpus,
+            )
+        ds = ds.map_batches(
+            ChunkEncoder,
+            fn_constructor_kwargs={"codec_cfg": cfg.codec, "pre": pre},
+            batch_size=1,  # one packed codec batch per call
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(min_size=pre.min_actors, max_size=pre.max_actors),
+            num_gpus=pre.num_gpus,
+            num_cpus=pre.num_cpus,
+        )
+        ds = ds.map_batches(
+            write_batch,
+            batch_size=pre.write_rows,
+            batch_format="pyarrow",
+            fn_kwargs={
+                "root": storage.root_uri,
+                "base": cfg.model.base,
+                "failed_before": frozenset(r["item_id"] for r in failed),
+            },
+        )
+        stats = list(ds.iter_batches(batch_format="pyarrow", batch_size=None))
+
+    summary = summarize(stats, time.perf_counter() - t0, t0_unix, info)
+    summary.update(already_done=len(done), skipped_failed=len(exhausted), pending=n_pending)
+    return summary
+
+
+def _warn_if_no_gpus(pre: PreprocessConfig, text: TextConfig) -> None:
+    if ray.cluster_resources().get("GPU"):
+        return
+    if pre.num_gpus > 0:
+        log.warning(
+            "preprocess.num_gpus=%s but the cluster has no GPU now; the codec actors wait "
+            "for one (set preprocess.num_gpus=0 to encode on CPU)",
+            pre.num_gpus,
+        )
+    if text.source != "captions" and text.num_gpus > 0:
+        log.warning(
+            "text.num_gpus=%s but the cluster has no GPU now; the ASR actors wait for one "
+            "(set text.num_gpus=0 to transcribe on CPU)",
+            text.num_gpus,
+        )
+
+
+def summarize(
+    stats: Sequence[pa.Table], wall_s: float, t0_unix: float, info: CodecInfo
+) -> dict[str, Any]:
+    """The writers' outcome rows → counts, audio hours and x-realtime of this run.
+
+    ``first_codes_s`` is the start-up (planning, workers, codec load, first window);
+    ``steady_xrt`` the rate from the first codes on, what a long run tends to."""
+    rows = [r for t in stats for r in t.to_pylist()]
+    ok = [r for r in rows if r["reason"] is None]
+    reasons = Counter(r["reason"] for r in rows if r["reason"] is not None)
+    seconds = sum(r["seconds"] for r in ok)
+    stamps = [r["encoded_at"] for r in ok]
+    first = min(stamps) - t0_unix if stamps else 0.0
+    # rows stamped at the first call were encoded before it: count them out of the rate
+    after_first = sum(r["seconds"] for r in ok if r["encoded_at"] > min(stamps, default=0))
+    span = max(stamps, default=0) - min(stamps, default=0)
+    text_seconds = {k: 0.0 for k in schema.TEXT_SOURCES}
+    for r in ok:
+        text_seconds[r.get("text_source") or "none"] += r["seconds"]
+    return {
+        "stage": STAGE,
+        "codec": info.name,
+        "n_q": info.n_q,
+        "chunks": len(ok),
+        "failures": sum(reasons.values()),
+        "failures_by_reason": dict(sorted(reasons.items())),
+        "audio_hours": seconds / 3600,
+        "wall_s": wall_s,
+        "xrt": seconds / wall_s if wall_s > 0 else 0.0,
+        "first_codes_s": first,
+        "steady_xrt": after_first / span if span > 0 else 0.0,
+        "text_seconds": text_seconds,
+        "text_share": {k: v / seconds if seconds else 0.0 for k, v in text_seconds.items()},
+    }
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    """The summary table printed at the end of the stage."""
+    return report.table(
+        "preprocess summary",
+        [
+            ("codec", f"{s['codec']} (n_q={s['n_q']})"),
+            ("chunks encoded", s["chunks"]),
+            ("already done", s.get("already_done", 0)),
+            ("failures", f"{s['failures']}{report.by_reason(s['failures_by_reason'])}"),
+            ("skipped (max attempts)", s.get("skipped_failed", 0)),
+            ("audio hours", f"{s['audio_hours']:.3f}"),
+            ("wall time (s)", f"{s['wall_s']:.1f}"),
+            ("x-realtime", f"{s['xrt']:.1f}"),
+            ("first codes after (s)", f"{s['first_codes_s']:.1f}"),
+            ("x-realtime after that", f"{s['steady_xrt']:.1f}"),
+            ("words (share of audio)", format_coverage(s.get("text_share", {}))),
+        ],
+    )
+
+
+def format_coverage(share: dict[str, float]) -> str:
+    """``captions 62.0% · asr 30.1% · none 7.9%``: where the words of this run's audio came
+    from."""
+    return " · ".join(f"{k} {100 * share.get(k, 0.0):.1f}%" for k in schema.TEXT_SOURCES)

@@ -1,0 +1,53 @@
+"""A chunk's words: caption words or Whisper's, one structure for both (``schema.WORD``).
+
+Pure functions, no Ray: which chunks need speech recognition under ``text.source``, the
+words a token row is made from and where they came from (``text_source``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def has_words(words: Sequence[dict] | None) -> bool:
+    """Whether a word list holds at least one word that is not blank."""
+    return any((w.get("word") or "").strip() for w in words or () if w)
+
+
+def needs_asr(captions: Sequence[dict] | None, source: str) -> bool:
+    """Whether Whisper runs on a chunk: ``asr`` always, ``auto`` where the chunk has no
+    caption words, ``captions`` never."""
+    return source == "asr" or (source == "auto" and not has_words(captions))
+
+
+def as_words(words: Sequence[dict] | None) -> list[dict]:
+    """Caption or Whisper words → :data:`voxtral.schema.WORD` dicts, time-ordered, blanks
+    dropped; ``speaker`` kept as text where the source has one (chunk rows from before
+    diarisation have none), else null."""
+    out = []
+    for w in words or ():
+        if not w or not (w.get("word") or "").strip():
+            continue
+        speaker = w.get("speaker")
+        out.append(
+            {
+                "word": w["word"].strip(),
+                "start_s": float(w["start_s"]),
+                "end_s": float(w["end_s"] if w.get("end_s") is not None else w["start_s"]),
+                "speaker": None if speaker is None else str(speaker),
+            }
+        )
+    return sorted(out, key=lambda w: w["start_s"])
+
+
+def choose_words(
+    captions: Sequence[dict] | None, asr_words: Sequence[dict] | None
+) -> tuple[list[dict], str]:
+    """A chunk's words and their ``text_source``: Whisper's where it ran on the chunk
+    (``asr_words`` not null: the plan ran it only where ``text.source`` asks), else the
+    captions; ``none`` when the chosen source holds no word."""
+    if asr_words is not None:
+        words = as_words(asr_words)
+        return words, "asr" if words else "none"
+    words = as_words(captions)
+    return words, "captions" if words else "none"
