@@ -66,7 +66,7 @@ def cues_of(vtt: Path) -> list[tuple[float, float]]:
 
 def sample_speech(stem: str, max_s: float | None = None) -> Speech:
     """A sample dialogue, cut in a pause so that it lasts at most ``max_s`` seconds."""
-    path = next(p for p in SAMPLE.glob(f"{stem}.*") if p.suffix != ".vtt")
+    path = next(p for p in SAMPLE.glob(f"{stem}.*") if p.suffix not in (".vtt", ".rttm"))
     audio = np.concatenate(list(decode_stream(str(path), SR)))
     cues = cues_of(SAMPLE / f"{stem}.vtt")
     if max_s is not None:
