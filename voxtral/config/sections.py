@@ -136,6 +136,10 @@ class DiarizeConfig(Section):
     threshold: float = Field(0.1, gt=0, lt=2)
     """Least cosine distance between two speakers' mean embeddings: a split of the voices
     closer than this is one speaker (lower finds more speakers)."""
+    min_speaker_share: float = Field(0.1, ge=0, lt=0.5)
+    """A speaker must hold at least this share of a video's speech windows: a smaller
+    cluster is odd windows of a known voice far more often than a new voice (a guest who
+    says almost nothing is merged into the nearest voice)."""
     min_turn_s: float = Field(0.5, ge=0)
     """A speaker change shorter than this inside continuous speech is label flicker."""
     bridge_s: float = Field(0.3, ge=0)
