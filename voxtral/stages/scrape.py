@@ -8,6 +8,13 @@ Parquet file that is moved into place only when the whole video succeeded. So me
 bounded by a few minutes of audio whatever the video's length, and a task killed halfway
 leaves nothing.
 
+The same stream is diarised on the way (``voxtral.diarize``, reusing the VAD's decisions):
+each chunk row gets its speaker turns and each caption word its speaker, with ids that hold
+across the video's chunks. The clustering can only run once the whole video has been
+heard, so the rows are streamed out first and the temporary file is then rewritten a row
+group at a time with the turns (:func:`attach_speakers`). A stereo source whose channels
+carry different speakers is split by channel and keeps both channels in its chunks.
+
 A failure is a ``failures/scrape`` row with a reason, never a crashed job; a rerun skips
 finished videos and retries failed ones until ``scrape.max_attempts``. The attempt is
 counted before the work starts, so a task killed on the way (out of memory, a lost node)
