@@ -51,7 +51,12 @@ class Speech:
 
     @property
     def speech_s(self) -> float:
-        return sum(b - a for a, b in self.cues)
+        """Seconds with someone speaking (cues of two speakers may overlap: their union)."""
+        total, end = 0.0, float("-inf")
+        for a, b in sorted(self.cues):
+            total += max(0.0, b - max(a, end))
+            end = max(end, b)
+        return total
 
 
 def cues_of(vtt: Path) -> list[tuple[float, float]]:
