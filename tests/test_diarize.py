@@ -24,6 +24,7 @@ from voxtral.diarize import (
     cluster,
     der,
     diarize_file,
+    diarize_waveform,
     is_channel_split,
     read_rttm,
     speaker_of,
@@ -188,6 +189,9 @@ def test_silence_one_speaker_and_very_short_audio(tmp_path):
     assert short.speakers == 1 and short.turns and short.turns[0].end_s <= 1.3
     tiny = diarize_file(str(_wav(tmp_path / "tiny.wav", parts[0][:1600])), cfg)
     assert tiny.speakers <= 1
+    # the same voice in memory, in stereo with both channels alike: not split, one speaker
+    both = diarize_waveform(np.stack([alone, alone]), 16000, cfg)
+    assert (both.method, both.speakers) == ("embeddings", 1)
 
 
 def test_pyannote_without_the_package_is_a_clear_config_error():
@@ -225,3 +229,30 @@ def test_decode_stream_keeps_two_channels_on_request(tmp_path):
         assert c.streams.audio[0].channels == 2
     plain = np.concatenate(list(decode_stream(str(path), 16000)))
     np.testing.assert_allclose(plain, (left + right) / 2, atol=1e-3)
+
+
+def test_a_failed_diarisation_keeps_the_chunks_and_says_so(tmp_path, monkeypatch):
+    import voxtral.stages.scrape as scrape
+
+    class Broken:
+        def __init__(self, *args, **kwargs):
+            raise RuntimeError("no voice encoder here")
+
+    monkeypatch.setattr(scrape, "StreamingDiarizer", Broken)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    shutil.copy(audio_of("debat_fr"), corpus / audio_of("debat_fr").name)
+    cfg = load_config(None, [f"storage.root={tmp_path / 'run'}", f"index.local_dir={corpus}",
+                             "index.source=local", "scrape.min_chunk_s=5",
+                             "scrape.max_chunk_s=12"], env={})  # fmt: skip
+    (row,) = index_local(cfg.index)
+    out = scrape_video(row, cfg)
+    assert out["status"] == "done" and out["chunks"] >= 3
+    assert out["diarization"] == "failed" and "no voice encoder" in out["diarize_error"]
+    rows = Storage(cfg.storage.root).read_table(chunks_rel(row["video_id"])).to_pylist()
+    assert len(rows) == out["chunks"]
+    assert all(r["diarization"] == "failed" and r["turns"] == [] for r in rows)
+    summary = scrape.summarize([out], 1.0, {})
+    assert summary["diarize_failed"] == 1 and "diarisation failed" in scrape.format_summary(
+        {**summary, "index_videos": 1, "done_before": 0, "out_of_attempts": 0}
+    )

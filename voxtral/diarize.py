@@ -575,18 +575,37 @@ class StreamingDiarizer:
 def diarize_file(
     path: str, cfg: DiarizeConfig, vad_threshold: float = 0.5, vad_rate: int = 16000
 ) -> Diarization:
-    """Diarise a media file as the scrape does (stream-decoded, silero VAD), e.g. for
-    benchmarks; ``diarize.method=pyannote`` runs pyannote.audio's pipeline on it instead."""
+    """Diarise a media file as the scrape does (stream-decoded in bounded memory, silero
+    VAD), e.g. for benchmarks; ``diarize.method=pyannote`` runs pyannote.audio's pipeline
+    on it instead."""
     if cfg.method == "pyannote":
         return _pyannote_file(path, cfg)
     from voxtral.media import decode_stream
+
+    blocks = decode_stream(path, ENCODER_RATE, stereo=cfg.channel_split)
+    return _diarize_blocks(blocks, ENCODER_RATE, cfg, vad_threshold, vad_rate)
+
+
+def diarize_waveform(
+    wav: np.ndarray, sr: int, cfg: DiarizeConfig, vad_threshold: float = 0.5
+) -> Diarization:
+    """Diarise audio already in memory: ``[T]`` mono or ``[2, T]`` stereo float at ``sr``
+    (the resemblyzer method only)."""
+    wav = np.asarray(wav, np.float32)
+    step = 5 * sr
+    blocks = (wav[..., i : i + step] for i in range(0, wav.shape[-1], step))
+    return _diarize_blocks(blocks, sr, cfg, vad_threshold, 16000)
+
+
+def _diarize_blocks(
+    blocks: Iterable[np.ndarray], rate: int, cfg: DiarizeConfig, vad_threshold: float, vad_rate: int
+) -> Diarization:
     from voxtral.vad import BatchedVAD
 
-    rate = 16000
     d = StreamingDiarizer(cfg, rate, vad_threshold)
     vad = BatchedVAD(vad_rate)
     to_vad = StreamResampler(rate, vad_rate)
-    for block in decode_stream(path, rate, stereo=cfg.channel_split):
+    for block in blocks:
         if not block.shape[-1]:
             continue
         d.push_audio(block)
