@@ -51,7 +51,12 @@ class Speech:
 
     @property
     def speech_s(self) -> float:
-        return sum(b - a for a, b in self.cues)
+        """Seconds with someone speaking (cues of two speakers may overlap: their union)."""
+        total, end = 0.0, float("-inf")
+        for a, b in sorted(self.cues):
+            total += max(0.0, b - max(a, end))
+            end = max(end, b)
+        return total
 
 
 def cues_of(vtt: Path) -> list[tuple[float, float]]:
@@ -66,7 +71,7 @@ def cues_of(vtt: Path) -> list[tuple[float, float]]:
 
 def sample_speech(stem: str, max_s: float | None = None) -> Speech:
     """A sample dialogue, cut in a pause so that it lasts at most ``max_s`` seconds."""
-    path = next(p for p in SAMPLE.glob(f"{stem}.*") if p.suffix != ".vtt")
+    path = next(p for p in SAMPLE.glob(f"{stem}.*") if p.suffix not in (".vtt", ".rttm"))
     audio = np.concatenate(list(decode_stream(str(path), SR)))
     cues = cues_of(SAMPLE / f"{stem}.vtt")
     if max_s is not None:

@@ -94,15 +94,17 @@ def prepare(wav: np.ndarray | torch.Tensor, sr: int, target_sr: int) -> torch.Te
 
 
 def flac_encode(wav: np.ndarray | torch.Tensor, sr: int) -> bytes:
-    """Mono float audio → FLAC bytes (16-bit)."""
+    """Float audio, ``[T]`` mono or ``[C, T]``, → FLAC bytes (16-bit)."""
     buf = io.BytesIO()
     data = np.clip(np.asarray(wav, dtype=np.float32), -1.0, 1.0)
+    if data.ndim == 2:
+        data = data.T
     sf.write(buf, data, sr, format="FLAC", subtype="PCM_16")
     return buf.getvalue()
 
 
 def flac_decode(data: bytes) -> tuple[np.ndarray, int]:
-    """FLAC bytes → (mono float32 samples, sample rate)."""
+    """FLAC bytes → (mono float32 samples, sample rate); channels are averaged."""
     try:
         wav, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
     except Exception as exc:  # soundfile raises several types for corrupt data

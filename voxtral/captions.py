@@ -112,15 +112,17 @@ class CaptionIndex:
         return len(self.words)
 
     def within(self, start_s: float, end_s: float) -> list[dict]:
-        """Words whose midpoint lies in ``[start_s, end_s)``, timed relative to ``start_s``."""
+        """Words whose midpoint lies in ``[start_s, end_s)``, timed relative to ``start_s``, in
+        order of their start (two speakers' words may overlap: the midpoints' order differs)."""
         lo = bisect.bisect_left(self._mids, start_s)
         hi = bisect.bisect_left(self._mids, end_s)
         dur = end_s - start_s
+        inside = sorted(self.words[lo:hi], key=lambda w: (w.start_s, w.end_s))  # as spoken
         return [
             {
                 "word": w.word,
                 "start_s": round(min(max(0.0, w.start_s - start_s), dur), 3),
                 "end_s": round(min(max(0.0, w.end_s - start_s), dur), 3),
             }
-            for w in self.words[lo:hi]
+            for w in inside
         ]

@@ -149,7 +149,8 @@ class ChunkPlanner:
 class SampleWindow:
     """The decoded stream from the earliest sample a future chunk may use, as blocks: the
     caller drops what the planner has passed (:attr:`ChunkPlanner.pos`), so memory holds at
-    most one chunk's span plus a block."""
+    most one chunk's span plus a block. Blocks are ``[n]`` or ``[channels, n]`` (all alike):
+    samples run along the last axis."""
 
     def __init__(self) -> None:
         self.blocks: deque[np.ndarray] = deque()
@@ -158,19 +159,20 @@ class SampleWindow:
 
     def append(self, x: np.ndarray) -> None:
         self.blocks.append(x)
-        self.end += len(x)
+        self.end += x.shape[-1]
 
     def drop_before(self, i: int) -> None:
-        while self.blocks and self.start + len(self.blocks[0]) <= i:
-            self.start += len(self.blocks.popleft())
+        while self.blocks and self.start + self.blocks[0].shape[-1] <= i:
+            self.start += self.blocks.popleft().shape[-1]
 
     def slice(self, a: int, b: int) -> np.ndarray:
         out, pos = [], self.start
         for blk in self.blocks:
-            lo, hi = max(a, pos), min(b, pos + len(blk))
+            n = blk.shape[-1]
+            lo, hi = max(a, pos), min(b, pos + n)
             if lo < hi:
-                out.append(blk[lo - pos : hi - pos])
-            pos += len(blk)
+                out.append(blk[..., lo - pos : hi - pos])
+            pos += n
             if pos >= b:
                 break
-        return np.concatenate(out) if out else np.zeros(0, np.float32)
+        return np.concatenate(out, axis=-1) if out else np.zeros(0, np.float32)

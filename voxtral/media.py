@@ -66,11 +66,17 @@ class _MonoMixer:
         self.parts.append(views)
         self.samples += n
 
+    def _planes(self) -> list[np.ndarray]:
+        if self.planar:
+            return [np.concatenate([p[c] for p in self.parts]) for c in range(self.channels)]
+        inter = np.concatenate([p[0] for p in self.parts]).reshape(-1, self.channels)
+        return [inter[:, c] for c in range(self.channels)]
+
     def take(self) -> np.ndarray:
         if not self.parts:
             return _EMPTY
         if self.planar:
-            planes = [np.concatenate([p[c] for p in self.parts]) for c in range(self.channels)]
+            planes = self._planes()
             mono = _to_float(planes[0], self.name)
             for plane in planes[1:]:
                 mono = mono + _to_float(plane, self.name)
@@ -81,6 +87,15 @@ class _MonoMixer:
             mono *= np.float32(1.0 / self.channels)
         self.parts, self.samples = [], 0
         return np.ascontiguousarray(mono, dtype=np.float32)
+
+    def take_stereo(self) -> tuple[np.ndarray, np.ndarray]:
+        """(left, right) of a two-channel stream; any other layout gives its mono mix twice."""
+        if self.channels != 2 or not self.parts:
+            mono = self.take()
+            return mono, mono
+        left, right = (np.ascontiguousarray(_to_float(p, self.name)) for p in self._planes())
+        self.parts, self.samples = [], 0
+        return left, right
 
 
 @dataclass
@@ -108,12 +123,44 @@ def _looks_like_text(path: str) -> bool:
     return all(c >= 32 or c in b"\t\r\n\f" for c in head)
 
 
+class _Out:
+    """The resampling end of :func:`decode_stream`: one stream resampler per output channel
+    (one for mono; left and right with ``stereo``), fed a block at a time."""
+
+    def __init__(self, rate: int, target_sr: int, stereo: bool):
+        self.rate, self.stereo = rate, stereo
+        self.rs = [StreamResampler(rate, target_sr) for _ in range(2 if stereo else 1)]
+
+    def push(self, mixer: _MonoMixer) -> np.ndarray:
+        if not self.stereo:
+            return self.rs[0].push(mixer.take())
+        return _pair(rs.push(x) for rs, x in zip(self.rs, mixer.take_stereo(), strict=True))
+
+    def flush(self) -> np.ndarray:
+        if not self.stereo:
+            return self.rs[0].flush()
+        return _pair(rs.flush() for rs in self.rs)
+
+
+def _pair(parts) -> np.ndarray:
+    left, right = parts
+    n = min(len(left), len(right))  # the same resampler on the same lengths: always equal
+    return np.stack([left[:n], right[:n]])
+
+
 def decode_stream(
-    path: str, target_sr: int, block_s: float = 5.0, stats: DecodeStats | None = None
+    path: str,
+    target_sr: int,
+    block_s: float = 5.0,
+    stats: DecodeStats | None = None,
+    stereo: bool = False,
 ) -> Iterator[np.ndarray]:
     """Decode the first audio stream of a file as mono float32 blocks at ``target_sr``.
 
-    Memory stays bounded by ``block_s`` whatever the file's length. Raises
+    With ``stereo``, a source whose first frame has two channels yields ``[2, n]`` blocks
+    (left, right) instead, for a diarisation that can split a two-track recording by
+    channel; other layouts still yield mono (and a later frame of another layout, its mix
+    in both channels). Memory stays bounded by ``block_s`` whatever the file's length. Raises
     ``NotAudioError`` for files that are not audio, ``CorruptAudioError`` for media that
     cannot be decoded; isolated bad packets are skipped and counted in ``stats``.
     """
@@ -136,7 +183,7 @@ def decode_stream(
             stats.header_duration_s = container.duration / 1_000_000
         key: tuple | None = None
         mixer: _MonoMixer | None = None
-        resampler: StreamResampler | None = None
+        resampler: _Out | None = None
         packets = container.demux(stream)
         while True:
             try:
@@ -159,28 +206,29 @@ def decode_stream(
                 if (rate, fmt) != key:
                     channels = len(frame.layout.channels)
                     if resampler is not None and rate == key[0]:
-                        yield resampler.push(mixer.take())  # same rate, new sample format
+                        yield resampler.push(mixer)  # same rate, new sample format
                     elif resampler is not None:
-                        yield resampler.push(mixer.take())
+                        yield resampler.push(mixer)
                         yield resampler.flush()
                         resampler = None
                     key = (rate, fmt)
                     mixer = _MonoMixer(fmt, channels)
                     if resampler is None:
-                        resampler = StreamResampler(rate, target_sr)
+                        two = stereo and (stats.channels or channels) == 2
+                        resampler = _Out(rate, target_sr, two)
                     if not stats.source_rate:
                         stats.source_rate, stats.channels = rate, channels
                 mixer.add(frame)
                 stats.decoded_s += frame.samples / rate
                 if mixer.samples >= block_s * rate:
-                    yield resampler.push(mixer.take())
+                    yield resampler.push(mixer)
         if resampler is None:
             if _looks_like_text(path):
                 raise NotAudioError("the file is text, not audio")
             if stats.packets:
                 raise CorruptAudioError(f"none of {stats.packets} audio packets decoded")
             raise AudioError("the audio stream holds no samples")
-        yield resampler.push(mixer.take())
+        yield resampler.push(mixer)
         yield resampler.flush()
         if stats.bad_packets > max(3, 0.1 * stats.packets):
             raise CorruptAudioError(

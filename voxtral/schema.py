@@ -42,8 +42,32 @@ INDEX = pa.schema(
 )
 
 CAPTION_WORD = pa.struct(
-    [("word", pa.string()), ("start_s", pa.float32()), ("end_s", pa.float32())]
+    [
+        ("word", pa.string()),
+        ("start_s", pa.float32()),
+        ("end_s", pa.float32()),
+        ("speaker", pa.string()),  # the turn the word falls in (null: none, or no diarisation)
+    ]
 )
+
+SPEAKER_TURN = pa.struct(
+    [
+        ("start_s", pa.float32()),  # chunk-relative, clipped to the chunk
+        ("end_s", pa.float32()),
+        ("speaker", pa.string()),  # "S0", "S1"… in order of first appearance in the video
+        ("overlap", pa.bool_()),  # another speaker talks during (part of) this turn
+    ]
+)
+"""Who speaks when inside a chunk (:mod:`voxtral.diarize`). Speaker ids are per video:
+``S1`` is the same voice in every chunk of a video and means nothing across videos."""
+
+DIARIZATION = ("channels", "embeddings", "pyannote", "none", "off", "failed")
+"""Values of the chunks' ``diarization`` column: how the turns were found (``channels``:
+a two-track stereo source split by channel, exact; ``embeddings``: voice embeddings and
+clustering; ``pyannote``: pyannote.audio), ``none`` (no speech long enough to diarise),
+``off`` (``diarize.enabled`` false) or ``failed`` (the diarisation raised: the chunks are
+kept, with empty turns, and the scrape summary counts the video; see
+``voxtral.stages.scrape``)."""
 
 CHUNKS = pa.schema(
     [
@@ -52,11 +76,16 @@ CHUNKS = pa.schema(
         ("start_s", pa.float64()),
         ("duration_s", pa.float64()),
         ("sample_rate", pa.int32()),
-        ("audio", pa.binary()),  # FLAC bytes, mono
+        ("audio", pa.binary()),  # FLAC bytes: mono, or 2 channels (see ``channels``)
         ("speech_ratio", pa.float32()),
         ("captions", pa.list_(CAPTION_WORD)),  # times relative to the chunk start
+        ("channels", pa.int8()),  # 2 only for a source split by channel: one speaker each
+        ("turns", pa.list_(SPEAKER_TURN)),  # sorted by start; overlapping turns overlap
+        ("diarization", pa.string()),  # one of DIARIZATION
     ]
 )
+"""One row per chunk. Readers that want mono (the codec, the tokenizer) down-mix a
+two-channel chunk by averaging (:func:`voxtral.audio.flac_decode`)."""
 
 WORD = pa.struct(
     [

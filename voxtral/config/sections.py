@@ -112,6 +112,66 @@ class CodecConfig(Section):
         return self
 
 
+class DiarizeConfig(Section):
+    """Who speaks when, per video, during the scrape (:mod:`voxtral.diarize`)."""
+
+    enabled: bool = True
+    """Diarise every scraped video: each chunk gets speaker turns, each caption word a
+    speaker. Off: the columns stay empty and ``diarization`` says ``off``."""
+    method: Literal["resemblyzer", "pyannote"] = "resemblyzer"
+    """``resemblyzer``: its pretrained voice encoder (weights in the wheel: offline, CPU)
+    and clustering, streamed with the scrape. ``pyannote``: pyannote.audio's pipeline on
+    the whole file (optional package, hub weights behind a token in ``HF_TOKEN``)."""
+    device: str = "cpu"
+    """Where the speaker encoder runs (``cpu``, ``cuda``): small enough for the CPU."""
+    max_speakers: int = Field(8, ge=1, le=64)
+    """Most speakers one video may get (the clustering's cap)."""
+    window_s: float = Field(1.5, ge=0.5, le=10.0)
+    """Audio per speaker embedding: long enough to hear a voice, short enough to hold one."""
+    hop_s: float = Field(0.25, ge=0.05, le=5.0)
+    """Step between embeddings: the turn boundaries' resolution (and the cost: 1 / hop
+    windows per second of speech)."""
+    min_window_speech: float = Field(0.5, gt=0, le=1)
+    """A window is embedded only when at least this share of it is speech (VAD)."""
+    threshold: float = Field(0.1, gt=0, lt=2)
+    """Least cosine distance between two speakers' mean embeddings: a split of the voices
+    closer than this is one speaker (lower finds more speakers)."""
+    min_speaker_share: float = Field(0.1, ge=0, lt=0.5)
+    """A speaker must hold at least this share of a video's speech windows: a smaller
+    cluster is odd windows of a known voice far more often than a new voice (a guest who
+    says almost nothing is merged into the nearest voice)."""
+    min_turn_s: float = Field(0.5, ge=0)
+    """A speaker change shorter than this inside continuous speech is label flicker."""
+    bridge_s: float = Field(0.3, ge=0)
+    """A pause shorter than this inside one speaker's speech does not end the turn."""
+    overlap_s: float = Field(0.25, ge=0, le=2.0)
+    """On a mono mix, a hand-over without a pause counts as this much overlap on each side
+    (0: never mark overlap there). By channel, overlap is measured exactly."""
+    channel_split: bool = True
+    """Split a stereo source by channel when its channels carry different speakers."""
+    batch: int = Field(64, ge=1)
+    """Windows per encoder call."""
+    pyannote_model: str = "pyannote/speaker-diarization-3.1"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DiarizeConfig:
+        if self.hop_s > self.window_s:
+            raise ValueError("diarize.hop_s must be <= diarize.window_s (windows must touch)")
+        if self.enabled and self.method == "pyannote":
+            import importlib.util
+
+            try:
+                found = importlib.util.find_spec("pyannote.audio") is not None
+            except ImportError:  # not even the pyannote namespace
+                found = False
+            if not found:
+                raise ValueError(
+                    "diarize.method=pyannote needs the pyannote.audio package, which is not "
+                    "installed; use diarize.method=resemblyzer (the default)"
+                )
+        return self
+
+
 class TokenizerConfig(Section):
     group_ms: float | None = None
     """Duration of one group (one text slot + whole codec frames); None = one frame."""
@@ -450,6 +510,7 @@ class Config(Section):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     index: IndexConfig = Field(default_factory=IndexConfig)
     scrape: ScrapeConfig = Field(default_factory=ScrapeConfig)
+    diarize: DiarizeConfig = Field(default_factory=DiarizeConfig)
     codec: CodecConfig = Field(default_factory=CodecConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)

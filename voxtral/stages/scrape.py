@@ -8,6 +8,13 @@ Parquet file that is moved into place only when the whole video succeeded. So me
 bounded by a few minutes of audio whatever the video's length, and a task killed halfway
 leaves nothing.
 
+The same stream is diarised on the way (``voxtral.diarize``, reusing the VAD's decisions):
+each chunk row gets its speaker turns and each caption word its speaker, with ids that hold
+across the video's chunks. The clustering can only run once the whole video has been
+heard, so the rows are streamed out first and the temporary file is then rewritten a row
+group at a time with the turns (:func:`attach_speakers`). A stereo source whose channels
+carry different speakers is split by channel and keeps both channels in its chunks.
+
 A failure is a ``failures/scrape`` row with a reason, never a crashed job; a rerun skips
 finished videos and retries failed ones until ``scrape.max_attempts``. The attempt is
 counted before the work starts, so a task killed on the way (out of memory, a lost node)
@@ -32,11 +39,20 @@ import ray
 import torch
 
 from voxtral import failures, schema
-from voxtral.audio import AudioError, StreamResampler, flac_encode
+from voxtral.audio import AudioError, StreamResampler, flac_decode, flac_encode
 from voxtral.captions import CaptionIndex, parse_vtt
 from voxtral.chunking import ChunkPlanner, SampleWindow
 from voxtral.codec import codec_info
 from voxtral.config import Config
+from voxtral.config.sections import DiarizeConfig
+from voxtral.diarize import (
+    Diarization,
+    StreamingDiarizer,
+    Turn,
+    diarize_file,
+    speaker_of,
+    turns_within,
+)
 from voxtral.download import (
     ScrapeFailure,
     check_duration,
@@ -96,6 +112,7 @@ class _ChunkCutter:
                 self.low_speech += 1
                 continue
             start_s, dur_s = a / self.sr, (b - a) / self.sr
+            audio = self.samples.slice(a, b)
             self.writer.add(
                 {
                     "chunk_id": f"{self.video_id}-{self.writer.count:05d}",
@@ -103,15 +120,111 @@ class _ChunkCutter:
                     "start_s": start_s,
                     "duration_s": dur_s,
                     "sample_rate": self.sr,
-                    "audio": flac_encode(self.samples.slice(a, b), self.sr),
+                    "audio": flac_encode(audio, self.sr),
                     "speech_ratio": ch.speech_ratio,
                     "captions": self.captions.within(start_s, start_s + dur_s)
                     if self.captions
                     else [],
+                    "channels": audio.shape[0] if audio.ndim == 2 else 1,
+                    "turns": [],
+                    "diarization": "off",
                 }
             )
             self.speech_s += ch.speech * FRAME_S
             self.audio_s += dur_s
+
+
+class Speakers:
+    """The video's diarisation while it streams (:mod:`voxtral.diarize`), and what it gave:
+    a failure costs the turns, never the chunks (see :func:`attach_speakers`)."""
+
+    def __init__(self, cfg: DiarizeConfig, sr: int, vad_threshold: float):
+        self.cfg, self.sr = cfg, sr
+        self.stream: StreamingDiarizer | None = None
+        self.result: Diarization | None = None
+        self.status, self.error = ("off", "") if not cfg.enabled else ("", "")
+        if cfg.enabled and cfg.method == "resemblyzer":
+            self._guard(lambda: setattr(self, "stream", StreamingDiarizer(cfg, sr, vad_threshold)))
+
+    def _guard(self, fn) -> None:
+        if self.status == "failed":
+            return
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 - recorded in the rows and the summary
+            self.status, self.error = "failed", f"{type(exc).__name__}: {exc}"[:2000]
+            self.stream = None
+
+    def push_audio(self, block: np.ndarray) -> None:
+        if self.stream is not None:
+            self._guard(lambda: self.stream.push_audio(block))
+
+    def push_vad(self, probs: np.ndarray) -> None:
+        if self.stream is not None:
+            self._guard(lambda: self.stream.push_vad(probs))
+
+    def finish(self, path: str) -> Speakers:
+        if self.status in ("off", "failed"):
+            return self
+
+        def run() -> None:
+            if self.stream is not None:
+                self.result = self.stream.finish()
+            else:  # pyannote: the whole file at once
+                self.result = diarize_file(path, self.cfg)
+            self.status = self.result.method
+
+        self._guard(run)
+        return self
+
+    @property
+    def turns(self) -> list[Turn]:
+        return self.result.turns if self.result is not None else []
+
+    def figures(self) -> dict:
+        r = self.result
+        return {
+            "diarization": self.status,
+            "diarize_error": self.error,
+            "speakers": r.speakers if r else 0,
+            "overlap_s": r.overlap_s() if r else 0.0,
+            "channel_split": self.status == "channels",
+        }
+
+
+def attach_speakers(path: str, speakers: Speakers) -> Counter:
+    """Give every chunk row of ``path`` its turns and every caption word its speaker, once
+    the whole video is diarised (the rows were streamed out before the clustering could
+    run). Rewrites the file a row group at a time: memory holds one row group. A stereo
+    chunk of a source that was not split by channel is down-mixed to mono here, so only
+    channel-split sources keep two channels. Returns how many chunks have 0, 1, 2… speakers."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    split = speakers.status == "channels"
+    per_chunk: Counter = Counter()
+    tmp = path + ".speakers"
+    src = pq.ParquetFile(path)
+    writer = pq.ParquetWriter(tmp, schema.CHUNKS, compression={"audio": "NONE"},
+                              use_dictionary=False)  # fmt: skip
+    try:
+        for g in range(src.num_row_groups):
+            rows = src.read_row_group(g).to_pylist()
+            for r in rows:
+                end = r["start_s"] + r["duration_s"]
+                r["turns"] = turns_within(speakers.turns, r["start_s"], end)
+                r["diarization"] = speakers.status
+                per_chunk[len({t["speaker"] for t in r["turns"]})] += 1
+                for w in r["captions"]:
+                    w["speaker"] = speaker_of(r["turns"], w["start_s"], w["end_s"])
+                if r["channels"] == 2 and not split:
+                    wav, rate = flac_decode(r["audio"])
+                    r["audio"], r["channels"] = flac_encode(wav, rate), 1
+            writer.write_table(pa.Table.from_pylist(rows, schema=schema.CHUNKS))
+    finally:
+        writer.close()
+    os.replace(tmp, path)
+    return per_chunk
 
 
 def cut_audio(
@@ -128,6 +241,7 @@ def cut_audio(
     (``truncated``, ``empty``, ``no_speech``) when the file gives no usable chunks.
     """
     sc = cfg.scrape
+    dc = cfg.diarize
     cut = _ChunkCutter(video_id, cfg, out_path, captions)
     sr, hop, samples = cut.sr, cut.hop, cut.samples
     vad = BatchedVAD(sc.vad_rate)
@@ -140,17 +254,24 @@ def cut_audio(
     )
     stats = DecodeStats()
     max_samples = cfg.index.max_duration_s * sr
+    diarizer = Speakers(dc, sr, sc.vad_threshold)
     try:
-        for block in decode_stream(path, sr, stats=stats):
-            if not len(block):
+        stereo = dc.enabled and dc.method == "resemblyzer" and dc.channel_split
+        for block in decode_stream(path, sr, stats=stats, stereo=stereo):
+            n = block.shape[-1]
+            if not n:
                 continue
             check_duration(stats.header_duration_s, cfg.index.max_duration_s)
-            if samples.end + len(block) > max_samples:  # the header may lie or say nothing
-                check_duration((samples.end + len(block)) / sr, cfg.index.max_duration_s)
+            if samples.end + n > max_samples:  # the header may lie or say nothing
+                check_duration((samples.end + n) / sr, cfg.index.max_duration_s)
             samples.append(block)
-            cut.emit(planner.push(vad.push(to_vad.push(block))))
+            diarizer.push_audio(block)
+            probs = vad.push(to_vad.push(block.mean(axis=0) if block.ndim == 2 else block))
+            diarizer.push_vad(probs)
+            cut.emit(planner.push(probs))
             samples.drop_before(planner.pos * hop)
         tail = np.concatenate([vad.push(to_vad.flush()), vad.flush()])
+        diarizer.push_vad(tail)
         cut.emit(planner.finish(tail))
     finally:
         cut.writer.close()
@@ -170,6 +291,8 @@ def cut_audio(
             f"no chunk with speech_ratio >= {sc.min_speech_ratio} in {audio_s:.1f} s "
             f"(speech found: {planner.speech_frames * FRAME_S:.1f} s)",
         )
+    speakers = diarizer.finish(path)
+    per_chunk = attach_speakers(out_path, speakers)
     return {
         "audio_s": audio_s,
         "chunks": cut.writer.count,
@@ -180,6 +303,8 @@ def cut_audio(
         "source_rate": stats.source_rate,
         "channels": stats.channels,
         "codec": stats.codec,
+        **speakers.figures(),
+        "speakers_per_chunk": {str(k): v for k, v in sorted(per_chunk.items())},
     }
 
 
@@ -210,13 +335,19 @@ def scrape_video(row: dict, cfg: Config, storage: Storage | None = None) -> dict
     """Scrape one index row; never raises: a failure is recorded and returned as data.
 
     Returns ``{video_id, status: done|failed|skipped, reason, error, audio_s, chunks,
-    speech_s, wall_s}``.
+    speech_s, wall_s, diarization, diarize_error, speakers, overlap_s,
+    speakers_per_chunk}``. A video whose diarisation fails is still ``done``: its chunks
+    (audio, captions) are good training data for the one-stream model, so they are kept
+    with empty turns and ``diarization="failed"``, and the summary counts the video
+    (``diarize_failed``); a two-speaker consumer filters on the column.
     """
     t0 = time.perf_counter()
     storage = storage or Storage(cfg.storage.root)
     video_id = row["video_id"]
     result = {"video_id": video_id, "status": "done", "reason": "", "error": "",
-              "audio_s": 0.0, "chunks": 0, "speech_s": 0.0, "wall_s": 0.0}  # fmt: skip
+              "audio_s": 0.0, "chunks": 0, "speech_s": 0.0, "wall_s": 0.0,
+              "diarization": "", "diarize_error": "", "speakers": 0, "overlap_s": 0.0,
+              "speakers_per_chunk": {}}  # fmt: skip
     rel = chunks_rel(video_id)
     if storage.exists(rel):
         result["status"] = "skipped"
@@ -261,11 +392,9 @@ def scrape_video(row: dict, cfg: Config, storage: Storage | None = None) -> dict
                 result.update(status="failed", reason=_reason(exc))
                 result["error"] = f"{type(exc).__name__}: {exc}".strip()[:2000]
             else:
-                result.update(
-                    audio_s=figures["audio_s"],
-                    chunks=figures["chunks"],
-                    speech_s=figures["speech_s"],
-                )
+                result.update({k: figures[k] for k in (
+                    "audio_s", "chunks", "speech_s", "diarization", "diarize_error", "speakers",
+                    "overlap_s", "speakers_per_chunk")})  # fmt: skip
         if result["status"] == "failed":
             failures.record_failure(
                 storage,
@@ -291,6 +420,21 @@ METRICS = Metrics(
     hours=Metric("counter", "voxtral_scrape_audio_hours", "Hours of audio decoded and cut."),
     chunk_hours=Metric("counter", "voxtral_scrape_chunk_hours", "Hours of audio kept as chunks."),
     failures=Metric("counter", "voxtral_scrape_failures", "Failed videos, by reason.", ("reason",)),
+    diarized=Metric(
+        "counter",
+        "voxtral_scrape_diarized_videos",
+        "Videos by how their speakers were found.",
+        ("method",),
+    ),
+    speaker_chunks=Metric(
+        "counter",
+        "voxtral_scrape_chunks_by_speakers",
+        "Chunks by how many speakers they hold.",
+        ("speakers",),
+    ),
+    overlap_hours=Metric(
+        "counter", "voxtral_scrape_overlap_hours", "Hours during which two speakers talk at once."
+    ),
 )
 
 
@@ -304,6 +448,11 @@ def _scrape_task(row: dict, cfg: Config) -> dict:
     METRICS.record("chunk_hours", out["speech_s"] / 3600)
     if out["status"] == "failed":
         METRICS.record("failures", 1, reason=out["reason"])
+    if out["status"] == "done":
+        METRICS.record("diarized", 1, method=out["diarization"])
+        for n, count in out["speakers_per_chunk"].items():
+            METRICS.record("speaker_chunks", count, speakers=n)
+        METRICS.record("overlap_hours", out["overlap_s"] / 3600)
     return out
 
 
@@ -338,6 +487,12 @@ def summarize(results: list[dict], wall_s: float, counts: dict) -> dict:
     by_status = Counter(r["status"] for r in results)
     reasons = Counter(r["reason"] for r in results if r["status"] == "failed")
     audio_s = sum(r["audio_s"] for r in results)
+    done = [r for r in results if r["status"] == "done"]
+    per_chunk: Counter = Counter()
+    for r in done:
+        per_chunk.update({int(k): v for k, v in r.get("speakers_per_chunk", {}).items()})
+    n_chunks = sum(per_chunk.values())
+    speech_s = sum(r["speech_s"] for r in done)
     return {
         **counts,
         "attempted": len(results),
@@ -349,6 +504,14 @@ def summarize(results: list[dict], wall_s: float, counts: dict) -> dict:
         "chunk_speech_hours": sum(r["speech_s"] for r in results) / 3600,
         "wall_s": wall_s,
         "xrt": audio_s / wall_s if wall_s > 0 else 0.0,
+        "diarized_by": dict(sorted(Counter(r.get("diarization", "") for r in done).items())),
+        "diarize_failed": sum(r.get("diarization") == "failed" for r in done),
+        "channel_split_videos": sum(r.get("diarization") == "channels" for r in done),
+        "chunks_by_speakers": dict(sorted(per_chunk.items())),
+        "speakers_per_chunk": sum(k * v for k, v in per_chunk.items()) / n_chunks
+        if n_chunks
+        else 0.0,
+        "overlap_share": sum(r.get("overlap_s", 0.0) for r in done) / speech_s if speech_s else 0.0,
     }
 
 
@@ -384,6 +547,11 @@ def format_summary(summary: dict) -> str:
             ("chunks written", summary["chunks"]),
             ("audio hours", f"{summary['audio_hours']:.3f}"),
             ("speech hours in chunks", f"{summary['chunk_speech_hours']:.3f}"),
+            ("diarised by", report.by_reason(summary["diarized_by"]).strip() or "-"),
+            ("diarisation failed (chunks kept)", summary["diarize_failed"]),
+            ("split by channel", summary["channel_split_videos"]),
+            ("speakers per chunk", f"{summary['speakers_per_chunk']:.2f}"),
+            ("overlap share of speech", f"{summary['overlap_share']:.1%}"),
             ("wall seconds", f"{summary['wall_s']:.1f}"),
             ("x-realtime", f"{summary['xrt']:.0f}"),
         ],
