@@ -17,8 +17,7 @@ import soundfile as sf
 from pydantic import ValidationError
 
 from voxtral.audio import flac_decode
-from voxtral.config import REPO_ROOT, load_config
-from voxtral.config.sections import DiarizeConfig
+from voxtral.config import REPO_ROOT, DiarizeConfig, load_config
 from voxtral.diarize import (
     Turn,
     cluster,
@@ -27,13 +26,13 @@ from voxtral.diarize import (
     diarize_waveform,
     is_channel_split,
     read_rttm,
-    speaker_of,
     turns_within,
 )
 from voxtral.media import decode_stream
 from voxtral.stages.index import index_local
 from voxtral.stages.scrape import chunks_rel, scrape_video
 from voxtral.storage import Storage
+from voxtral.words import speaker_of
 
 SAMPLE = REPO_ROOT / "data" / "sample"
 DIALOGUES = sorted(p.stem for p in SAMPLE.glob("*.rttm"))

@@ -256,6 +256,7 @@ def test_text_ids_in_base_vocab_and_time_ordered(corpus, cfg, text_tokenizer):
     storage = corpus["storage"]
     vocab = base_text_size(resolve_base(cfg.model))
     captions = by_chunk(storage, "captions")
+    turns = by_chunk(storage, "turns")
     with_text = 0
     for r in token_rows(storage):
         ids, starts = r["text_ids"], r["text_starts_s"]
@@ -269,6 +270,11 @@ def test_text_ids_in_base_vocab_and_time_ordered(corpus, cfg, text_tokenizer):
             ]
         else:
             assert r["text_source"] in ("asr", "none") and r["language"]
+        # the sample dialogues are diarised: words get the speakers of the chunk's turns
+        if turns[r["chunk_id"]] and words:
+            named = [w["speaker"] for w in words if w["speaker"] is not None]
+            assert len(named) >= 0.9 * len(words), words
+            assert set(named) <= {t["speaker"] for t in turns[r["chunk_id"]]}, words
         if not words:
             assert ids == [] and r["text_source"] == "none"
             continue

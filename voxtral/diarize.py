@@ -376,25 +376,6 @@ def turns_within(turns: list[Turn], start_s: float, end_s: float) -> list[dict]:
     return out
 
 
-def speaker_of(turns: list[dict], start_s: float, end_s: float) -> str | None:
-    """The speaker whose turns cover most of ``[start_s, end_s]`` (a word), or the nearest
-    turn's within half a second (a word's edges may stick out of the speech the VAD saw);
-    None when there is none."""
-    best, best_cover = None, 0.0
-    for t in turns:
-        cover = min(t["end_s"], end_s) - max(t["start_s"], start_s)
-        if cover > best_cover:
-            best, best_cover = t["speaker"], cover
-    if best is not None:
-        return best
-    mid = (start_s + end_s) / 2
-    near = min(turns, key=lambda t: min(abs(t["start_s"] - mid), abs(t["end_s"] - mid)),
-               default=None)  # fmt: skip
-    if near is not None and min(abs(near["start_s"] - mid), abs(near["end_s"] - mid)) <= 0.5:
-        return near["speaker"]
-    return None
-
-
 # -- streaming -----------------------------------------------------------------------------
 
 

@@ -87,14 +87,7 @@ CHUNKS = pa.schema(
 """One row per chunk. Readers that want mono (the codec, the tokenizer) down-mix a
 two-channel chunk by averaging (:func:`voxtral.audio.flac_decode`)."""
 
-WORD = pa.struct(
-    [
-        ("word", pa.string()),
-        ("start_s", pa.float32()),  # chunk-relative, like caption words
-        ("end_s", pa.float32()),
-        ("speaker", pa.string()),  # null where the chunk row's words carry no speaker
-    ]
-)
+WORD = CAPTION_WORD
 """A word of a token row: a caption word or a Whisper word, one structure for both."""
 
 TEXT_SOURCES = ("captions", "asr", "none")

@@ -249,6 +249,10 @@ class Storage:
         tables = [pq.read_table(f, filesystem=self.fs, columns=columns) for f in files]
         return pa.concat_tables(tables, promote_options="default")
 
+    def parquet_schema(self, path: str) -> pa.Schema:
+        """The schema of one Parquet file (a path from :meth:`parquet_files`): its footer only."""
+        return pq.read_schema(path, filesystem=self.fs)
+
     def parquet_files(self, rel: str) -> list[str]:
         """Finished Parquet files under ``rel`` (recursively), as filesystem paths."""
         p = self.path(rel)

@@ -41,13 +41,48 @@ def as_words(words: Sequence[dict] | None) -> list[dict]:
 
 
 def choose_words(
-    captions: Sequence[dict] | None, asr_words: Sequence[dict] | None
+    captions: Sequence[dict] | None,
+    asr_words: Sequence[dict] | None,
+    turns: Sequence[dict] | None = None,
 ) -> tuple[list[dict], str]:
     """A chunk's words and their ``text_source``: Whisper's where it ran on the chunk
-    (``asr_words`` not null: the plan ran it only where ``text.source`` asks), else the
-    captions; ``none`` when the chosen source holds no word."""
+        (``asr_words`` not null: the plan ran it only where ``text.source`` asks), else the
+        captions; ``none`` when the chosen source holds no word. ``turns`` (the chunk's, from
+    diarisation) give each word without a speaker its speaker."""
     if asr_words is not None:
-        words = as_words(asr_words)
+        words = with_speakers(as_words(asr_words), turns)
         return words, "asr" if words else "none"
-    words = as_words(captions)
+    words = with_speakers(as_words(captions), turns)
     return words, "captions" if words else "none"
+
+
+def speaker_of(turns: list[dict], start_s: float, end_s: float) -> str | None:
+    """The speaker whose turns cover most of ``[start_s, end_s]`` (a word), or the nearest
+    turn's within half a second (a word's edges may stick out of the speech the VAD saw);
+    None when there is none."""
+    best, best_cover = None, 0.0
+    for t in turns:
+        cover = min(t["end_s"], end_s) - max(t["start_s"], start_s)
+        if cover > best_cover:
+            best, best_cover = t["speaker"], cover
+    if best is not None:
+        return best
+    mid = (start_s + end_s) / 2
+    near = min(turns, key=lambda t: min(abs(t["start_s"] - mid), abs(t["end_s"] - mid)),
+               default=None)  # fmt: skip
+    if near is not None and min(abs(near["start_s"] - mid), abs(near["end_s"] - mid)) <= 0.5:
+        return near["speaker"]
+    return None
+
+
+def with_speakers(words: list[dict], turns: Sequence[dict] | None) -> list[dict]:
+    """Words without a speaker (Whisper's; captions from before diarisation) get the one
+    whose turns cover them (:func:`speaker_of`); a word that has one keeps it."""
+    if not turns:
+        return words
+    return [
+        w
+        if w["speaker"] is not None
+        else {**w, "speaker": speaker_of(turns, w["start_s"], w["end_s"])}
+        for w in words
+    ]

@@ -43,14 +43,12 @@ from voxtral.audio import AudioError, StreamResampler, flac_decode, flac_encode
 from voxtral.captions import CaptionIndex, parse_vtt
 from voxtral.chunking import ChunkPlanner, SampleWindow
 from voxtral.codec import codec_info
-from voxtral.config import Config
-from voxtral.config.sections import DiarizeConfig
+from voxtral.config import Config, DiarizeConfig
 from voxtral.diarize import (
     Diarization,
     StreamingDiarizer,
     Turn,
     diarize_file,
-    speaker_of,
     turns_within,
 )
 from voxtral.download import (
@@ -67,6 +65,7 @@ from voxtral.metrics import Metric, Metrics
 from voxtral.stages import report
 from voxtral.storage import ParquetRowWriter, Storage
 from voxtral.vad import FRAME_S, BatchedVAD
+from voxtral.words import speaker_of
 
 STAGE = "scrape"
 PAD_S = 0.25

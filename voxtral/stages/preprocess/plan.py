@@ -83,7 +83,11 @@ def run_preprocess(cfg: Config) -> dict[str, Any]:
     stats: list[pa.Table] = []
     if files:
         _warn_if_no_gpus(pre, cfg.text)
-        ds = read_parquet(files, storage.fs, ["chunk_id", "video_id", "audio", "captions"])
+        columns = ["chunk_id", "video_id", "audio", "captions"]
+        # chunks scraped with speakers (chunk files from before diarisation have no turns)
+        if all("turns" in storage.parquet_schema(f).names for f in files):
+            columns.append("turns")
+        ds = read_parquet(files, storage.fs, columns)
         ds = ds.map_batches(
             decode_batch,
             batch_size=pre.sort_window,

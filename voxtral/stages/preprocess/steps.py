@@ -48,6 +48,7 @@ BATCHES = pa.schema(
         ("video_id", pa.list_(pa.string())),
         ("samples", pa.list_(pa.int64())),
         ("captions", pa.list_(pa.list_(schema.CAPTION_WORD))),
+        ("turns", pa.list_(pa.list_(schema.SPEAKER_TURN))),  # diarisation's, per chunk
         ("reason", pa.list_(pa.string())),  # null while the chunk is fine
         ("error", pa.list_(pa.string())),
         ("pcm", pa.large_binary()),
@@ -66,6 +67,7 @@ ENCODED = pa.schema(
         ("frames", pa.int32()),
         ("codes", pa.binary()),
         ("captions", pa.list_(schema.CAPTION_WORD)),
+        ("turns", pa.list_(schema.SPEAKER_TURN)),
         ("asr_words", pa.list_(schema.WORD)),  # null: Whisper did not run on this chunk
         ("language", pa.string()),
         ("seconds", pa.float64()),
@@ -114,7 +116,7 @@ def decode_batch(
     ok: list[tuple[dict, np.ndarray]] = []
     bad: list[dict] = []
     for r in table.to_pylist():
-        meta = {"chunk_id": r["chunk_id"], "video_id": r["video_id"], "captions": r["captions"]}
+        meta = {k: r.get(k) for k in ("chunk_id", "video_id", "captions", "turns")}
         try:
             ok.append((meta, decode_pcm(r["audio"] or b"", sample_rate)))
         except AudioError as exc:
@@ -136,7 +138,7 @@ def decode_batch(
 
 
 def _batch_row(chunks: list[dict], pcm: bytes, dtype: str, width: int) -> dict:
-    keys = ("chunk_id", "video_id", "samples", "captions", "reason", "error")
+    keys = ("chunk_id", "video_id", "samples", "captions", "turns", "reason", "error")
     return {**{k: [c[k] for c in chunks] for k in keys}, "pcm": pcm, "dtype": dtype, "width": width}
 
 
@@ -203,7 +205,8 @@ class ChunkEncoder:
         now = time.time()
         rows = []
         for j, res in enumerate(results):
-            r = {k: meta[k][j] for k in ("chunk_id", "video_id", "captions", "reason", "error")}
+            keys = ("chunk_id", "video_id", "captions", "turns", "reason", "error")
+            r = {k: meta[k][j] for k in keys}
             # Whisper's words and language when an ASR pool ran first (a reason it set, such
             # as asr_error, stays: the chunk's codes are made but it gets no token row)
             r["asr_words"] = (meta.get("asr_words") or [None] * n)[j]
@@ -244,7 +247,7 @@ def token_rows(rows: list[dict], tokenizer) -> tuple[list[dict], list[dict]]:
             bad.append(r)
             continue
         try:
-            words, source = choose_words(r["captions"], r.get("asr_words"))
+            words, source = choose_words(r["captions"], r.get("asr_words"), r.get("turns"))
             ids, starts = timed_text_ids(tokenizer, words)
         except Exception as exc:  # noqa: BLE001 - a failures/ row, not a crashed stage
             bad.append({**r, "reason": "text_error", "error": f"{type(exc).__name__}: {exc}"})
