@@ -231,13 +231,14 @@ def test_decode_stream_keeps_two_channels_on_request(tmp_path):
 
 
 def test_a_failed_diarisation_keeps_the_chunks_and_says_so(tmp_path, monkeypatch):
+    import voxtral.diarize.chunks as chunks
     import voxtral.stages.scrape as scrape
 
     class Broken:
         def __init__(self, *args, **kwargs):
             raise RuntimeError("no voice encoder here")
 
-    monkeypatch.setattr(scrape, "StreamingDiarizer", Broken)
+    monkeypatch.setattr(chunks, "StreamingDiarizer", Broken)
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     shutil.copy(audio_of("debat_fr"), corpus / audio_of("debat_fr").name)

@@ -138,6 +138,7 @@ BENCH_KEYS = {
     "train": {"tokens_per_s_per_worker", "mfu", "zero_stage"},
     "preprocess": {"xrt", "codec_xrt", "efficiency", "first_codes_s"},
     "scrape": {"xrt", "xrt_per_core", "peak_rss_mb_3h", "speedup_vs_sequential"},
+    "asr": {"asr_xrt", "asr_xrt_alone", "asr_batch_speedup", "diarize_xrt", "der"},
 }
 
 
@@ -149,10 +150,13 @@ def assert_numbers(figures: dict, keys: set[str]) -> None:
         assert isinstance(figures[key], int | float) and figures[key] >= 0, (key, figures)
 
 
-def test_bench_scrape_quick_prints_its_json_line():
-    """``uv run bench/scrape.py --quick``: it ends with one JSON line carrying its keys."""
-    figures = json_line(uv_run("bench/scrape.py", "--quick", env=user_env(), timeout=400))
-    assert_numbers(figures, BENCH_KEYS["scrape"])
+@pytest.mark.parametrize("name", ["scrape", "asr"])
+def test_bench_quick_prints_its_json_line(name):
+    """``uv run bench/NAME.py --quick``: it ends with one JSON line carrying its keys."""
+    figures = json_line(uv_run(f"bench/{name}.py", "--quick", env=user_env(), timeout=400))
+    assert_numbers(figures, BENCH_KEYS[name])
+    if name == "asr":  # the sample dialogue's turns are found (issue 12: DER <= 10 %)
+        assert figures["der"] <= 0.10 and figures["asr_words"] > 0, figures
 
 
 # -- the lent-GPU script, rehearsed on CPU -----------------------------------------------------
