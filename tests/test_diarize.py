@@ -16,6 +16,7 @@ import pytest
 import soundfile as sf
 from pydantic import ValidationError
 
+from voxtral import failures
 from voxtral.audio import flac_decode
 from voxtral.config import REPO_ROOT, DiarizeConfig, load_config
 from voxtral.diarize import (
@@ -249,6 +250,9 @@ def test_a_failed_diarisation_keeps_the_chunks_and_says_so(tmp_path, monkeypatch
     out = scrape_video(row, cfg)
     assert out["status"] == "done" and out["chunks"] >= 3
     assert out["diarization"] == "failed" and "no voice encoder" in out["diarize_error"]
+    (row,) = failures.read_failures(Storage(cfg.storage.root), "diarize")
+    assert (row["item_id"], row["reason"]) == (out["video_id"], "diarize_error")
+    assert "no voice encoder" in row["error"]
     rows = Storage(cfg.storage.root).read_table(chunks_rel(row["video_id"])).to_pylist()
     assert len(rows) == out["chunks"]
     assert all(r["diarization"] == "failed" and r["turns"] == [] for r in rows)

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -40,7 +39,7 @@ import numpy as np
 import torch
 
 from voxtral.audio import prepare
-from voxtral.storage import publish_folder
+from voxtral.storage import publish_pretrained
 
 TINY = "tiny"
 TINY_VERSION = 1
@@ -215,17 +214,7 @@ def write_tiny_whisper(path: str | os.PathLike, bpe_size: int = 400) -> Path:
         model = WhisperForConditionalGeneration(config)
     model.generation_config = gen
     processor = WhisperProcessor(WhisperFeatureExtractor(feature_size=80), tok)
-    path.parent.mkdir(parents=True, exist_ok=True)  # the rename must stay on one filesystem
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-tiny-whisper-", dir=path.parent))
-    try:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-        publish_folder(tmp, path, replace=False)  # if another process won: theirs is identical
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} holds no config.json: not a tiny Whisper folder")
-    return path
+    return publish_pretrained(path, model, processor)
 
 
 def _bpe_merges(bpe) -> list[list[str]]:

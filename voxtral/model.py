@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import torch
 
 from voxtral.codec import CodecInfo, codec_info
 from voxtral.config import Config, ModelConfig
-from voxtral.storage import publish_folder
+from voxtral.storage import publish_pretrained
 from voxtral.tokenizer import Layout, make_layout
 
 TINY = "tiny"
@@ -84,17 +83,7 @@ def write_tiny_mistral(path: str | os.PathLike, vocab_size: int = 512, layers: i
     with torch.random.fork_rng(devices=[]):  # seeded without touching the caller's RNG
         torch.manual_seed(0)
         model = MistralForCausalLM(config)
-    path.parent.mkdir(parents=True, exist_ok=True)  # the rename must stay on one filesystem
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-tiny-", dir=path.parent))
-    try:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        publish_folder(tmp, path, replace=False)  # if another process won: theirs is identical
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} holds no config.json: not a tiny model folder")
-    return path
+    return publish_pretrained(path, model, tok)
 
 
 def resolve_base(cfg: ModelConfig) -> str:

@@ -15,6 +15,7 @@ import io
 import json
 import os
 import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -64,6 +65,25 @@ def publish_folder(staging: str | os.PathLike, target: str | os.PathLike, replac
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return True
+
+
+def publish_pretrained(target: str | os.PathLike, *parts) -> Path:
+    """Save ``parts`` (a model, its tokenizer or processor: anything with
+    ``save_pretrained``) into a ``.tmp-`` folder beside ``target`` and publish it there
+    (:func:`publish_folder`): a folder another process published first is kept (the tiny
+    random models are written the same way by every process). Returns ``target``."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)  # the rename must stay on one filesystem
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+    try:
+        for part in parts:
+            part.save_pretrained(tmp)
+        publish_folder(tmp, target, replace=False)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if not (target / "config.json").is_file():
+        raise FileNotFoundError(f"{target} holds no config.json: not a model folder")
+    return target
 
 
 class Storage:

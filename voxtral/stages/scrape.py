@@ -61,6 +61,8 @@ from voxtral.storage import ParquetRowWriter, Storage
 from voxtral.vad import FRAME_S, BatchedVAD
 
 STAGE = "scrape"
+DIARIZE_FAILURES = "diarize"
+"""``failures/diarize/``: videos scraped whole whose diarisation failed (chunks kept)."""
 PAD_S = 0.25
 """Silence kept before a chunk's first and after its last speech."""
 ROW_GROUP = 32
@@ -237,8 +239,9 @@ def scrape_video(row: dict, cfg: Config, storage: Storage | None = None) -> dict
     speech_s, wall_s, diarization, diarize_error, speakers, overlap_s,
     speakers_per_chunk}``. A video whose diarisation fails is still ``done``: its chunks
     (audio, captions) are good training data for the one-stream model, so they are kept
-    with empty turns and ``diarization="failed"``, and the summary counts the video
-    (``diarize_failed``); a two-speaker consumer filters on the column.
+    with empty turns and ``diarization="failed"``, a ``failures/diarize/<video>`` row says
+    why, and the summary counts the video (``diarize_failed``); a two-speaker consumer
+    filters on the column. A rerun does not diarise finished videos again.
     """
     t0 = time.perf_counter()
     storage = storage or Storage(cfg.storage.root)
@@ -306,6 +309,9 @@ def scrape_video(row: dict, cfg: Config, storage: Storage | None = None) -> dict
             )
         else:
             failures.clear_failure(storage, STAGE, video_id)
+            if result["diarization"] == "failed":  # the chunks are kept: a row says why
+                failures.record_failure(storage, DIARIZE_FAILURES, video_id, video_id,
+                                        "diarize_error", result["diarize_error"])  # fmt: skip
     finally:
         result["wall_s"] = time.perf_counter() - t0
     return result
