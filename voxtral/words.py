@@ -46,8 +46,8 @@ def choose_words(
     turns: Sequence[dict] | None = None,
 ) -> tuple[list[dict], str]:
     """A chunk's words and their ``text_source``: Whisper's where it ran on the chunk
-        (``asr_words`` not null: the plan ran it only where ``text.source`` asks), else the
-        captions; ``none`` when the chosen source holds no word. ``turns`` (the chunk's, from
+    (``asr_words`` not null: the plan ran it only where ``text.source`` asks), else the
+    captions; ``none`` when the chosen source holds no word. ``turns`` (the chunk's, from
     diarisation) give each word without a speaker its speaker."""
     if asr_words is not None:
         words = with_speakers(as_words(asr_words), turns)
