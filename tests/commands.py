@@ -89,8 +89,10 @@ class Head:
     metrics_port: int  # its node's Prometheus endpoint
 
 
-def start_head(num_cpus: int = 4) -> Head:
-    """``uv run ray start --head`` on free ports, with its own RAY_TMPDIR.
+def start_head(num_cpus: int = 2) -> Head:
+    """``uv run ray start --head`` on free ports, with its own RAY_TMPDIR, sized as the
+    smallest machine the README supports (2 cores): a plan that needs more CPUs than that
+    to make progress hangs here as it would for a user.
 
     Every agent port is given: for a port left to the agent, the raylet waits for the
     agent to write it down and dies after a fixed 15 s (ray-project/ray#65983), which a

@@ -362,6 +362,24 @@ def test_captions_source_never_runs_asr(auto_run, tmp_path):
     assert summary["text_share"]["asr"] == 0 and summary["text_share"]["none"] > 0
 
 
+def test_whisper_starts_only_where_a_pending_chunk_lacks_captions(tmp_path):
+    """The plan counts, before it starts anything, the pending chunks Whisper has to
+    transcribe: under ``auto`` a corpus with captions everywhere gets no Whisper actor."""
+    from voxtral.stages.preprocess import pending_chunks
+
+    storage = Storage(str(tmp_path / "run"))
+    write_chunks(storage, chunk_rows("va", [2.0, 3.0, 2.5], captioned={0, 2}))
+    write_chunks(storage, chunk_rows("vb", [2.0], captioned={0}))
+    ids = [f"va-{i:04d}" for i in range(3)] + ["vb-0000"]
+    assert pending_chunks(storage, set(), "auto").asr == 1
+    assert pending_chunks(storage, set(), "asr").asr == 4
+    assert pending_chunks(storage, set(), "captions").asr == 0
+    done_uncaptioned = pending_chunks(storage, {ids[1]}, "auto")
+    assert (done_uncaptioned.asr, done_uncaptioned.count) == (0, 3)
+    everything_done = pending_chunks(storage, set(ids), "auto")
+    assert (everything_done.files, everything_done.count) == ([], 0)
+
+
 def test_a_failing_chunk_is_recorded_and_a_rerun_does_only_it(auto_run):
     storage, vc, before = auto_run["storage"], auto_run["vc"], auto_run["before"]
     bad = vc[2]["chunk_id"]

@@ -37,7 +37,13 @@ from voxtral.config import DEFAULT_CONFIG, REPO_ROOT, Config, load_config
 from voxtral.model import base_text_size, layout_for, load_text_tokenizer, resolve_base
 from voxtral.schema import CODEC_RECORD, LEGACY_CODEC_RECORD, codes_from_bytes, codes_to_bytes
 from voxtral.stages.index import run_index
-from voxtral.stages.preprocess import ChunkEncoder, decode_batch, run_preprocess, write_batch
+from voxtral.stages.preprocess import (
+    ChunkEncoder,
+    decode_batch,
+    fit_actor_cpus,
+    run_preprocess,
+    write_batch,
+)
 from voxtral.stages.scrape import run_scrape
 from voxtral.storage import Storage
 from voxtral.tokenizer import encode_ids
@@ -557,3 +563,18 @@ def test_codes_bytes_roundtrip():
     np.testing.assert_array_equal(codes_from_bytes(data, 8, 37), codes)
     with pytest.raises(ValueError):
         codes_from_bytes(data, 8, 36)
+
+
+# -- the plan on a small cluster ------------------------------------------------------------
+def test_actor_pools_leave_a_cpu_for_the_tasks_on_a_small_machine():
+    """On 2 CPUs a 1-CPU codec actor and a 1-CPU Whisper actor would hold both and the read
+    task would wait forever (the README's command hung so): the pools shrink to fit."""
+    pools = {"codec": (1.0, 1), "text": (1.0, 1)}
+    assert fit_actor_cpus(2, pools) == {"codec": 0.5, "text": 0.5}
+    assert fit_actor_cpus(3, pools) == {"codec": 1.0, "text": 1.0}  # fits as configured
+    assert fit_actor_cpus(0, pools) == {"codec": 1.0, "text": 1.0}  # an autoscaler adds CPUs
+    shrunk = fit_actor_cpus(4, {"codec": (2.0, 2), "text": (1.0, 1)})
+    assert 2 * shrunk["codec"] + shrunk["text"] == pytest.approx(3)
+    assert shrunk["codec"] == pytest.approx(2 * shrunk["text"])  # the ratio is kept
+    with pytest.raises(ValueError, match="needs more than 1"):
+        fit_actor_cpus(1, pools)

@@ -49,6 +49,7 @@ The package: ``steps`` (the inter-step schemas and the decode, codec and writer 
 
 from voxtral.stages.preprocess.plan import (
     done_chunk_ids,
+    fit_actor_cpus,
     format_summary,
     pending_chunks,
     run_preprocess,
@@ -83,6 +84,7 @@ __all__ = [
     "ChunkTranscriber",
     "decode_batch",
     "done_chunk_ids",
+    "fit_actor_cpus",
     "format_summary",
     "pending_chunks",
     "run_preprocess",

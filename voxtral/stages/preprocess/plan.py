@@ -6,6 +6,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -27,6 +28,7 @@ from voxtral.stages.preprocess.steps import (
 )
 from voxtral.stages.preprocess.transcribe import ChunkTranscriber
 from voxtral.storage import Storage
+from voxtral.words import needs_asr
 
 log = logging.getLogger(__name__)
 
@@ -37,28 +39,62 @@ def done_chunk_ids(storage: Storage) -> set[str]:
     return set() if table is None else set(table["chunk_id"].to_pylist())
 
 
-def pending_chunks(storage: Storage, skip: set[str]) -> tuple[list[str], frozenset[str], int]:
-    """(chunk files holding pending chunks, skipped ids inside those files, pending count).
+@dataclass(frozen=True)
+class Pending:
+    """The chunks a run has to encode."""
 
-    Reads only the ``chunk_id`` column, so a rerun over a finished corpus reads no audio.
-    """
+    files: list[str]  # chunk files holding pending chunks
+    inner_skip: frozenset[str]  # done or given-up chunk ids inside those files
+    count: int
+    asr: int  # how many of them Whisper transcribes (``text.source``)
+
+
+def pending_chunks(storage: Storage, skip: set[str], text_source: str = "captions") -> Pending:
+    """The chunks not in ``skip``. Reads only ids (and, under ``text.source=auto``, the
+    caption words), so a rerun over a finished corpus reads no audio, and a corpus whose
+    chunks all have captions starts no Whisper actor."""
     files = storage.parquet_files("chunks")
     if not files:
-        return [], frozenset(), 0
-    ids = pds.dataset(files, format="parquet", filesystem=storage.fs).to_table(
-        columns=["chunk_id", "__filename"]
-    )
+        return Pending([], frozenset(), 0, 0)
+    columns = ["chunk_id", "__filename"] + (["captions"] if text_source == "auto" else [])
+    table = pds.dataset(files, format="parquet", filesystem=storage.fs).to_table(columns=columns)
+    captions = table["captions"].to_pylist() if text_source == "auto" else [None] * len(table)
     pending: set[str] = set()
     skipped_by_file: dict[str, list[str]] = {}
-    count = 0
-    for cid, path in zip(ids["chunk_id"].to_pylist(), ids["__filename"].to_pylist(), strict=True):
+    count = asr = 0
+    rows = zip(
+        table["chunk_id"].to_pylist(), table["__filename"].to_pylist(), captions, strict=True
+    )
+    for cid, path, words in rows:
         if cid in skip:
             skipped_by_file.setdefault(path, []).append(cid)
         else:
             pending.add(path)
             count += 1
+            asr += needs_asr(words, text_source)
     inner_skip = frozenset(c for p in pending for c in skipped_by_file.get(p, ()))
-    return sorted(pending), inner_skip, count
+    return Pending(sorted(pending), inner_skip, count, asr)
+
+
+def fit_actor_cpus(cluster_cpus: float, pools: dict[str, tuple[float, int]]) -> dict[str, float]:
+    """Per-actor CPUs for each pool (name → (CPUs per actor, smallest pool size)), scaled
+    down so the pools at their smallest leave one CPU for the plan's tasks.
+
+    Why: Ray Data starts the actor pools first and holds their CPUs. On a 2-CPU machine a
+    1-CPU codec actor and a 1-CPU Whisper actor would hold both, the read task would never
+    be scheduled, and the run would wait forever. A cluster that reports no CPUs (its
+    autoscaler adds them) is left as configured."""
+    asked = {name: cpus for name, (cpus, _) in pools.items()}
+    need = sum(cpus * n for cpus, n in pools.values())
+    room = cluster_cpus - 1
+    if cluster_cpus <= 0 or need <= room:
+        return asked
+    if room <= 0:
+        raise ValueError(
+            f"the cluster has {cluster_cpus:g} CPU; preprocess needs more than 1 "
+            "(one for its read, decode and write tasks, a share for each actor pool)"
+        )
+    return {name: cpus * room / need for name, cpus in asked.items()}
 
 
 def decode_task_memory(window: int, max_chunk_s: float, sample_rate: int) -> int:
@@ -78,11 +114,18 @@ def run_preprocess(cfg: Config) -> dict[str, Any]:
     done = done_chunk_ids(storage)
     failed = failures.read_failures(storage, STAGE)
     exhausted = failures.given_up(failed, pre.max_attempts, PERMANENT_REASONS) - done
-    files, inner_skip, n_pending = pending_chunks(storage, done | exhausted)
+    pending = pending_chunks(storage, done | exhausted, cfg.text.source)
+    files = pending.files
 
     stats: list[pa.Table] = []
     if files:
-        _warn_if_no_gpus(pre, cfg.text)
+        _warn_if_no_gpus(pre, cfg.text, pending.asr > 0)
+        pools = {"codec": (pre.num_cpus, pre.min_actors)}
+        if pending.asr:
+            pools["text"] = (cfg.text.num_cpus, cfg.text.min_actors)
+        cpus = fit_actor_cpus(ray.cluster_resources().get("CPU", 0.0), pools)
+        if cpus != {name: c for name, (c, _) in pools.items()}:
+            log.warning("a small cluster: actor CPUs scaled to %s so the tasks can run", cpus)
         columns = ["chunk_id", "video_id", "audio", "captions"]
         # chunks scraped with speakers (chunk files from before diarisation have no turns)
         if all("turns" in storage.parquet_schema(f).names for f in files):
@@ -97,7 +140,7 @@ def run_preprocess(cfg: Config) -> dict[str, Any]:
                 "hop": info.hop,
                 "batch_size": pre.batch_size,
                 "max_pad": pre.max_pad,
-                "skip": inner_skip,
+                "skip": pending.inner_skip,
             },
             num_cpus=1,
             # Declared so Ray packs no more decode tasks on a node than its memory holds.
@@ -105,7 +148,7 @@ def run_preprocess(cfg: Config) -> dict[str, Any]:
             # codec actors, where it would stall the GPU.
             memory=decode_task_memory(pre.sort_window, cfg.scrape.max_chunk_s, info.sample_rate),
         )
-        if cfg.text.source != "captions":
+        if pending.asr:  # else no Whisper actor: every pending chunk has caption words
             ds = ds.map_batches(
                 ChunkTranscriber,
                 fn_constructor_kwargs={"text": cfg.text, "sample_rate": info.sample_rate},
@@ -115,7 +158,7 @@ def run_preprocess(cfg: Config) -> dict[str, Any]:
                     min_size=cfg.text.min_actors, max_size=cfg.text.max_actors
                 ),
                 num_gpus=cfg.text.num_gpus,
-                num_cpus=cfg.text.num_cpus,
+                num_cpus=cpus["text"],
             )
         ds = ds.map_batches(
             ChunkEncoder,
@@ -124,7 +167,7 @@ def run_preprocess(cfg: Config) -> dict[str, Any]:
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(min_size=pre.min_actors, max_size=pre.max_actors),
             num_gpus=pre.num_gpus,
-            num_cpus=pre.num_cpus,
+            num_cpus=cpus["codec"],
         )
         ds = ds.map_batches(
             write_batch,
@@ -139,11 +182,11 @@ def run_preprocess(cfg: Config) -> dict[str, Any]:
         stats = list(ds.iter_batches(batch_format="pyarrow", batch_size=None))
 
     summary = summarize(stats, time.perf_counter() - t0, t0_unix, info)
-    summary.update(already_done=len(done), skipped_failed=len(exhausted), pending=n_pending)
+    summary.update(already_done=len(done), skipped_failed=len(exhausted), pending=pending.count)
     return summary
 
 
-def _warn_if_no_gpus(pre: PreprocessConfig, text: TextConfig) -> None:
+def _warn_if_no_gpus(pre: PreprocessConfig, text: TextConfig, asr: bool) -> None:
     if ray.cluster_resources().get("GPU"):
         return
     if pre.num_gpus > 0:
@@ -152,7 +195,7 @@ def _warn_if_no_gpus(pre: PreprocessConfig, text: TextConfig) -> None:
             "for one (set preprocess.num_gpus=0 to encode on CPU)",
             pre.num_gpus,
         )
-    if text.source != "captions" and text.num_gpus > 0:
+    if asr and text.num_gpus > 0:
         log.warning(
             "text.num_gpus=%s but the cluster has no GPU now; the ASR actors wait for one "
             "(set text.num_gpus=0 to transcribe on CPU)",
