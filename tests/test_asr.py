@@ -252,7 +252,7 @@ def run_in_process(cfg, storage: Storage, transcriber) -> list[pa.Table]:
         skip=frozenset(done),
     )
     rows = [
-        preprocess.transcribe_row(transcriber, meta, pcm.as_py(), info.sample_rate, "auto")
+        preprocess.transcribe_row(transcriber, meta, pcm.as_py(), info.sample_rate, cfg.text.source)
         for meta, pcm in zip(packed.drop_columns(["pcm"]).to_pylist(), packed["pcm"], strict=True)
     ]
     transcribed = preprocess.with_pcm(rows, packed["pcm"])
@@ -347,19 +347,26 @@ def test_summary_reports_where_the_words_of_the_audio_came_from(auto_run):
 
 
 def test_captions_source_never_runs_asr(auto_run, tmp_path):
-    """With ``text.source=captions`` the plan has no ASR pool: a Whisper that cannot load
-    changes nothing, and chunks without captions get no words."""
+    """With ``text.source=captions`` Whisper is never called (the plan builds no ASR pool:
+    see the next test), and chunks without captions get no words."""
+
+    class NoWhisper:
+        def transcribe_each(self, waveforms, sample_rate):
+            raise AssertionError("Whisper ran under text.source=captions")
+
     storage = Storage(str(tmp_path / "run"))
     for video in ("va", "vb", "vc"):
         table = auto_run["storage"].read_table(f"chunks/{video}.parquet")
         storage.write_table(f"chunks/{video}.parquet", table)
-    cfg = stage_cfg(tmp_path / "run", "text.source=captions", f"text.asr_model={tmp_path}/none")
-    summary = preprocess.run_preprocess(cfg)
-    assert summary["failures"] == 0
-    for t in tokens_by_chunk(storage).values():
+    cfg = stage_cfg(tmp_path / "run", "text.source=captions")
+    stats = run_in_process(cfg, storage, NoWhisper())
+    assert stats["reason"].null_count == len(stats)  # no failures
+    tokens = tokens_by_chunk(storage)
+    assert len(tokens) == len(stats) == 8
+    for t in tokens.values():
         assert t["language"] is None and t["text_source"] in ("captions", "none")
         assert (t["text_source"] == "none") == (not t["words"])
-    assert summary["text_share"]["asr"] == 0 and summary["text_share"]["none"] > 0
+    assert {t["text_source"] for t in tokens.values()} == {"captions", "none"}
 
 
 def test_whisper_starts_only_where_a_pending_chunk_lacks_captions(tmp_path):
