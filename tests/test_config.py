@@ -132,6 +132,7 @@ def test_unknown_or_malformed_keys_are_named(overrides, env, names):
         ("train.lr=-1", "train.lr"),
         ("model.keep_every=0", "model.keep_every"),
         ("tokenizer.text_lead_s=-0.5", "tokenizer.text_lead_s"),
+        ("tokenizer.streams=3", "tokenizer.streams"),
         ("model.dtype=float8", "model.dtype"),
         ("scrape.min_chunk_s=60", "scrape.min_chunk_s"),  # > max_chunk_s (30)
         ("codec.bandwidth=2.0", "codec.bandwidth"),  # not an EnCodec bandwidth
@@ -225,6 +226,17 @@ def test_youtube_profile_loads():
     assert cfg.train.use_gpu and cfg.model.dtype == "bfloat16"
     layout = make_layout(codec_info(cfg.codec), 32768, cfg.tokenizer)
     assert (cfg.train.seq_len - 1) % layout.group_len == 0
+
+
+def test_two_stream_layout_from_config():
+    cfg = load_config(
+        DEFAULT_CONFIG, ["tokenizer.streams=2", "tokenizer.model_first=false"], env={}
+    )
+    layout = make_layout(codec_info(cfg.codec), 512, cfg.tokenizer)
+    assert (layout.streams, layout.model_first) == (2, False)
+    assert layout.group_len == 1 + 2 * 3 * 2  # text + 3 frames of 2 codebooks per stream
+    default = load_config(DEFAULT_CONFIG, env={}).tokenizer
+    assert (default.streams, default.model_first) == (1, True)
 
 
 def test_profile_with_override_still_validates():

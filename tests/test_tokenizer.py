@@ -24,11 +24,14 @@ from voxtral.tokenizer import (
     LayoutError,
     MultimodalTokenizer,
     StreamDecoder,
+    Track,
     Vocab,
+    decode_duplex_ids,
     decode_ids,
     encode_ids,
     make_layout,
     place_text,
+    position_tracks,
     timed_text_ids,
 )
 
@@ -43,7 +46,7 @@ def layout_of(name: str, text: bool = True, lead: float = 0.5, text_size: int = 
 
 
 @st.composite
-def layouts(draw, text: bool | None = None) -> Layout:
+def layouts(draw, text: bool | None = None, streams: int = 1) -> Layout:
     vocab = Vocab(
         text_size=draw(st.integers(1, 300)),
         n_q=draw(st.integers(1, 4)),
@@ -57,6 +60,8 @@ def layouts(draw, text: bool | None = None) -> Layout:
         text_lead_s=draw(st.integers(0, 1000)) / 1000,
         codec="test",
         sample_rate=24_000,
+        streams=streams,
+        model_first=draw(st.booleans()) if streams == 2 else True,
     )
 
 
@@ -525,3 +530,196 @@ def test_codec_and_layout_must_agree(text_tok):
     other = make_layout(CodecInfo("encodec", 4, 1024, 24_000, 75.0), 512, TokenizerConfig())
     with pytest.raises(LayoutError, match="n_q=4"):
         MultimodalTokenizer(codec("encodec"), text_tok, other)
+
+
+# -- two streams (full duplex) --------------------------------------------------------------
+def codes_of(draw, layout: Layout, frames: int) -> np.ndarray:
+    n_q, k = layout.vocab.n_q, layout.vocab.codebook_size
+    flat = draw(st.lists(st.integers(0, k - 1), min_size=frames * n_q, max_size=frames * n_q))
+    return np.asarray(flat, dtype=np.int64).reshape(n_q, frames)
+
+
+@st.composite
+def duplex_cases(draw, text: bool | None = True):
+    """A 2-stream layout, both tracks' codes, and text timed one token per chosen group."""
+    layout = draw(layouts(text, streams=2))
+    frames = draw(st.integers(0, 5 * layout.frames_per_group + 2))
+    model, user = codes_of(draw, layout, frames), codes_of(draw, layout, frames)
+    groups = frames // layout.frames_per_group
+    at = sorted(draw(st.sets(st.integers(0, max(0, groups - 1)), max_size=groups)))
+    text_ids = np.asarray(
+        [draw(st.integers(0, layout.vocab.text_size - 1)) for _ in at], dtype=np.int64
+    )
+    starts = np.asarray(at, dtype=np.float64) * layout.group_s + layout.text_lead_s
+    return layout, model, user, text_ids, starts
+
+
+@HYP
+@given(duplex_cases(text=None), st.lists(st.integers(0, 300), max_size=6))
+def test_two_stream_round_trip(case, cuts):
+    layout, model, user, text_ids, starts = case
+    whole = model.shape[1] // layout.frames_per_group * layout.frames_per_group
+    ids = encode_ids(layout, model, text_ids, starts, user_codes=user)
+    groups = whole // layout.frames_per_group
+    assert ids[0] == layout.vocab.bos and len(ids) == layout.seq_len_for_groups(groups)
+    got = decode_duplex_ids(layout, ids)
+    np.testing.assert_array_equal(got.model, model[:, :whole])
+    np.testing.assert_array_equal(got.user, user[:, :whole])
+    assert got.text == (list(text_ids) if layout.text else [])
+    # decode_ids and push keep their 1-stream shape: the model's track and the text
+    codes, text = decode_ids(layout, ids)
+    np.testing.assert_array_equal(codes, got.model)
+    assert text == got.text
+    # incremental decoding gives the same, whatever the cuts
+    dec = StreamDecoder(layout, index=0)
+    bounds = [0, *sorted(c for c in cuts if c <= len(ids)), len(ids)]
+    parts = [dec.push_duplex(ids[lo:hi]) for lo, hi in zip(bounds, bounds[1:], strict=False)]
+    np.testing.assert_array_equal(np.concatenate([p.model for p in parts], axis=1), got.model)
+    np.testing.assert_array_equal(np.concatenate([p.user for p in parts], axis=1), got.user)
+    assert [t for p in parts for t in p.text] == got.text and dec.dropped == 0
+    body = encode_ids(layout, model, text_ids, starts, bos=False, user_codes=user)
+    np.testing.assert_array_equal(body, ids[1:])
+
+
+@HYP
+@given(duplex_cases(text=None))
+def test_two_stream_group_order_and_shared_codebooks(case):
+    """Text first, then each stream's frames frame-major, the model's first when model_first;
+    a user code has the same id as the model's same code (the vocabulary does not grow)."""
+    layout, model, user, _, _ = case
+    v, fpg = layout.vocab, layout.frames_per_group
+    groups = model.shape[1] // fpg
+    body = encode_ids(layout, model, bos=False, user_codes=user).reshape(groups, layout.group_len)
+    col = int(layout.text)
+    order = (model, user) if layout.model_first else (user, model)
+    for track in order:
+        for f in range(fpg):
+            for q in range(v.n_q):
+                expected = track[q, f : groups * fpg : fpg] + v.audio_range(q)[0]
+                np.testing.assert_array_equal(body[:, col], expected)
+                col += 1
+    assert col == layout.group_len
+    assert v.size == Vocab(v.text_size, v.n_q, v.codebook_size).size
+
+
+@HYP
+@given(duplex_cases(text=None))
+def test_two_stream_masks_and_sampled_slots(case):
+    layout, model, user, _, _ = case
+    v, fpg = layout.vocab, layout.frames_per_group
+    ids = encode_ids(layout, model, user_codes=user)
+    assert all(layout.is_allowed(i, int(t)) for i, t in enumerate(ids))
+    kinds = [(s.kind, s.stream) for s in layout.slots]
+    assert kinds.count(("text", "model")) == int(layout.text)
+    assert kinds.count(("audio", "model")) == kinds.count(("audio", "user")) == fpg * v.n_q
+    assert layout.group_len == int(layout.text) + 2 * fpg * v.n_q
+    # model slots are sampled, user slots and <bos> are given; every slot still has a mask
+    n = layout.seq_len_for_groups(2)
+    sampled = layout.sampled_positions(n)
+    assert sampled.dtype == bool and sampled.shape == (n,)
+    assert not layout.is_sampled(0) and not sampled[0]
+    for i in range(1, n):
+        slot = layout.slot_at(i)
+        assert layout.is_sampled(i) == sampled[i] == (slot.stream == "model") == slot.sampled
+        assert layout.allowed_mask(i).any()
+        if slot.kind == "audio":  # both streams allow the same codebook range
+            lo, hi = v.audio_range(slot.q)
+            assert int(layout.allowed_mask(i).sum()) == hi - lo and layout.allowed_mask(i)[lo]
+    assert int(sampled[1:].sum()) == 2 * (int(layout.text) + fpg * v.n_q)
+    np.testing.assert_array_equal(layout.sampled_positions(n - 1, start=1), sampled[1:])
+
+
+@HYP
+@given(layouts(streams=2), st.integers(0, 40), st.integers(0, 60))
+def test_position_tracks_follow_the_slots(layout, start, n):
+    tracks = position_tracks(layout, n, start)
+    assert tracks.dtype == np.int8 and tracks.shape == (n,)
+    for i, t in zip(range(start, start + n), tracks, strict=True):
+        slot = layout.slot_at(i)
+        if slot is None:
+            assert t == Track.BOS
+        elif slot.kind == "text":
+            assert t == Track.TEXT
+        else:
+            assert t == (Track.MODEL_AUDIO if slot.stream == "model" else Track.USER_AUDIO)
+    group = position_tracks(layout, layout.group_len, start=1)
+    np.testing.assert_array_equal(group, layout.slot_tracks)
+    assert np.count_nonzero(group == Track.USER_AUDIO) == layout.frames_per_group * layout.vocab.n_q
+
+
+def test_one_stream_tracks_have_no_user_audio():
+    layout = layout_of("encodec")
+    tracks = position_tracks(layout, layout.seq_len_for_groups(3))
+    assert list(tracks[:8]) == [-1, 0, 1, 1, 1, 1, 1, 1] and (tracks != Track.USER_AUDIO).all()
+    assert layout.sampled_positions(len(tracks))[1:].all()
+    assert all(s.stream == "model" and s.sampled for s in layout.slots)
+
+
+@HYP
+@given(layouts(streams=2), junk_ids, st.integers(0, 40))
+def test_two_stream_decoding_junk_never_crashes(layout, ids, start):
+    v = layout.vocab
+    got = decode_duplex_ids(layout, ids, start=start)
+    last_q = [layout.slot_at(p) for p in range(start, start + len(ids))]
+    for stream, codes in (("model", got.model), ("user", got.user)):
+        complete = sum(
+            1
+            for s in last_q
+            if s is not None and s.kind == "audio" and s.stream == stream and s.q == v.n_q - 1
+        )
+        assert codes.dtype == np.int64 and codes.shape == (v.n_q, complete)
+        assert codes.size == 0 or (codes.min() >= 0 and codes.max() < v.codebook_size)
+    assert all(0 <= t < v.text_size for t in got.text)
+
+
+def test_dropped_user_token_repeats_the_users_previous_code():
+    layout = Layout(Vocab(10, 2, 8), 75.0, 1, streams=2)  # text, model q0 q1, user q0 q1
+    v = layout.vocab
+    model, user = np.array([[1, 2], [3, 4]]), np.array([[5, 6], [7, 0]])
+    ids = encode_ids(layout, model, user_codes=user)
+    ids[1 + 5 + 3] = v.audio_range(1)[0]  # group 1's user q0 slot gets codebook 1's token
+    got = decode_duplex_ids(layout, ids)
+    np.testing.assert_array_equal(got.model, model)
+    np.testing.assert_array_equal(got.user, [[5, 5], [7, 0]])  # the user's 5, not the model's
+
+
+def test_one_stream_decoding_returns_no_user_frames():
+    layout = layout_of("encodec")
+    codes = np.arange(12).reshape(2, 6)
+    got = decode_duplex_ids(layout, encode_ids(layout, codes))
+    np.testing.assert_array_equal(got.model, codes)
+    assert got.user.shape == (2, 0) and got.text == []
+
+
+def test_layout_dicts_old_and_two_stream():
+    old = layout_of("encodec").to_dict()
+    del old["streams"], old["model_first"]  # a voxtral.json from before full duplex
+    loaded = Layout.from_dict(json.loads(json.dumps(old)))
+    assert loaded == layout_of("encodec") and (loaded.streams, loaded.model_first) == (1, True)
+    for model_first in (True, False):
+        cfg = TokenizerConfig(group_ms=40, streams=2, model_first=model_first)
+        layout = make_layout(INFO["encodec"], 512, cfg)
+        d = json.loads(json.dumps(layout.to_dict()))
+        assert (d["streams"], d["model_first"], d["group_len"]) == (2, model_first, 13)
+        back = Layout.from_dict(d)
+        assert back == layout and back.slots == layout.slots
+        assert back != Layout.from_dict({**d, "model_first": not model_first})
+    assert Layout.from_dict({**old, "streams": 2}) != loaded
+
+
+def test_two_stream_encode_errors():
+    one = layout_of("encodec")
+    two = make_layout(INFO["encodec"], 512, TokenizerConfig(group_ms=40, streams=2))
+    codes = np.zeros((2, 6), dtype=np.int64)
+    with pytest.raises(LayoutError, match="1 stream"):
+        encode_ids(one, codes, user_codes=codes)
+    with pytest.raises(LayoutError, match="needs user_codes"):
+        encode_ids(two, codes)
+    with pytest.raises(LayoutError, match="time-aligned"):
+        encode_ids(two, codes, user_codes=np.zeros((2, 9), dtype=np.int64))
+    with pytest.raises(LayoutError, match=r"user_codes must be \[n_q=2"):
+        encode_ids(two, codes, user_codes=np.zeros((3, 6), dtype=np.int64))
+    with pytest.raises(LayoutError, match=r"user_codes must lie in \[0, 1024\)"):
+        encode_ids(two, codes, user_codes=np.full((2, 6), 1024))
+    with pytest.raises(LayoutError, match="streams must be 1 or 2"):
+        Layout(Vocab(10, 2, 8), 75.0, 1, streams=3)

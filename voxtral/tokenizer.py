@@ -5,11 +5,18 @@
 follow. The embedding matrix is padded to a multiple of 64 rows; padding rows are never
 allowed at generation time.
 
-**Layout.** A stream is ``<bos>`` followed by groups. A group is a list of *slots* (one text
-slot, then ``frames_per_group`` whole codec frames, frame-major: ``f0q0 f0q1 … f1q0 …``).
-The layout is a description (``Layout.slots``), not hard-coded offsets, so a second audio
-stream can be added later without rewriting its users. Text (timed caption tokens) leads its
-audio by ``text_lead_s``; empty text slots hold ``<text_pad>`` (never EOS).
+**Layout.** A sequence is ``<bos>`` followed by groups. A group is a list of *slots*. With
+one stream (``streams=1``) a group is one text slot, then ``frames_per_group`` whole codec
+frames of the model's speech, frame-major: ``f0q0 f0q1 … f1q0 …``. With two streams (full
+duplex, Moshi-style) the text slot is followed by the model's ``frames_per_group`` frames and
+the user's ``frames_per_group`` frames, each frame-major, the model's first when
+``model_first`` (else the user's first). Both audio streams use the same codebook id ranges,
+so the vocabulary does not grow. Every slot belongs to a stream (``Slot.stream``: text is the
+model's): model slots are *sampled* at generation, user slots are input only (filled from the
+microphone, still validated by ``allowed_mask``). The layout is a description
+(``Layout.slots``), not hard-coded offsets, so its users never compute positions by hand.
+Text (timed caption tokens) leads its audio by ``text_lead_s``; empty text slots hold
+``<text_pad>`` (never EOS).
 
 Everything here is a pure function of arrays except :class:`MultimodalTokenizer`, which
 binds a codec and a text tokenizer to a layout.
@@ -20,8 +27,9 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from enum import IntEnum
 from functools import cached_property
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -78,11 +86,35 @@ class Vocab:
         return lo, lo + self.codebook_size
 
 
+StreamName = Literal["model", "user"]
+
+
+class Track(IntEnum):
+    """What a sequence position holds, as a small int (e.g. for per-track loss weights)."""
+
+    BOS = -1
+    TEXT = 0
+    MODEL_AUDIO = 1
+    USER_AUDIO = 2
+
+
 @dataclass(frozen=True)
 class Slot:
     kind: Literal["text", "audio"]
     frame: int = 0
     q: int = 0
+    stream: StreamName = "model"
+
+    @property
+    def sampled(self) -> bool:
+        """Model slots are generated; user slots are given (the microphone), never sampled."""
+        return self.stream == "model"
+
+    @property
+    def track(self) -> Track:
+        if self.kind == "text":
+            return Track.TEXT
+        return Track.MODEL_AUDIO if self.stream == "model" else Track.USER_AUDIO
 
 
 @dataclass(frozen=True)
@@ -94,16 +126,30 @@ class Layout:
     text_lead_s: float = 0.0
     codec: str = ""
     sample_rate: int = 0
+    streams: Literal[1, 2] = 1
+    model_first: bool = True
     slots: tuple[Slot, ...] = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.frames_per_group < 1:
             raise LayoutError("a group needs at least one codec frame")
+        if self.streams not in (1, 2):
+            raise LayoutError(f"streams must be 1 or 2, got {self.streams!r}")
         slots = [Slot("text")] if self.text else []
-        slots += [
-            Slot("audio", f, q) for f in range(self.frames_per_group) for q in range(self.vocab.n_q)
-        ]
+        for stream in self.audio_streams:
+            slots += [
+                Slot("audio", f, q, stream)
+                for f in range(self.frames_per_group)
+                for q in range(self.vocab.n_q)
+            ]
         object.__setattr__(self, "slots", tuple(slots))
+
+    @property
+    def audio_streams(self) -> tuple[StreamName, ...]:
+        """The audio streams in group order."""
+        if self.streams == 1:
+            return ("model",)
+        return ("model", "user") if self.model_first else ("user", "model")
 
     @property
     def group_len(self) -> int:
@@ -123,6 +169,24 @@ class Layout:
 
     def seq_len_for_groups(self, groups: int) -> int:
         return 1 + groups * self.group_len
+
+    # -- streams -----------------------------------------------------------------------
+    def is_sampled(self, index: int) -> bool:
+        """Whether the model generates position ``index`` (``<bos>`` and user slots are given)."""
+        slot = self.slot_at(index)
+        return slot is not None and slot.sampled
+
+    @cached_property
+    def slot_tracks(self) -> np.ndarray:
+        """``[group_len]`` int8: the :class:`Track` of each slot of a group (read-only)."""
+        tracks = np.array([s.track for s in self.slots], dtype=np.int8)
+        tracks.flags.writeable = False
+        return tracks
+
+    def sampled_positions(self, seq_len: int, start: int = 0) -> np.ndarray:
+        """``[seq_len]`` bool: which positions ``start …`` the model generates."""
+        tracks = position_tracks(self, seq_len, start)
+        return (tracks == Track.TEXT) | (tracks == Track.MODEL_AUDIO)
 
     # -- allowed tokens ----------------------------------------------------------------
     def allowed_range(self, slot: Slot | None) -> list[tuple[int, int]]:
@@ -168,7 +232,9 @@ class Layout:
         v = d["vocab"]
         vocab = Vocab(v["text_size"], v["n_q"], v["codebook_size"])
         keys = ("frame_rate", "frames_per_group", "text", "text_lead_s", "codec", "sample_rate")
-        return cls(vocab=vocab, **{k: d[k] for k in keys})
+        # voxtral.json files from before full duplex have no streams: one stream
+        duplex = {"streams": d.get("streams", 1), "model_first": d.get("model_first", True)}
+        return cls(vocab=vocab, **{k: d[k] for k in keys}, **duplex)
 
 
 def make_layout(info: CodecInfo, text_size: int, cfg: TokenizerConfig) -> Layout:
@@ -192,7 +258,17 @@ def make_layout(info: CodecInfo, text_size: int, cfg: TokenizerConfig) -> Layout
         text_lead_s=cfg.text_lead_s,
         codec=info.name,
         sample_rate=info.sample_rate,
+        streams=cfg.streams,
+        model_first=cfg.model_first,
     )
+
+
+def position_tracks(layout: Layout, seq_len: int, start: int = 0) -> np.ndarray:
+    """``[seq_len]`` int8: the :class:`Track` of positions ``start …`` (0 is ``<bos>``), e.g.
+    to weight the loss per track without walking the slots."""
+    index = np.arange(start, start + seq_len)
+    tracks = layout.slot_tracks[(index - 1) % layout.group_len]
+    return np.where(index == 0, np.int8(Track.BOS), tracks).astype(np.int8)
 
 
 # -- layout → ids ----------------------------------------------------------------------
@@ -221,26 +297,54 @@ def place_text(
     return out
 
 
+def _checked_codes(layout: Layout, codes: np.ndarray, name: str) -> np.ndarray:
+    codes = np.asarray(codes)
+    v = layout.vocab
+    if codes.ndim != 2 or codes.shape[0] != v.n_q:
+        raise LayoutError(f"{name} must be [n_q={v.n_q}, F], got {codes.shape}")
+    if codes.size and (codes.min() < 0 or codes.max() >= v.codebook_size):
+        raise LayoutError(f"{name} must lie in [0, {v.codebook_size})")
+    return codes
+
+
+def _audio_slots(layout: Layout, codes: np.ndarray, groups: int) -> np.ndarray:
+    """Codes ``[n_q, F]`` → ``[groups, frames_per_group * n_q]`` ids, frame-major."""
+    v, fpg = layout.vocab, layout.frames_per_group
+    audio = codes[:, : groups * fpg].astype(np.int64).reshape(v.n_q, groups, fpg)
+    audio = audio.transpose(1, 2, 0) + (v.audio_offset + np.arange(v.n_q) * v.codebook_size)
+    return audio.reshape(groups, fpg * v.n_q)
+
+
 def encode_ids(
     layout: Layout,
     codes: np.ndarray,
     text_ids: np.ndarray | None = None,
     text_starts_s: np.ndarray | None = None,
     bos: bool = True,
+    user_codes: np.ndarray | None = None,
 ) -> np.ndarray:
     """Codes ``[n_q, F]`` (+ timed text ids) → the id stream. Trailing frames that do not fill
-    a whole group are left out (less than one group of audio)."""
-    codes = np.asarray(codes)
+    a whole group are left out (less than one group of audio).
+
+    With a 2-stream layout ``codes`` is the model's track and ``user_codes`` (required, same
+    ``F``) the user's, time-aligned; a 1-stream layout takes no ``user_codes``."""
     v = layout.vocab
-    if codes.ndim != 2 or codes.shape[0] != v.n_q:
-        raise LayoutError(f"codes must be [n_q={v.n_q}, F], got {codes.shape}")
-    if codes.size and (codes.min() < 0 or codes.max() >= v.codebook_size):
-        raise LayoutError(f"codes must lie in [0, {v.codebook_size})")
-    fpg = layout.frames_per_group
-    groups = codes.shape[1] // fpg
-    audio = codes[:, : groups * fpg].astype(np.int64).reshape(v.n_q, groups, fpg)
-    audio = audio.transpose(1, 2, 0) + (v.audio_offset + np.arange(v.n_q) * v.codebook_size)
-    parts = [audio.reshape(groups, fpg * v.n_q)]
+    codes = _checked_codes(layout, codes, "codes")
+    tracks = {"model": codes}
+    if layout.streams == 1:
+        if user_codes is not None:
+            raise LayoutError("user_codes given, but the layout has 1 stream (tokenizer.streams)")
+    else:
+        if user_codes is None:
+            raise LayoutError("a 2-stream layout needs user_codes (the user's track)")
+        tracks["user"] = _checked_codes(layout, user_codes, "user_codes")
+        if tracks["user"].shape[1] != codes.shape[1]:
+            raise LayoutError(
+                f"user_codes has {tracks['user'].shape[1]} frames, codes has {codes.shape[1]}: "
+                "the two tracks must be time-aligned"
+            )
+    groups = codes.shape[1] // layout.frames_per_group
+    parts = [_audio_slots(layout, tracks[s], groups) for s in layout.audio_streams]
     if layout.text:
         if text_ids is None or len(text_ids) == 0:
             text = np.full(groups, v.text_pad, dtype=np.int64)
@@ -255,30 +359,47 @@ def encode_ids(
 
 
 # -- ids → codes + text ----------------------------------------------------------------
+class Decoded(NamedTuple):
+    """What ids decode to: the model's frames ``[n_q, f]`` int64, its text ids, and the user's
+    frames ``[n_q, f']`` int64 (always empty with one stream)."""
+
+    model: np.ndarray
+    text: list[int]
+    user: np.ndarray
+
+
 @dataclass
 class StreamDecoder:
     """Incremental ids → (frames, text ids), for any id sequence a model may produce.
 
     Tokens that are not allowed at their position (wrong slot, out of range, padding rows)
-    are dropped; the codebook they should have filled repeats its previous code so audio
-    keeps its timing. A frame is released only once all its codebooks have been seen, so a
-    partial frame is held back until the next push. Never raises on ids.
+    are dropped; the codebook they should have filled repeats its stream's previous code so
+    audio keeps its timing. A frame is released only once all its codebooks have been seen,
+    so a partial frame is held back until the next push. Never raises on ids.
     """
 
     layout: Layout
     index: int = 1  # stream position of the next id (0 is <bos>)
-    _frame: list[int | None] = field(default_factory=list)
-    _last: list[int] = field(default_factory=list)
+    _frame: dict[str, list[int | None]] = field(default_factory=dict)
+    _last: dict[str, list[int]] = field(default_factory=dict)
     dropped: int = 0
 
     def __post_init__(self) -> None:
-        self._frame = [None] * self.layout.vocab.n_q
-        self._last = [0] * self.layout.vocab.n_q
+        n_q = self.layout.vocab.n_q
+        self._frame = {s: [None] * n_q for s in self.layout.audio_streams}
+        self._last = {s: [0] * n_q for s in self.layout.audio_streams}
 
     def push(self, ids) -> tuple[np.ndarray, list[int]]:
-        """Feed ids; return (complete frames ``[n_q, f]`` int64, text ids) they completed."""
+        """Feed ids; return (complete model frames ``[n_q, f]`` int64, text ids) they
+        completed. User frames (2 streams) are decoded but not returned: see
+        :meth:`push_duplex`."""
+        model, text, _ = self.push_duplex(ids)
+        return model, text
+
+    def push_duplex(self, ids) -> Decoded:
+        """Feed ids; return the model frames, text ids and user frames they completed."""
         v = self.layout.vocab
-        frames: list[list[int]] = []
+        frames: dict[str, list[list[int]]] = {"model": [], "user": []}
         text: list[int] = []
         for raw in np.asarray(ids, dtype=np.int64).reshape(-1).tolist():
             index, self.index = self.index, self.index + 1
@@ -292,21 +413,30 @@ class StreamDecoder:
                 if ok and raw < v.text_size:
                     text.append(raw)
                 continue
-            code = raw - v.audio_range(slot.q)[0] if ok else self._last[slot.q]
-            self._frame[slot.q] = code
+            partial, last = self._frame[slot.stream], self._last[slot.stream]
+            partial[slot.q] = raw - v.audio_range(slot.q)[0] if ok else last[slot.q]
             if slot.q == v.n_q - 1:
-                frame = [self._last[q] if c is None else c for q, c in enumerate(self._frame)]
-                frames.append(frame)
-                self._last = frame
-                self._frame = [None] * v.n_q
-        arr = np.asarray(frames, dtype=np.int64).reshape(-1, v.n_q).T
-        return arr, text
+                frame = [last[q] if c is None else c for q, c in enumerate(partial)]
+                frames[slot.stream].append(frame)
+                self._last[slot.stream] = frame
+                self._frame[slot.stream] = [None] * v.n_q
+
+        def as_codes(rows: list[list[int]]) -> np.ndarray:
+            return np.asarray(rows, dtype=np.int64).reshape(-1, v.n_q).T
+
+        return Decoded(as_codes(frames["model"]), text, as_codes(frames["user"]))
 
 
 def decode_ids(layout: Layout, ids, start: int = 0) -> tuple[np.ndarray, list[int]]:
-    """Any id sequence → (codes ``[n_q, F]``, text ids); ``start`` is the stream position of
-    ``ids[0]`` (0 when it begins with ``<bos>``). A trailing partial frame is left out."""
+    """Any id sequence → (model codes ``[n_q, F]``, text ids); ``start`` is the stream
+    position of ``ids[0]`` (0 when it begins with ``<bos>``). A trailing partial frame is left
+    out. With 2 streams the user's track is left out too: see :func:`decode_duplex_ids`."""
     return StreamDecoder(layout, index=start).push(ids)
+
+
+def decode_duplex_ids(layout: Layout, ids, start: int = 0) -> Decoded:
+    """Like :func:`decode_ids`, also returning the user's codes (empty with one stream)."""
+    return StreamDecoder(layout, index=start).push_duplex(ids)
 
 
 # -- text ------------------------------------------------------------------------------

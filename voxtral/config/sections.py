@@ -177,6 +177,15 @@ class TokenizerConfig(Section):
     """Duration of one group (one text slot + whole codec frames); None = one frame."""
     text: bool = True
     text_lead_s: float = Field(0.5, ge=0)
+    streams: Literal[1, 2] = 1
+    """Audio streams in a group: 1 = the model's speech only; 2 = the model's and the user's
+    speech side by side (full duplex, as in Moshi), so the model keeps hearing the user while
+    it talks and can be interrupted. Both streams share the codec vocabulary."""
+    model_first: bool = True
+    """With 2 streams, the model's frames come before the user's in a group (Moshi's order):
+    the model then speaks frame t without waiting for the user's frame t, which costs no
+    latency. False conditions each model frame on the user's same frame, at one group more
+    latency. The text slot stays first either way."""
 
 
 class ModelConfig(Section):
