@@ -109,6 +109,12 @@ TOKENS = pa.schema(
         ("words", pa.list_(WORD)),
         ("text_source", pa.string()),  # one of TEXT_SOURCES
         ("language", pa.string()),  # Whisper's language code ("en") where ASR ran, else null
+        # Two-stream (full-duplex) rows, ``tokenizer.streams: 2``: one row per main speaker of
+        # a diarised chunk, that speaker as "the model". ``codes`` is then the model's track,
+        # ``user_codes`` everyone else's (same codec, n_q and frames), and ``words`` only the
+        # model speaker's. Both null in single-stream rows.
+        ("model_speaker", pa.string()),
+        ("user_codes", pa.binary()),  # as ``codes``
     ]
 )
 
