@@ -18,7 +18,6 @@ from voxtral.stages.train.data import (
     IGNORE,
     NO_STREAM,
     STREAMS,
-    TEXT,
     TEXT_PAD,
     USER_AUDIO,
     row_windows,
