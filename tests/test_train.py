@@ -3,6 +3,10 @@
 The token rows are built here (patterned codes with a little noise, timed caption ids), in
 the TOKENS schema with the codec record preprocess writes, so these tests depend on
 neither scrape nor preprocess. Runs share one storage root and differ by run name.
+
+The runs here are two-stream (full duplex, ``tokenizer.streams=2``: each row has the
+model's track and the user's), so training, resume and export are covered for it; the
+single-stream path runs end to end in tests/test_pipeline.py.
 """
 
 from __future__ import annotations
@@ -24,7 +28,11 @@ from voxtral.storage import Storage
 
 TRAIN = [
     "train.num_workers=2",
-    "train.seq_len=281",  # 1 + 40 groups of 7: a 3 s chunk is two windows
+    "tokenizer.streams=2",
+    # groups of 1 + 2 streams * 3 frames * 2 codebooks = 13 tokens (0.04 s): 1 + 40 groups,
+    # so a 3 s chunk is two windows (1.6 s of context: shorter ones do not generalise to
+    # the held-out video's patterns in 30 steps)
+    "train.seq_len=521",
     "train.micro_batch=2",
     "train.max_steps=30",
     "train.warmup_steps=3",
@@ -44,8 +52,16 @@ def make_cfg(root: Path, *overrides: str) -> Config:
     return load_config(DEFAULT_CONFIG, [f"storage.root={root}", *TRAIN, *overrides], env={})
 
 
-def write_tokens(cfg: Config, videos: int = 6, chunks: int = 2, seconds: float = 3.0) -> None:
-    """Token rows a model can learn quickly: each codebook follows a per-video pattern."""
+def write_tokens(
+    cfg: Config,
+    videos: int = 6,
+    chunks: int = 2,
+    seconds: float = 3.0,
+    user: bool = True,
+    root: Path | None = None,
+) -> None:
+    """Token rows a model can learn quickly: each codebook follows a per-video pattern, and
+    so does the user's track (another one); ``user=False`` writes single-stream rows."""
     from voxtral.codec import codec_info
     from voxtral.model import load_text_tokenizer, resolve_base
     from voxtral.schema import TOKENS
@@ -66,6 +82,12 @@ def write_tokens(cfg: Config, videos: int = 6, chunks: int = 2, seconds: float =
             )
             noise = rng.random(codes.shape) < 0.05
             codes[noise] = rng.integers(0, info.codebook_size, noise.sum())
+            user_codes = np.stack(
+                [
+                    (11 * v + 2 * q + 3 * (f // (3 + q)) + 7 * c) % info.codebook_size
+                    for q in range(info.n_q)
+                ]
+            )
             ids, starts = [], []
             for i, word in enumerate(WORDS[(v + c) % 5 :][:8]):
                 for tid in tok(" " + word, add_special_tokens=False)["input_ids"]:
@@ -81,9 +103,11 @@ def write_tokens(cfg: Config, videos: int = 6, chunks: int = 2, seconds: float =
                     codes=codes.astype("<i2").tobytes(),
                     text_ids=ids,
                     text_starts_s=starts,
+                    model_speaker="SPEAKER_00" if user else None,
+                    user_codes=user_codes.astype("<i2").tobytes() if user else None,
                 )
             )
-    st = Storage(cfg.storage.root)
+    st = Storage(root or cfg.storage.root)
     half = len(rows) // 2
     st.write_table("tokens/part-000.parquet", pa.Table.from_pylist(rows[:half], schema=TOKENS))
     st.write_table("tokens/part-001.parquet", pa.Table.from_pylist(rows[half:], schema=TOKENS))
@@ -182,6 +206,8 @@ def assert_trained(cfg: Config, summary: dict, history: list[dict]) -> None:
         "loss_text_pad",
         "loss_audio_q0",
         "loss_audio_rest",
+        "loss_user_audio",
+        "eval_loss_user_audio",
         "lr",
         "grad_norm",
         "tokens_per_s",
@@ -243,7 +269,7 @@ def test_export_loads_and_generates_well_formed_streams(zero2):
     from voxtral.model import read_voxtral_json
     from voxtral.stages.train.export import SAMPLE_JSON, SAMPLE_WAV
     from voxtral.stages.train.run import validate
-    from voxtral.stages.train.sample import generate_ids
+    from voxtral.stages.train.sample import generate_ids, user_continuation
     from voxtral.tokenizer import Layout, StreamDecoder
 
     cfg, summary, _ = zero2
@@ -255,19 +281,28 @@ def test_export_loads_and_generates_well_formed_streams(zero2):
     assert model.get_input_embeddings().weight.shape[0] == layout.vocab.padded_size
     AutoTokenizer.from_pretrained(folder)
 
-    prompt = np.asarray(__import__("json").loads((folder / SAMPLE_JSON).read_text())["ids"])
-    prompt = prompt[: layout.seq_len_for_groups(5)]
-    # ten whole groups, then a text slot and half a frame (held back by the decoder)
-    new = generate_ids(model, layout, prompt, 10 * layout.group_len + 2, seed=1)
+    note = json.loads((folder / SAMPLE_JSON).read_text())
+    assert layout.streams == 2 and note["channels"] == ["user", "model"]
+    sample = np.asarray(note["ids"])
+    prompt = sample[: layout.seq_len_for_groups(5)]
+    # ten whole groups, then a text slot and half a model frame (held back by the decoder);
+    # the user's slots are given: the sample's own user track
+    n = 10 * layout.group_len + 2
     start = len(prompt)
+    given = user_continuation(layout, sample, start, n, np.zeros(layout.vocab.n_q, int))
+    new = generate_ids(model, layout, prompt, n, seed=1, given=given)
     assert all(layout.is_allowed(start + i, int(t)) for i, t in enumerate(new))
+    user_slots = given >= 0
+    assert user_slots.any()
+    assert np.array_equal(new[user_slots], sample[start : start + n][user_slots])
     decoder = StreamDecoder(layout, index=start)
-    codes, _text = decoder.push(new)
+    codes, _text, user = decoder.push_duplex(new)
     assert decoder.dropped == 0
     assert codes.shape == (layout.vocab.n_q, 10 * layout.frames_per_group)
+    assert user.shape == (layout.vocab.n_q, 10 * layout.frames_per_group)
 
     wav, sr = sf.read(folder / SAMPLE_WAV)
-    assert sr == 24_000 and wav.ndim == 1
+    assert sr == 24_000 and wav.ndim == 2 and wav.shape[1] == 2  # user left, model right
     expected = cfg.train.prompt_seconds + cfg.train.sample_seconds
     assert abs(len(wav) / sr - expected) < 0.2
     assert np.isfinite(wav).all()
@@ -312,12 +347,36 @@ def test_bad_configs_fail_before_any_work(root):
     from voxtral.stages.train.run import run_train
 
     storage = Storage(root)
-    with pytest.raises(ConfigError, match=r"train\.seq_len=280 .* groups of 7"):
+    with pytest.raises(ConfigError, match=r"train\.seq_len=280 .* groups of 13"):
         run_train(make_cfg(root, "train.seq_len=280", "train.run_name=bad1"))
     with pytest.raises(CodecMismatchError, match="n_q"):  # tokens are 2-codebook EnCodec
-        # 4 codebooks: groups of 1 + 3 * 4 = 13, so seq_len 521 is valid for that layout
-        run_train(make_cfg(root, "codec.bandwidth=3.0", "train.seq_len=521", "train.run_name=bad2"))
+        # 4 codebooks: groups of 1 + 2 * 3 * 4 = 25, so seq_len 501 is valid for that layout
+        run_train(make_cfg(root, "codec.bandwidth=3.0", "train.seq_len=501", "train.run_name=bad2"))
     assert not storage.exists("train", "bad1") and not storage.exists("train", "bad2")
+
+
+def test_two_stream_run_refuses_single_stream_tokens_before_any_work(tmp_path):
+    """Tokens from before full duplex (no user_codes column) or with single-stream rows
+    mixed in are refused up front under ``tokenizer.streams=2``, from the file footers."""
+    import pyarrow.parquet as pq
+
+    from voxtral.stages.train.run import run_train
+    from voxtral.stages.train.token_check import TokenMismatchError
+
+    for name, kwargs in (("old", {"user": False}), ("mixed", {})):
+        root = tmp_path / name
+        cfg = make_cfg(root, "train.run_name=mono")
+        write_tokens(cfg, videos=2, chunks=1, user=kwargs.get("user", True))
+        storage = Storage(root)
+        if name == "mixed":  # plus a file of single-stream rows (user_codes null)
+            write_tokens(cfg, videos=2, chunks=1, user=False, root=root / "tokens" / "more")
+        else:  # files written before the column existed
+            for path in storage.parquet_files("tokens"):
+                table = pq.read_table(path)
+                pq.write_table(table.drop_columns(["model_speaker", "user_codes"]), path)
+        with pytest.raises(TokenMismatchError, match=r"no user_codes.*tokenizer\.streams=2"):
+            run_train(cfg)
+        assert not Storage(root).exists("train", "mono")
 
 
 # -- the loop itself, in one process ------------------------------------------------------

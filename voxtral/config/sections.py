@@ -324,6 +324,9 @@ class TrainConfig(Section):
     loss_weight_text_pad: float = Field(0.1, ge=0)
     loss_weight_audio_q0: float = Field(1.0, ge=0)
     loss_weight_audio_rest: float = Field(1.0, ge=0)
+    loss_weight_user_audio: float = Field(0.0, ge=0)
+    """The user's audio (``tokenizer.streams=2``): input the model listens to, so by default
+    not a target (its loss is still reported); Moshi-style training gives it a small weight."""
     peak_tflops: float | None = Field(None, gt=0)
     """Peak dense bf16 TFLOP/s of one GPU for MFU; None looks the GPU's name up."""
     export: bool = True
@@ -356,7 +359,10 @@ class TrainConfig(Section):
                 self.loss_weight_audio_rest,
             )
         ):
-            raise ValueError("train.loss_weight_*: at least one stream needs a weight > 0")
+            raise ValueError(
+                "train.loss_weight_*: at least one of the model's streams (text, text_pad, "
+                "audio_q0, audio_rest) needs a weight > 0"
+            )
         return self
 
     def check_layout(self, group_len: int) -> None:

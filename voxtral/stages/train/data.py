@@ -21,8 +21,15 @@ tail of one chunk fills the rest of a row instead of padding. A row holding a si
 keeps the plain causal path (flash kernels on GPU).
 
 **Targets and streams.** ``labels[t]`` is the id at ``t + 1`` (already shifted) and
-``streams[t]`` its stream: text, ``<text_pad>``, first codebook, other codebooks (-1 =
-ignored), read off the layout's slot description rather than fixed offsets.
+``streams[t]`` its stream: text, ``<text_pad>``, the model's first codebook, its other
+codebooks, and (two-stream layouts) the user's audio (-1 = ignored), read off the layout's
+slot description rather than fixed offsets. The user's audio is input the model conditions
+on, so it gets its own stream and loss weight (``train.loss_weight_user_audio``, 0 by
+default) instead of counting as the model's speech.
+
+**Two streams** (``tokenizer.streams=2``): a token row carries the model's track in
+``codes`` and the user's in ``user_codes``; both go into every window, time-aligned, so
+windows of one chunk are cut at the same group boundaries for both speakers.
 
 **Held-out split** is by a salted hash of ``video_id``, so no video is in both splits, the
 split is the same on every node and run, and a video keeps its side as the corpus grows.
@@ -37,14 +44,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from voxtral.schema import codes_from_bytes
-from voxtral.stages.train.token_check import check_row_codec
+from voxtral.stages.train.token_check import check_row_codec, check_row_streams
 from voxtral.tokenizer import Layout, encode_ids
 
 IGNORE = -100
 """Label of positions that are not trained (the value torch's cross-entropy skips)."""
 
-STREAMS = ("text", "text_pad", "audio_q0", "audio_rest")
-TEXT, TEXT_PAD, AUDIO_Q0, AUDIO_REST = range(len(STREAMS))
+STREAMS = ("text", "text_pad", "audio_q0", "audio_rest", "user_audio")
+TEXT, TEXT_PAD, AUDIO_Q0, AUDIO_REST, USER_AUDIO = range(len(STREAMS))
+MODEL_AUDIO = (AUDIO_Q0, AUDIO_REST)
+"""The streams of the model's speech (what ``audio_s`` counts: each second of a chunk once)."""
 NO_STREAM = -1
 
 
@@ -64,18 +73,15 @@ def row_windows(
     text_ids: Sequence[int] | None,
     text_starts_s: Sequence[float] | None,
     seq_len: int,
+    user_codes: np.ndarray | None = None,
 ) -> list[np.ndarray]:
     """One chunk → its windows (each ``<bos>`` + at most ``seq_len - 1`` tokens of groups).
 
     The chunk is cut into near-equal windows rather than full ones plus a stub, so no
-    window is a handful of tokens with almost no context.
+    window is a handful of tokens with almost no context. ``user_codes`` (the user's track,
+    ``[n_q, frames]``) is required by a 2-stream layout and ignored by a 1-stream one.
     """
-    ids = encode_ids(
-        layout,
-        codes,
-        np.asarray(text_ids if text_ids is not None else [], dtype=np.int64),
-        np.asarray(text_starts_s if text_starts_s is not None else [], dtype=np.float64),
-    )
+    ids = chunk_stream(layout, codes, text_ids, text_starts_s, user_codes)
     g = layout.group_len
     groups = (len(ids) - 1) // g
     if groups == 0:
@@ -89,18 +95,49 @@ def row_windows(
     ]
 
 
+def chunk_stream(
+    layout: Layout,
+    codes: np.ndarray,
+    text_ids: Sequence[int] | None,
+    text_starts_s: Sequence[float] | None,
+    user_codes: np.ndarray | None = None,
+) -> np.ndarray:
+    """One chunk's whole id stream (``<bos>`` + groups); ``user_codes`` only with 2 streams."""
+    return encode_ids(
+        layout,
+        codes,
+        np.asarray(text_ids if text_ids is not None else [], dtype=np.int64),
+        np.asarray(text_starts_s if text_starts_s is not None else [], dtype=np.float64),
+        user_codes=user_codes if layout.streams == 2 else None,
+    )
+
+
+def row_user_codes(row: dict, layout: Layout) -> np.ndarray | None:
+    """The user's track of a TOKENS row (a dict of its columns) under a 2-stream layout;
+    None under a 1-stream one. A 2-stream layout refuses a row without it (single-stream
+    tokens), as it refuses rows of another codec."""
+    if layout.streams == 1:
+        return None
+    user = row.get("user_codes")
+    check_row_streams(user is not None, layout, str(row["chunk_id"]))
+    return row_codes(user, int(row["n_q"]), int(row["frames"]))
+
+
 def windows_batch(batch: dict, layout: Layout, seq_len: int) -> dict:
     """A batch of TOKENS rows (numpy format) → ``{"window": int32 bytes, "chunk_id"}`` rows,
-    for ``Dataset.map_batches``. Rows of another codec or ``n_q`` are refused here too, so a
-    mixed ``tokens/`` folder can never train silently."""
+    for ``Dataset.map_batches``. Rows of another codec or ``n_q``, and single-stream rows
+    under a 2-stream layout, are refused here too, so a mixed ``tokens/`` folder can never
+    train silently."""
     out_w: list[bytes] = []
     out_c: list[str] = []
     for i in range(len(batch["chunk_id"])):
         codec, n_q = str(batch["codec"][i]), int(batch["n_q"][i])
         check_row_codec(codec, n_q, layout, str(batch["chunk_id"][i]))
         codes = row_codes(batch["codes"][i], n_q, int(batch["frames"][i]))
+        row = {k: batch[k][i] for k in ("chunk_id", "n_q", "frames", "user_codes") if k in batch}
+        user = row_user_codes(row, layout)
         for w in row_windows(
-            layout, codes, batch["text_ids"][i], batch["text_starts_s"][i], seq_len
+            layout, codes, batch["text_ids"][i], batch["text_starts_s"][i], seq_len, user
         ):
             out_w.append(w.astype("<i4").tobytes())
             out_c.append(str(batch["chunk_id"][i]))
@@ -179,11 +216,17 @@ def window_targets(layout: Layout, window: np.ndarray) -> tuple[np.ndarray, np.n
 
 
 def stream_of_slots(layout: Layout) -> np.ndarray:
-    """Stream of each slot in a group (text slots are text until the id says pad)."""
-    return np.array(
-        [TEXT if s.kind == "text" else AUDIO_Q0 if s.q == 0 else AUDIO_REST for s in layout.slots],
-        dtype=np.int8,
-    )
+    """Stream of each slot in a group (text slots are text until the id says pad; the
+    user's audio is one stream whatever the codebook: it is input, trained at most lightly)."""
+
+    def stream(s) -> int:
+        if s.kind == "text":
+            return TEXT
+        if s.stream == "user":
+            return USER_AUDIO
+        return AUDIO_Q0 if s.q == 0 else AUDIO_REST
+
+    return np.array([stream(s) for s in layout.slots], dtype=np.int8)
 
 
 @dataclass

@@ -21,9 +21,14 @@ import torch
 from voxtral.codec import codec_info, load_codec
 from voxtral.config import Config
 from voxtral.model import VOXTRAL_JSON, build_speech_lm, export_speech_lm
-from voxtral.stages.train.sample import generate_ids, prompt_from_window, tokens_for_seconds
+from voxtral.stages.train.sample import (
+    generate_ids,
+    prompt_from_window,
+    tokens_for_seconds,
+    user_continuation,
+)
 from voxtral.storage import TMP_PREFIX, Storage
-from voxtral.tokenizer import Layout, decode_ids
+from voxtral.tokenizer import Layout, decode_duplex_ids
 
 SAMPLE_WAV = "sample.wav"
 SAMPLE_JSON = "sample.json"
@@ -58,30 +63,53 @@ def write_sample(
     model, tokenizer, layout: Layout, cfg: Config, window: np.ndarray, folder: Path, source: dict
 ) -> dict:
     """Generate ``train.sample_seconds`` after ``train.prompt_seconds`` of ``window`` and
-    write prompt + continuation as a WAV (decoded with the codec) and a JSON note."""
+    write prompt + continuation as a WAV (decoded with the codec) and a JSON note.
+
+    One stream: a mono WAV of the model. Two streams: ``window`` is a chunk's whole stream,
+    the user's slots after the prompt replay its user track (then silence) and only the
+    model's are sampled; the WAV is stereo, the user left and the model right."""
     import soundfile as sf
 
     tc = cfg.train
-    prompt = prompt_from_window(layout, window, tc.prompt_seconds)
-    new = generate_ids(
-        model, layout, prompt, tokens_for_seconds(layout, tc.sample_seconds), seed=tc.seed
-    )
-    ids = np.concatenate([prompt, new])
-    codes, text = decode_ids(layout, ids)
     device = next(model.parameters()).device
     codec = load_codec(cfg.codec, device=device)
-    wav = codec.decode(torch.as_tensor(codes)[None])[0, 0].float().cpu().numpy()
+    prompt = prompt_from_window(layout, window, tc.prompt_seconds)
+    n_new = tokens_for_seconds(layout, tc.sample_seconds)
+    given = None
+    if layout.streams == 2:
+        silence = silence_frame(codec, layout.frames_per_group)
+        given = user_continuation(layout, window, len(prompt), n_new, silence)
+    new = generate_ids(model, layout, prompt, n_new, seed=tc.seed, given=given)
+    ids = np.concatenate([prompt, new])
+    codes, text, user = decode_duplex_ids(layout, ids)
+
+    def audio(c: np.ndarray) -> np.ndarray:
+        return codec.decode(torch.as_tensor(c)[None])[0, 0].float().cpu().numpy()
+
+    wav = audio(codes)
+    if layout.streams == 2:
+        wav = np.stack([audio(user), wav], axis=1)  # [T, 2]: left the user, right the model
     sf.write(folder / SAMPLE_WAV, wav, codec.sample_rate, subtype="PCM_16")
     note = {
         **source,
         "prompt_s": (len(prompt) - 1) / layout.group_len * layout.group_s,
         "generated_s": len(new) / layout.group_len * layout.group_s,
         "sample_rate": codec.sample_rate,
+        "channels": ["user", "model"] if layout.streams == 2 else ["model"],
         "text": tokenizer.decode(text),
         "ids": ids.tolist(),
     }
     (folder / SAMPLE_JSON).write_text(json.dumps(note))
     return note
+
+
+@torch.no_grad()
+def silence_frame(codec, frames: int) -> np.ndarray:
+    """``[n_q]`` codes of digital silence: the last of ``frames + 1`` encoded frames of zeros,
+    past the encoder's start-up, for a user who has stopped talking."""
+    n = int(round((frames + 1) * codec.sample_rate / codec.frame_rate))
+    codes = codec.encode(torch.zeros(1, 1, n, device=codec.device))
+    return codes[0, :, -1].long().cpu().numpy()
 
 
 def export_run(

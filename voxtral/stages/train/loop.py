@@ -37,7 +37,7 @@ from voxtral.metrics import Metric, Metrics
 from voxtral.model import build_speech_lm
 from voxtral.stages.train.attention import packed_kwargs, use_attention
 from voxtral.stages.train.checkpoint import checkpoint_tag, restore, save, weights_finite
-from voxtral.stages.train.data import Packed, collate, empty_like_batch
+from voxtral.stages.train.data import MODEL_AUDIO, Packed, collate, empty_like_batch
 from voxtral.stages.train.dist import all_max, all_reduce, init_deepspeed_distributed
 from voxtral.stages.train.loss import stats_metrics, stream_loss, stream_weights
 from voxtral.stages.train.optim import (
@@ -232,7 +232,8 @@ def window_metrics(w: Worker, acc: torch.Tensor, elapsed: float, steps: int) -> 
     stats (see :func:`voxtral.stages.train.loss.stream_loss`); reduced over ranks here."""
     local_tokens = float(acc[1].sum())
     total = all_reduce(acc.clone())
-    audio_tokens = float(total[1, 2:].sum())
+    audio = list(MODEL_AUDIO)  # each second once, not again as the user's track
+    audio_tokens = float(total[1, audio].sum())
     metrics = {
         **stats_metrics(total, w.weights),
         "built_param_fraction": w.built_fraction,
@@ -240,7 +241,7 @@ def window_metrics(w: Worker, acc: torch.Tensor, elapsed: float, steps: int) -> 
         "step_time_s": elapsed / steps,
         "window_s": elapsed,
         "audio_s": audio_tokens / w.audio_per_s,
-        "local_audio_s": float(acc[1, 2:].sum()) / w.audio_per_s,
+        "local_audio_s": float(acc[1, audio].sum()) / w.audio_per_s,
         "tokens_per_s": float(total[1].sum()) / elapsed,
         "tokens_per_s_per_worker": local_tokens / elapsed,
         "audio_s_per_s": audio_tokens / w.audio_per_s / elapsed,

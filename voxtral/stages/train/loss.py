@@ -1,10 +1,13 @@
-"""Weighted next-token cross-entropy over the four streams, and its metrics.
+"""Weighted next-token cross-entropy over the streams, and its metrics.
 
 Each target's cross-entropy is weighted by its stream (text, ``<text_pad>``, first codebook,
-other codebooks): padding slots are most of the text stream and trivially predictable, so
-at full weight they would drown the words; the first codebook carries most of the content
-and later ones refine it. The loss is the weighted mean, ``Σ w·ce / Σ w``, so changing a
-weight changes the balance between streams and not the scale of the gradients.
+other codebooks, the user's audio): padding slots are most of the text stream and trivially
+predictable, so at full weight they would drown the words; the first codebook carries most
+of the content and later ones refine it; the user's audio (two streams) is what the model
+listens to, not what it says, so by default it has weight 0: its cross-entropy is still
+measured and reported, but it sends no gradient. The loss is the weighted mean,
+``Σ w·ce / Σ w``, so changing a weight changes the balance between streams and not the
+scale of the gradients.
 
 Per-stream sums (weight-free CE and counts) come back as one small tensor, so metrics
 across micro-batches and workers add up with a single all-reduce.
@@ -29,6 +32,7 @@ def stream_weights(cfg: TrainConfig) -> torch.Tensor:
             cfg.loss_weight_text_pad,
             cfg.loss_weight_audio_q0,
             cfg.loss_weight_audio_rest,
+            cfg.loss_weight_user_audio,
         ],
         dtype=torch.float32,
     )

@@ -36,8 +36,10 @@ from voxtral.ray_utils import read_parquet
 from voxtral.stages import report
 from voxtral.stages.train.checkpoint import TRAIN_STATE
 from voxtral.stages.train.data import (
+    chunk_stream,
     eval_videos,
     row_codes,
+    row_user_codes,
     row_windows,
     split_batch,
     windows_batch,
@@ -60,7 +62,14 @@ TOKEN_COLUMNS = [
     "text_ids",
     "text_starts_s",
 ]
+DUPLEX_COLUMNS = ["user_codes"]
 METRICS_FILE = "metrics.jsonl"
+
+
+def token_columns(layout: Layout) -> list[str]:
+    """The TOKENS columns training reads: ``user_codes`` only for a 2-stream layout, so token
+    folders from before full duplex (no such column) still train a 1-stream model."""
+    return TOKEN_COLUMNS + (DUPLEX_COLUMNS if layout.streams == 2 else [])
 
 
 def validate(cfg: Config) -> Layout:
@@ -92,7 +101,7 @@ def window_dataset(
     that re-reading them (every worker reads the split, every epoch) is the cost.
     """
 
-    ds = read_parquet(storage.parquet_files("tokens"), storage.fs, TOKEN_COLUMNS)
+    ds = read_parquet(storage.parquet_files("tokens"), storage.fs, token_columns(layout))
     ds = ds.map_batches(
         _windows,
         batch_format="numpy",
@@ -156,7 +165,9 @@ def _metrics_callback(root: str, run_name: str):
 def _prompt_window(
     storage: Storage, index, held_out: frozenset, layout: Layout, seq_len: int
 ) -> tuple[np.ndarray | None, dict]:
-    """The first window of the first held-out chunk (a training chunk if none is held out)."""
+    """The first window of the first held-out chunk (a training chunk if none is held out).
+    With 2 streams, that chunk's whole stream: the sample's user track continues past the
+    prompt with the chunk's own user audio, which may run beyond one window."""
     chunk_ids = index.column("chunk_id").to_pylist()
     videos = index.column("video_id").to_pylist()
     pool = sorted(c for c, v in zip(chunk_ids, videos, strict=True) if v in held_out)
@@ -165,11 +176,16 @@ def _prompt_window(
     if not pool:
         return None, {}
     files = pads.dataset(storage.parquet_files("tokens"), filesystem=storage.fs, format="parquet")
-    row = files.to_table(columns=TOKEN_COLUMNS, filter=pc.field("chunk_id") == pool[0])
+    row = files.to_table(columns=token_columns(layout), filter=pc.field("chunk_id") == pool[0])
     r = row.slice(0, 1).to_pylist()[0]
     codes = row_codes(r["codes"], r["n_q"], r["frames"])
-    wins = row_windows(layout, codes, r["text_ids"], r["text_starts_s"], seq_len)
     source = {"prompt_chunk_id": r["chunk_id"], "prompt_video_id": r["video_id"], "split": split}
+    if layout.streams == 2:
+        ids = chunk_stream(
+            layout, codes, r["text_ids"], r["text_starts_s"], row_user_codes(r, layout)
+        )
+        return (ids if len(ids) > 1 else None), source
+    wins = row_windows(layout, codes, r["text_ids"], r["text_starts_s"], seq_len)
     return (wins[0] if wins else None), source
 
 

@@ -4,12 +4,14 @@ model's.
 One place for the checks: the codec record ``tokens/_codec.json`` through
 :func:`voxtral.codec.check_codec_compatible` (against the codec config, which also pins the
 weights: random-init and pretrained codes are unrelated, and against the layout), and every
-row's ``codec`` and ``n_q`` against the model's layout (a folder could mix runs).
+row's ``codec`` and ``n_q`` against the model's layout (a folder could mix runs), and under a
+2-stream layout every row's ``user_codes`` (single-stream tokens have none).
 """
 
 from __future__ import annotations
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from voxtral.codec import CodecInfo, check_codec_compatible, codec_info
 from voxtral.config import CodecConfig
@@ -31,6 +33,31 @@ def check_row_codec(codec: str, n_q: int, layout: Layout, where: str) -> None:
         )
 
 
+def check_row_streams(has_user_codes: bool, layout: Layout, where: str) -> None:
+    """A 2-stream layout needs the user's track in every row; single-stream rows lack it."""
+    if layout.streams == 2 and not has_user_codes:
+        raise TokenMismatchError(
+            f"tokens {where} have no user_codes (single-stream tokens), but the model's layout "
+            "has 2 streams; re-run preprocess with tokenizer.streams=2, or set "
+            "tokenizer.streams=1"
+        )
+
+
+def _lacks_user_codes(path: str, storage: Storage) -> bool:
+    """Whether a token file has rows without ``user_codes``, from its footer alone (the
+    column's null counts); a file without statistics is left to the per-row check."""
+    meta = pq.ParquetFile(path, filesystem=storage.fs).metadata
+    leaves = [meta.schema.column(i).path for i in range(meta.num_columns)]
+    if "user_codes" not in leaves:
+        return meta.num_rows > 0
+    col = leaves.index("user_codes")  # a leaf index: list columns have their own leaves
+    for g in range(meta.num_row_groups):
+        stats = meta.row_group(g).column(col).statistics
+        if stats is not None and stats.has_null_count and stats.null_count > 0:
+            return True
+    return False
+
+
 def check_tokens(storage: Storage, codec: CodecConfig, layout: Layout) -> pa.Table:
     """Check ``tokens/`` against the codec config and layout; returns its ``chunk_id,
     video_id, frames`` columns. Reads only small columns: cheap, before any worker starts."""
@@ -44,4 +71,7 @@ def check_tokens(storage: Storage, codec: CodecConfig, layout: Layout) -> pa.Tab
     pairs = table.group_by(["codec", "n_q"]).aggregate([("chunk_id", "min")])
     for row in pairs.to_pylist():
         check_row_codec(row["codec"], int(row["n_q"]), layout, f"(e.g. {row['chunk_id_min']})")
+    if layout.streams == 2:
+        for path in storage.parquet_files(TOKENS_DIR):
+            check_row_streams(not _lacks_user_codes(path, storage), layout, f"in {path}")
     return table.select(["chunk_id", "video_id", "frames"])
