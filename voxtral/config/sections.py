@@ -528,6 +528,17 @@ class Config(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
 
+    @model_validator(mode="after")
+    def _duplex_needs_speakers(self) -> Config:
+        # Two-stream rows are made per speaker from the chunks' turns: without diarisation
+        # there are none, and preprocess would make no row at all.
+        if self.tokenizer.streams == 2 and not self.diarize.enabled:
+            raise ValueError(
+                "tokenizer.streams=2 (full duplex) needs speaker turns: set "
+                "diarize.enabled=true (or tokenizer.streams=1)"
+            )
+        return self
+
     def for_cluster(self) -> dict[str, Any]:
         """This config as the plain data that Ray ships to Serve deployments and Ray Train
         workers. Ray shows both (Serve's REST API lists deployment arguments; Ray Train
