@@ -97,11 +97,14 @@ def fit_actor_cpus(cluster_cpus: float, pools: dict[str, tuple[float, int]]) -> 
     return {name: cpus * room / need for name, cpus in asked.items()}
 
 
-def decode_task_memory(window: int, max_chunk_s: float, sample_rate: int) -> int:
+def decode_task_memory(window: int, max_chunk_s: float, sample_rate: int, streams: int = 1) -> int:
     """Bytes a decode task may hold at once: its window as FLAC, as PCM and packed (at most
-    2 bytes a sample each, plus float32 for one chunk), and a worker's imports."""
+    2 bytes a sample each, plus float32 for one chunk), and a worker's imports. Two streams
+    add, per chunk, two examples' model and user tracks, float32 when split by gains, held
+    and packed (4 tracks × 4 bytes × 2)."""
     samples = max_chunk_s * sample_rate
-    return int(window * samples * 6 + samples * 8 + (768 << 20))
+    per_chunk = 6 + (32 if streams == 2 else 0)
+    return int(window * samples * per_chunk + samples * 8 + (768 << 20))
 
 
 def run_preprocess(cfg: Config) -> dict[str, Any]:
@@ -127,9 +130,10 @@ def run_preprocess(cfg: Config) -> dict[str, Any]:
         if cpus != {name: c for name, (c, _) in pools.items()}:
             log.warning("a small cluster: actor CPUs scaled to %s so the tasks can run", cpus)
         columns = ["chunk_id", "video_id", "audio", "captions"]
-        # chunks scraped with speakers (chunk files from before diarisation have no turns)
-        if all("turns" in storage.parquet_schema(f).names for f in files):
-            columns.append("turns")
+        # chunks scraped with speakers (chunk files from before diarisation have no turns;
+        # two streams then make no rows: each chunk fails with no_speakers)
+        names = [set(storage.parquet_schema(f).names) for f in files]
+        columns += [c for c in ("turns", "channels") if all(c in n for n in names)]
         ds = read_parquet(files, storage.fs, columns)
         ds = ds.map_batches(
             decode_batch,
@@ -141,12 +145,15 @@ def run_preprocess(cfg: Config) -> dict[str, Any]:
                 "batch_size": pre.batch_size,
                 "max_pad": pre.max_pad,
                 "skip": pending.inner_skip,
+                "streams": cfg.tokenizer.streams,
             },
             num_cpus=1,
             # Declared so Ray packs no more decode tasks on a node than its memory holds.
             # It also keeps decoding in CPU tasks: Ray Data would otherwise fuse it into the
             # codec actors, where it would stall the GPU.
-            memory=decode_task_memory(pre.sort_window, cfg.scrape.max_chunk_s, info.sample_rate),
+            memory=decode_task_memory(
+                pre.sort_window, cfg.scrape.max_chunk_s, info.sample_rate, cfg.tokenizer.streams
+            ),
         )
         if pending.asr:  # else no Whisper actor: every pending chunk has caption words
             ds = ds.map_batches(
