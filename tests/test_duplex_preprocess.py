@@ -264,3 +264,31 @@ def test_two_streams_need_diarisation():
     with pytest.raises(ConfigError, match="diarize.enabled"):
         load_config(DEFAULT_CONFIG, ["tokenizer.streams=2", "diarize.enabled=false"], env={})
     load_config(DEFAULT_CONFIG, ["tokenizer.streams=1", "diarize.enabled=false"], env={})
+
+
+def test_the_ray_plan_makes_the_same_rows_and_reruns_add_nothing(tmp_path, ray_session):
+    """The real plan (Ray Data) with two streams: the rows of the in-process run, the chunk
+    without turns given up for good, and a rerun that finds every chunk done."""
+    root = tmp_path / "ray"
+    cfg = load_config(
+        DEFAULT_CONFIG,
+        [f"storage.root={root}", "text.source=captions", "tokenizer.streams=2"],
+        env={},
+    )
+    storage = Storage(str(root))
+    rows = dialog_rows()
+    storage.write_table("chunks/v.parquet", pa.Table.from_pylist(rows, schema=schema.CHUNKS))
+    summary = preprocess.run_preprocess(cfg)
+    assert summary["chunks"] == 3 and summary["failures_by_reason"] == {NO_SPEAKERS: 1}
+    tokens = storage.read_table("tokens").to_pylist()
+    speakers = sorted((r["chunk_id"], r["model_speaker"]) for r in tokens)
+    assert speakers == [
+        ("dialog", "S0"),
+        ("dialog", "S1"),
+        ("solo", "S2"),
+        ("stereo", "S0"),
+        ("stereo", "S1"),
+    ]
+    again = preprocess.run_preprocess(cfg)
+    assert (again["chunks"], again["pending"], again["skipped_failed"]) == (0, 0, 1)
+    assert len(storage.read_table("tokens")) == len(tokens)

@@ -212,7 +212,7 @@ class PreprocessConfig(Section):
     sort_window: int = Field(512, ge=1)
     """Chunks a decode task sorts by length and packs into codec batches: the larger, the
     less padding the codec computes on (and the more memory a task holds: ~6 bytes per
-    sample of the window)."""
+    sample of the window). Two streams hold ~40 bytes a sample: a task takes a sixth."""
     max_pad: float = Field(0.25, ge=0, lt=1)
     """Most padding a codec batch may hold (share of its samples) before it is split."""
     write_rows: int = Field(1024, ge=1)
