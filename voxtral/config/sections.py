@@ -212,7 +212,7 @@ class PreprocessConfig(Section):
     sort_window: int = Field(512, ge=1)
     """Chunks a decode task sorts by length and packs into codec batches: the larger, the
     less padding the codec computes on (and the more memory a task holds: ~6 bytes per
-    sample of the window)."""
+    sample of the window). Two streams hold ~40 bytes a sample: a task takes a sixth."""
     max_pad: float = Field(0.25, ge=0, lt=1)
     """Most padding a codec batch may hold (share of its samples) before it is split."""
     write_rows: int = Field(1024, ge=1)
@@ -533,6 +533,17 @@ class Config(Section):
     text: TextConfig = Field(default_factory=TextConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+
+    @model_validator(mode="after")
+    def _duplex_needs_speakers(self) -> Config:
+        # Two-stream rows are made per speaker from the chunks' turns: without diarisation
+        # there are none, and preprocess would make no row at all.
+        if self.tokenizer.streams == 2 and not self.diarize.enabled:
+            raise ValueError(
+                "tokenizer.streams=2 (full duplex) needs speaker turns: set "
+                "diarize.enabled=true (or tokenizer.streams=1)"
+            )
+        return self
 
     def for_cluster(self) -> dict[str, Any]:
         """This config as the plain data that Ray ships to Serve deployments and Ray Train

@@ -43,8 +43,14 @@ tokens made with another codec. The leading ``_`` is what Parquet readers (pyarr
 Data, DuckDB, pandas) skip, so ``tokens/`` opens as a dataset. Earlier runs wrote
 ``tokens/codec.json``: it is still read, and a preprocess rerun renames it.
 
+**Two streams** (``tokenizer.streams: 2``, full duplex): each diarised chunk gives one
+token row per main speaker, that speaker's track as ``codes`` and everyone else's as
+``user_codes``, its words only the speaker's; a chunk without turns gets none (a permanent
+``no_speakers`` failure). The same steps, with wider batches: see ``duplex``.
+
 The package: ``steps`` (the inter-step schemas and the decode, codec and writer steps),
-``transcribe`` (the ASR step) and ``plan`` (the Ray Data plan, the summary).
+``duplex`` (the two-stream pieces of those steps), ``transcribe`` (the ASR step) and
+``plan`` (the Ray Data plan, the summary).
 """
 
 from voxtral.stages.preprocess.plan import (

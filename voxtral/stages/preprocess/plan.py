@@ -97,11 +97,26 @@ def fit_actor_cpus(cluster_cpus: float, pools: dict[str, tuple[float, int]]) -> 
     return {name: cpus * room / need for name, cpus in asked.items()}
 
 
-def decode_task_memory(window: int, max_chunk_s: float, sample_rate: int) -> int:
+DUPLEX_BYTES_PER_SAMPLE = 40
+"""What a two-stream decode task holds per sample of its window: FLAC and mix (2 + 2), two
+examples' model and user tracks (float32 when split by gains: 16) and all of it packed
+(float32: 20), against 6 for one stream."""
+
+
+def decode_window(sort_window: int, streams: int = 1) -> int:
+    """Chunks per decode task: ``preprocess.sort_window``, a sixth of it with two streams,
+    so a task holds about the same memory either way (a task Ray cannot fit on a node is
+    never scheduled, and the plan waits for ever)."""
+    return sort_window if streams == 1 else max(1, sort_window // 6)
+
+
+def decode_task_memory(window: int, max_chunk_s: float, sample_rate: int, streams: int = 1) -> int:
     """Bytes a decode task may hold at once: its window as FLAC, as PCM and packed (at most
-    2 bytes a sample each, plus float32 for one chunk), and a worker's imports."""
+    2 bytes a sample each, plus float32 for one chunk), and a worker's imports; two streams
+    hold more (:data:`DUPLEX_BYTES_PER_SAMPLE`)."""
     samples = max_chunk_s * sample_rate
-    return int(window * samples * 6 + samples * 8 + (768 << 20))
+    per_sample = 6 if streams == 1 else DUPLEX_BYTES_PER_SAMPLE
+    return int(window * samples * per_sample + samples * 8 + (768 << 20))
 
 
 def run_preprocess(cfg: Config) -> dict[str, Any]:
@@ -127,13 +142,15 @@ def run_preprocess(cfg: Config) -> dict[str, Any]:
         if cpus != {name: c for name, (c, _) in pools.items()}:
             log.warning("a small cluster: actor CPUs scaled to %s so the tasks can run", cpus)
         columns = ["chunk_id", "video_id", "audio", "captions"]
-        # chunks scraped with speakers (chunk files from before diarisation have no turns)
-        if all("turns" in storage.parquet_schema(f).names for f in files):
-            columns.append("turns")
+        # chunks scraped with speakers (chunk files from before diarisation have no turns;
+        # two streams then make no rows: each chunk fails with no_speakers)
+        names = [set(storage.parquet_schema(f).names) for f in files]
+        columns += [c for c in ("turns", "channels") if all(c in n for n in names)]
         ds = read_parquet(files, storage.fs, columns)
+        window = decode_window(pre.sort_window, cfg.tokenizer.streams)
         ds = ds.map_batches(
             decode_batch,
-            batch_size=pre.sort_window,
+            batch_size=window,
             batch_format="pyarrow",
             fn_kwargs={
                 "sample_rate": info.sample_rate,
@@ -141,12 +158,15 @@ def run_preprocess(cfg: Config) -> dict[str, Any]:
                 "batch_size": pre.batch_size,
                 "max_pad": pre.max_pad,
                 "skip": pending.inner_skip,
+                "streams": cfg.tokenizer.streams,
             },
             num_cpus=1,
             # Declared so Ray packs no more decode tasks on a node than its memory holds.
             # It also keeps decoding in CPU tasks: Ray Data would otherwise fuse it into the
             # codec actors, where it would stall the GPU.
-            memory=decode_task_memory(pre.sort_window, cfg.scrape.max_chunk_s, info.sample_rate),
+            memory=decode_task_memory(
+                window, cfg.scrape.max_chunk_s, info.sample_rate, cfg.tokenizer.streams
+            ),
         )
         if pending.asr:  # else no Whisper actor: every pending chunk has caption words
             ds = ds.map_batches(

@@ -29,19 +29,22 @@ from voxtral.config import CodecConfig, ModelConfig, PreprocessConfig
 from voxtral.metrics import Metric, Metrics
 from voxtral.model import load_text_tokenizer, resolve_base
 from voxtral.schema import TOKENS_DIR, codes_to_bytes
+from voxtral.stages.preprocess import duplex
 from voxtral.storage import Storage
 from voxtral.tokenizer import timed_text_ids
+from voxtral.tracks import words_of
 from voxtral.words import choose_words
 
 log = logging.getLogger(__name__)
 
 STAGE = "preprocess"
-PERMANENT_REASONS = frozenset({"corrupt_flac", "bad_audio"})
-"""Failures a rerun does not retry: the chunk's bytes are what they are."""
+PERMANENT_REASONS = frozenset({"corrupt_flac", "bad_audio", duplex.NO_SPEAKERS})
+"""Failures a rerun does not retry: the chunk's bytes (and turns) are what they are."""
 
 # Decode tasks → codec actors: one row per codec batch. ``pcm`` is ``[n, width]`` in C order
 # of ``dtype`` (``<i2``: value / 32768 is the sample; ``<f4``), width = the longest chunk's
-# whole frames; a row of chunks that failed to decode has width 0 and no pcm.
+# whole frames; a row of chunks that failed to decode has width 0 and no pcm. Two-stream
+# batches (``example_chunk`` not null) hold ``n + 2m`` rows of pcm: see ``duplex``.
 BATCHES = pa.schema(
     [
         ("chunk_id", pa.list_(pa.string())),
@@ -54,6 +57,8 @@ BATCHES = pa.schema(
         ("pcm", pa.large_binary()),
         ("dtype", pa.string()),
         ("width", pa.int64()),
+        ("example_chunk", pa.list_(pa.int32())),  # two streams: each example's chunk
+        ("model_speaker", pa.list_(pa.string())),  # two streams: each example's speaker
     ]
 )
 
@@ -74,6 +79,8 @@ ENCODED = pa.schema(
         ("encoded_at", pa.float64()),  # unix time, for time-to-first-codes
         ("reason", pa.string()),
         ("error", pa.string()),
+        ("model_speaker", pa.string()),  # two streams only, as in schema.TOKENS
+        ("user_codes", pa.binary()),
     ]
 )
 
@@ -106,19 +113,30 @@ def decode_batch(
     batch_size: int,
     max_pad: float,
     skip: frozenset[str] = frozenset(),
+    streams: int = 1,
 ) -> pa.Table:
     """CPU step: a window of chunks rows → BATCHES rows (packed codec batches of similar
-    length, plus one row for the chunks that could not be decoded)."""
+    length, plus one row for the chunks that could not be decoded). ``streams`` 2 packs
+    each chunk's duplex examples with it (:mod:`~voxtral.stages.preprocess.duplex`)."""
     if skip:
         table = table.filter(
             pc.invert(pc.is_in(table["chunk_id"], value_set=pa.array(sorted(skip))))
         )
     ok: list[tuple[dict, np.ndarray]] = []
+    examples: list[list[duplex.Example]] = []
     bad: list[dict] = []
     for r in table.to_pylist():
         meta = {k: r.get(k) for k in ("chunk_id", "video_id", "captions", "turns")}
         try:
-            ok.append((meta, decode_pcm(r["audio"] or b"", sample_rate)))
+            pcm = decode_pcm(r["audio"] or b"", sample_rate)
+            if streams == 2:
+                found = duplex.chunk_examples(r, pcm, sample_rate)
+                if not found:
+                    error = "no speaker turns: a two-stream row needs a model speaker"
+                    bad.append({**meta, "samples": 0, "reason": duplex.NO_SPEAKERS, "error": error})
+                    continue
+                examples.append(found)
+            ok.append((meta, pcm))
         except AudioError as exc:
             reason = "corrupt_flac" if "cannot decode FLAC" in str(exc) else "bad_audio"
             bad.append({**meta, "samples": 0, "reason": reason, "error": str(exc)})
@@ -126,15 +144,25 @@ def decode_batch(
             error = f"{type(exc).__name__}: {exc}"
             bad.append({**meta, "samples": 0, "reason": "decode_error", "error": error})
     rows = []
-    for group in plan_batches([len(p) for _, p in ok], batch_size, max_pad):
-        pcm = pad_batch([ok[i][1] for i in group], hop)
-        chunks = [
-            {**ok[i][0], "samples": len(ok[i][1]), "reason": None, "error": None} for i in group
-        ]
-        rows.append(_batch_row(chunks, pcm.tobytes(), pcm.dtype.str, pcm.shape[1]))
+    if streams == 2:
+        decoded = [(meta, pcm, found) for (meta, pcm), found in zip(ok, examples, strict=True)]
+        for group, pcm, where, speakers in duplex.pack_chunks(decoded, batch_size, max_pad, hop):
+            chunks = [_ok_chunk(*ok[i]) for i in group]
+            row = _batch_row(chunks, pcm.tobytes(), pcm.dtype.str, pcm.shape[1])
+            rows.append({**row, "example_chunk": where, "model_speaker": speakers})
+    else:
+        for group in plan_batches([len(p) for _, p in ok], batch_size, max_pad):
+            pcm = pad_batch([ok[i][1] for i in group], hop)
+            chunks = [_ok_chunk(*ok[i]) for i in group]
+            rows.append(_batch_row(chunks, pcm.tobytes(), pcm.dtype.str, pcm.shape[1]))
     if bad:
-        rows.append(_batch_row(bad, b"", "<i2", 0))
+        row = _batch_row(bad, b"", "<i2", 0)
+        rows.append(row if streams == 1 else {**row, "example_chunk": [], "model_speaker": []})
     return pa.Table.from_pylist(rows, schema=BATCHES)
+
+
+def _ok_chunk(meta: dict, pcm: np.ndarray) -> dict:
+    return {**meta, "samples": len(pcm), "reason": None, "error": None}
 
 
 def _batch_row(chunks: list[dict], pcm: bytes, dtype: str, width: int) -> dict:
@@ -195,7 +223,8 @@ class ChunkEncoder:
 
     def encode_row(self, row: pa.Table) -> list[dict]:
         meta = row.drop_columns(["pcm"]).to_pylist()[0]
-        info = self.codec.info
+        if meta.get("example_chunk") is not None:
+            return self.encode_duplex_row(row, meta)
         n, width = len(meta["chunk_id"]), meta["width"]
         results: list[np.ndarray | Exception | None] = [None] * n
         if width:
@@ -205,14 +234,7 @@ class ChunkEncoder:
         now = time.time()
         rows = []
         for j, res in enumerate(results):
-            keys = ("chunk_id", "video_id", "captions", "turns", "reason", "error")
-            r = {k: meta[k][j] for k in keys}
-            # Whisper's words and language when an ASR pool ran first (a reason it set, such
-            # as asr_error, stays: the chunk's codes are made but it gets no token row)
-            r["asr_words"] = (meta.get("asr_words") or [None] * n)[j]
-            r["language"] = (meta.get("language") or [None] * n)[j]
-            r.update(codec=info.name, n_q=info.n_q, frames=0, codes=b"", encoded_at=now)
-            r["seconds"] = meta["samples"][j] / info.sample_rate
+            r = self._chunk_row(meta, j, now)
             if isinstance(res, Exception):
                 r.update(reason=failure_reason(res), error=f"{type(res).__name__}: {res}")
             elif res is not None:
@@ -220,12 +242,64 @@ class ChunkEncoder:
             rows.append(r)
         return rows
 
+    def encode_duplex_row(self, row: pa.Table, meta: dict) -> list[dict]:
+        """A two-stream batch → one row per example (its model and user codes), and one
+        per chunk without examples (the failed ones, with their reason)."""
+        n, width, where = len(meta["chunk_id"]), meta["width"], meta["example_chunk"]
+        results: list = []
+        if width:
+            buf = row["pcm"].chunk(0)[0].as_buffer()
+            rows_pcm = n + 2 * len(where)
+            pcm = np.frombuffer(buf, dtype=np.dtype(meta["dtype"])).reshape(rows_pcm, width)
+            results = duplex.encode_examples(self.codec, pcm, meta["samples"], where, self.autocast)
+        now = time.time()
+        rows = []
+        for j in range(n):
+            if j not in where:
+                rows.append(self._chunk_row(meta, j, now))
+            for e in (e for e, c in enumerate(where) if c == j):
+                r, res = self._chunk_row(meta, j, now), results[e]
+                r["model_speaker"] = meta["model_speaker"][e]
+                if isinstance(res, Exception):
+                    if r["reason"] is None:
+                        r.update(reason=failure_reason(res), error=f"{type(res).__name__}: {res}")
+                else:
+                    model, user = res
+                    r.update(frames=int(model.shape[1]), codes=codes_to_bytes(model))
+                    r["user_codes"] = codes_to_bytes(user)
+                rows.append(r)
+        return rows
+
+    def _chunk_row(self, meta: dict, j: int, now: float) -> dict:
+        """The ENCODED row of chunk ``j`` of a batch, without codes yet."""
+        info, n = self.codec.info, len(meta["chunk_id"])
+        keys = ("chunk_id", "video_id", "captions", "turns", "reason", "error")
+        r = {k: meta[k][j] for k in keys}
+        # Whisper's words and language when an ASR pool ran first (a reason it set, such
+        # as asr_error, stays: the chunk's codes are made but it gets no token row)
+        r["asr_words"] = (meta.get("asr_words") or [None] * n)[j]
+        r["language"] = (meta.get("language") or [None] * n)[j]
+        r.update(codec=info.name, n_q=info.n_q, frames=0, codes=b"", encoded_at=now)
+        r["seconds"] = meta["samples"][j] / info.sample_rate
+        return r
+
     def _count(self, rows: list[dict]) -> None:
+        rows = list(per_chunk(rows).values())  # a chunk's two-stream rows count once
         ok = [r for r in rows if r["reason"] is None]
         METRICS.record("chunks", len(ok))
         METRICS.record("seconds", sum(r["seconds"] for r in ok))
         for reason, n in Counter(r["reason"] for r in rows if r["reason"]).items():
             METRICS.record("failures", n, reason=reason)
+
+
+def per_chunk(rows: list[dict]) -> dict[str, dict]:
+    """One row per chunk id, in order: the first failed row of the chunk if any, else its
+    first row (two-stream chunks have a row per example; one-stream rows are unique)."""
+    out: dict[str, dict] = {}
+    for r in rows:
+        if r["chunk_id"] not in out or (r.get("reason") and not out[r["chunk_id"]].get("reason")):
+            out[r["chunk_id"]] = r
+    return out
 
 
 @functools.lru_cache(maxsize=4)
@@ -240,7 +314,10 @@ def tokens_file_name(chunk_ids: Sequence[str]) -> str:
 
 
 def token_rows(rows: list[dict], tokenizer) -> tuple[list[dict], list[dict]]:
-    """ENCODED rows → (TOKENS rows with timed text ids, rows that failed)."""
+    """ENCODED rows → (TOKENS rows with timed text ids, rows that failed). A two-stream row
+    keeps only its model speaker's words; its ``text_source`` stays the chunk's (an empty
+    text stream from captions or Whisper means "this speaker says nothing here", which is
+    not ``none``, "no words known"). A chunk with a failed row fails whole."""
     good, bad = [], []
     for r in rows:
         if r["reason"] is not None:
@@ -248,6 +325,8 @@ def token_rows(rows: list[dict], tokenizer) -> tuple[list[dict], list[dict]]:
             continue
         try:
             words, source = choose_words(r["captions"], r.get("asr_words"), r.get("turns"))
+            if r.get("model_speaker") is not None:
+                words = words_of(words, r["model_speaker"])
             ids, starts = timed_text_ids(tokenizer, words)
         except Exception as exc:  # noqa: BLE001 - a failures/ row, not a crashed stage
             bad.append({**r, "reason": "text_error", "error": f"{type(exc).__name__}: {exc}"})
@@ -263,6 +342,12 @@ def token_rows(rows: list[dict], tokenizer) -> tuple[list[dict], list[dict]]:
                 "language": r.get("language"),
             }
         )
+    failed = per_chunk(bad)
+    if any(r["chunk_id"] in failed for r in good):  # a sibling example failed
+        for r in good:
+            if (f := failed.get(r["chunk_id"])) is not None:
+                bad.append({**r, "reason": f["reason"], "error": f["error"]})
+        good = [r for r in good if r["chunk_id"] not in failed]
     return good, bad
 
 
@@ -276,19 +361,24 @@ def write_batch(
     if good:
         ids = [r["chunk_id"] for r in good]
         storage.write_table(tokens_file_name(ids), pa.Table.from_pylist(good, schema=schema.TOKENS))
-    for r in good:
-        if r["chunk_id"] in failed_before:
-            failures.clear_failure(storage, STAGE, r["chunk_id"])
-    for r in bad:
-        failures.record_failure(
-            storage, STAGE, r["chunk_id"], r["video_id"], r["reason"], r["error"]
-        )
-    reasons = {r["chunk_id"]: r["reason"] for r in bad}
-    sources = {r["chunk_id"]: r["text_source"] for r in good}
+    sources = {c: r["text_source"] for c, r in per_chunk(good).items()}
+    for c in sources:
+        if c in failed_before:
+            failures.clear_failure(storage, STAGE, c)
+    reasons = {}
+    for c, r in per_chunk(bad).items():  # once per chunk: each call counts an attempt
+        failures.record_failure(storage, STAGE, c, r["video_id"], r["reason"], r["error"])
+        reasons[c] = r["reason"]
+    # the summary's rows: one per chunk (a two-stream chunk has a row per example)
+    first: dict[str, int] = {}
+    for i, c in enumerate(table["chunk_id"].to_pylist()):
+        first.setdefault(c, i)
+    if len(first) < len(table):
+        table = table.take(list(first.values()))
     chunk_ids = table["chunk_id"].to_pylist()
     seconds = dict(zip(chunk_ids, table["seconds"].to_pylist(), strict=True))
-    for r in good:
-        METRICS.record("text_seconds", seconds[r["chunk_id"]], source=r["text_source"])
+    for c, source in sources.items():
+        METRICS.record("text_seconds", seconds[c], source=source)
     return pa.table(
         {
             "chunk_id": table["chunk_id"],

@@ -30,12 +30,13 @@ TRANSCRIBED = pa.schema(
 
 
 def chunk_pcm(meta: dict, pcm: bytes) -> list[np.ndarray]:
-    """A packed BATCHES row's PCM → each chunk's own float32 samples (no padding)."""
+    """A packed BATCHES row's PCM → each chunk's own float32 samples (no padding). The
+    chunks' rows come first (a two-stream batch's example tracks follow them)."""
     n, width = len(meta["chunk_id"]), meta["width"]
     if not width:
         return [np.zeros(0, np.float32)] * n
     dtype = np.dtype(meta["dtype"])
-    rows = np.frombuffer(pcm, dtype=dtype).reshape(n, width)
+    rows = np.frombuffer(pcm, dtype=dtype, count=n * width).reshape(n, width)
     scale = np.float32(1 / 32768) if dtype.kind == "i" else np.float32(1)
     return [rows[j, : meta["samples"][j]].astype(np.float32) * scale for j in range(n)]
 
