@@ -258,6 +258,10 @@ def test_one_stream_rows_have_no_duplex_columns(tmp_path, one_thread):
     assert all(r["model_speaker"] is None and r["user_codes"] is None for r in run["tokens"])
     words = {r["chunk_id"]: [w["word"] for w in r["words"]] for r in run["tokens"]}
     assert words["dialog"] == ["hello", "there", "well", "yes"]
+    # a two-stream run on this root would find every chunk done: it is refused up front
+    preprocess.check_token_streams(run["storage"], 1)
+    with pytest.raises(ValueError, match=r"tokenizer\.streams=1.*new storage\.root"):
+        preprocess.check_token_streams(run["storage"], 2)
 
 
 def test_two_streams_need_diarisation():
@@ -292,3 +296,6 @@ def test_the_ray_plan_makes_the_same_rows_and_reruns_add_nothing(tmp_path, ray_s
     again = preprocess.run_preprocess(cfg)
     assert (again["chunks"], again["pending"], again["skipped_failed"]) == (0, 0, 1)
     assert len(storage.read_table("tokens")) == len(tokens)
+    one = cfg.model_copy(update={"tokenizer": cfg.tokenizer.model_copy(update={"streams": 1})})
+    with pytest.raises(ValueError, match=r"tokenizer\.streams=2.*new storage\.root"):
+        preprocess.run_preprocess(one)  # before any work: single-stream rows would mix in

@@ -22,6 +22,7 @@ import re
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 TOKENS_DIR = "tokens"
 CODEC_RECORD = f"{TOKENS_DIR}/_codec.json"
@@ -117,6 +118,32 @@ TOKENS = pa.schema(
         ("user_codes", pa.binary()),  # as ``codes``
     ]
 )
+
+
+def token_file_streams(meta: pq.FileMetaData) -> set[int]:
+    """The stream counts of a token file's rows, from its footer alone (the ``user_codes``
+    column's null counts): {1}, {2}, both, or empty for a file without rows. A row group
+    without statistics counts as both, so a check on it can only refuse, never pass
+    wrongly."""
+    leaves = [meta.schema.column(i).path for i in range(meta.num_columns)]
+    if meta.num_rows == 0:
+        return set()
+    if "user_codes" not in leaves:
+        return {1}
+    col = leaves.index("user_codes")  # a leaf index: list columns have their own leaves
+    out: set[int] = set()
+    for g in range(meta.num_row_groups):
+        group = meta.row_group(g)
+        stats = group.column(col).statistics
+        if group.num_rows == 0:
+            continue
+        if stats is None or not stats.has_null_count:
+            return {1, 2}
+        if stats.null_count:
+            out.add(1)
+        if stats.null_count < group.num_rows:
+            out.add(2)
+    return out
 
 
 def codes_to_bytes(codes: np.ndarray) -> bytes:

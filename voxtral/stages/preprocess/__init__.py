@@ -54,6 +54,7 @@ The package: ``steps`` (the inter-step schemas and the decode, codec and writer 
 """
 
 from voxtral.stages.preprocess.plan import (
+    check_token_streams,
     done_chunk_ids,
     fit_actor_cpus,
     format_summary,
@@ -80,6 +81,7 @@ from voxtral.stages.preprocess.transcribe import (
 )
 
 __all__ = [
+    "check_token_streams",
     "ASR_ERROR",
     "BATCHES",
     "ENCODED",

@@ -11,6 +11,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.dataset as pds
+import pyarrow.parquet as pq
 import ray
 
 from voxtral import failures, schema
@@ -76,6 +77,20 @@ def pending_chunks(storage: Storage, skip: set[str], text_source: str = "caption
     return Pending(sorted(pending), inner_skip, count, asr)
 
 
+def check_token_streams(storage: Storage, streams: int) -> None:
+    """Refuse to add rows of another stream count to ``tokens/``: a chunk is encoded once
+    per root (done by chunk id), so a root's single-stream rows would stand in for the
+    two-stream rows asked for, silently, and training would refuse the folder."""
+    for path in storage.parquet_files(TOKENS_DIR):
+        made = schema.token_file_streams(pq.ParquetFile(path, filesystem=storage.fs).metadata)
+        if made - {streams}:
+            raise ValueError(
+                f"{path} holds tokens made with tokenizer.streams={max(made - {streams})}, "
+                f"and this run has tokenizer.streams={streams}: preprocess into a new "
+                "storage.root (a root's chunks are encoded once)"
+            )
+
+
 def fit_actor_cpus(cluster_cpus: float, pools: dict[str, tuple[float, int]]) -> dict[str, float]:
     """Per-actor CPUs for each pool (name → (CPUs per actor, smallest pool size)), scaled
     down so the pools at their smallest leave one CPU for the plan's tasks.
@@ -126,6 +141,7 @@ def run_preprocess(cfg: Config) -> dict[str, Any]:
     storage = Storage(cfg.storage.root)
     info = codec_info(cfg.codec)
     ensure_codec_record(storage, cfg.codec)
+    check_token_streams(storage, cfg.tokenizer.streams)
     done = done_chunk_ids(storage)
     failed = failures.read_failures(storage, STAGE)
     exhausted = failures.given_up(failed, pre.max_attempts, PERMANENT_REASONS) - done

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from voxtral.codec import CodecInfo, check_codec_compatible, codec_info
 from voxtral.config import CodecConfig
-from voxtral.schema import TOKENS_DIR
+from voxtral.schema import TOKENS_DIR, token_file_streams
 from voxtral.storage import Storage
 from voxtral.tokenizer import Layout
 
@@ -38,24 +38,9 @@ def check_row_streams(has_user_codes: bool, layout: Layout, where: str) -> None:
     if layout.streams == 2 and not has_user_codes:
         raise TokenMismatchError(
             f"tokens {where} have no user_codes (single-stream tokens), but the model's layout "
-            "has 2 streams; re-run preprocess with tokenizer.streams=2, or set "
-            "tokenizer.streams=1"
+            "has 2 streams; preprocess with tokenizer.streams=2 into a new storage.root (a "
+            "root's chunks are encoded once), or set tokenizer.streams=1"
         )
-
-
-def _lacks_user_codes(path: str, storage: Storage) -> bool:
-    """Whether a token file has rows without ``user_codes``, from its footer alone (the
-    column's null counts); a file without statistics is left to the per-row check."""
-    meta = pq.ParquetFile(path, filesystem=storage.fs).metadata
-    leaves = [meta.schema.column(i).path for i in range(meta.num_columns)]
-    if "user_codes" not in leaves:
-        return meta.num_rows > 0
-    col = leaves.index("user_codes")  # a leaf index: list columns have their own leaves
-    for g in range(meta.num_row_groups):
-        stats = meta.row_group(g).column(col).statistics
-        if stats is not None and stats.has_null_count and stats.null_count > 0:
-            return True
-    return False
 
 
 def check_tokens(storage: Storage, codec: CodecConfig, layout: Layout) -> pa.Table:
@@ -73,5 +58,6 @@ def check_tokens(storage: Storage, codec: CodecConfig, layout: Layout) -> pa.Tab
         check_row_codec(row["codec"], int(row["n_q"]), layout, f"(e.g. {row['chunk_id_min']})")
     if layout.streams == 2:
         for path in storage.parquet_files(TOKENS_DIR):
-            check_row_streams(not _lacks_user_codes(path, storage), layout, f"in {path}")
+            meta = pq.ParquetFile(path, filesystem=storage.fs).metadata
+            check_row_streams(1 not in token_file_streams(meta), layout, f"in {path}")
     return table.select(["chunk_id", "video_id", "frames"])
