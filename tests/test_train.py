@@ -127,8 +127,21 @@ def zero2(root, ray_session):
     from voxtral.stages.train.run import read_metrics, run_train
 
     cfg = make_cfg(root, "train.run_name=zero2", "train.zero_stage=2")
+    before = signal.getsignal(signal.SIGINT)
     summary = run_train(cfg)
+    SIGINT_HANDLERS["zero2"] = (before, signal.getsignal(signal.SIGINT))
     return cfg, summary, read_metrics(cfg)
+
+
+SIGINT_HANDLERS: dict[str, tuple] = {}
+"""SIGINT's handler before and after the ZeRO-2 run (the fixture above records them)."""
+
+
+def test_ctrl_c_is_given_back_once_training_returns(zero2):
+    """Ray Train installs a SIGINT handler that aborts the run and leaves it after the run
+    is over: ``jobs/everything.py``'s serve phase could then not be stopped with Ctrl-C."""
+    before, after = SIGINT_HANDLERS["zero2"]
+    assert after is before
 
 
 class WorkerKiller(threading.Thread):

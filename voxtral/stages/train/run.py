@@ -12,6 +12,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -283,6 +287,22 @@ def make_trainer(cfg: Config, layout: Layout, datasets: dict, storage: Storage) 
     )
 
 
+@contextmanager
+def sigint_kept() -> Iterator[None]:
+    """Give SIGINT back to its owner once ``fit`` returns. Ray Train installs a handler that
+    aborts the run and leaves it installed after the run is over; in ``jobs/everything.py``
+    the serve phase that follows then could not be stopped with Ctrl-C ("Gracefully aborting
+    the training run", and the process stayed up)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread can set handlers (and Ray Train sets none from others)
+        return
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 def run_train(cfg: Config) -> dict:
     """Train (or resume) ``cfg.train.run_name``; export at the end. Returns a summary."""
     tc = cfg.train
@@ -320,7 +340,8 @@ def run_train(cfg: Config) -> dict:
         for split in ("train", "eval")
     }
     trainer = make_trainer(cfg, layout, datasets, storage)
-    result = trainer.fit()
+    with sigint_kept():
+        result = trainer.fit()
     if getattr(result, "error", None):
         raise result.error
     final = dict(result.metrics or {})
