@@ -37,6 +37,18 @@ def ray_session():
     yield ray
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's in-process references, as the 1-CPU actors run:
+    the thread count changes float rounding, and the 2 cores are not fought over."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def local_cfg(tmp_path) -> Config:
     """configs/local.yaml with storage under this test's temporary folder."""

@@ -35,15 +35,6 @@ def clip(seconds: float, shift: int = 0) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    """One torch thread, as the 1-CPU actors run (and no fight for the shared cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
 def transcriber(one_thread) -> asr.Transcriber:
     return asr.Transcriber(asr.TINY, batch_size=4, max_new_tokens=16)
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pytest
-import torch
 
 from tests.test_preprocess import speech_like
 from voxtral import failures, schema
@@ -141,14 +140,6 @@ def stage(tmp_path, source: str, streams: int) -> dict:
         "tokens": tokens,
         "whisper": whisper,
     }
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
