@@ -108,6 +108,7 @@ class Gateway:
         self.settings = SessionSettings(
             end_of_turn_ms=s.end_of_turn_ms,
             interrupt_ms=s.interrupt_ms,
+            turn_end_silence_ms=s.turn_end_silence_ms,
             vad_threshold=s.vad_threshold,
             preroll_ms=s.preroll_ms,
             max_pending_ops=s.max_pending_ops,

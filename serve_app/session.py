@@ -66,6 +66,7 @@ class SessionSettings:
     end_of_turn_ms: float = 600.0
     start_ms: float = 96.0  # speech this long starts a user turn
     interrupt_ms: float = 200.0  # speech this long over the model interrupts it
+    turn_end_silence_ms: float = 1000.0  # the model's output quiet this long ends its turn
     vad_threshold: float = 0.5
     preroll_ms: float = 400.0  # audio before the detected onset that belongs to the turn
     feed_ms: float = 240.0  # user audio is sent to the model in pieces this long

@@ -421,6 +421,9 @@ class ServeConfig(Section):
     max_sessions: int = Field(16, ge=1)
     end_of_turn_ms: int = Field(600, ge=50)
     max_turn_s: float = Field(10.0, gt=0)
+    turn_end_silence_ms: float = Field(1000.0, ge=100.0, le=60000.0)
+    """Half duplex: the model's turn ends when its output, after speech, is quiet this long
+    (output audio time); longer than the pauses between sentences, so answers are not cut."""
     max_message_bytes: int = Field(1 << 20, ge=1024)
     max_session_s: float = Field(1800.0, gt=0)
     idle_timeout_s: float = Field(60.0, gt=0)
