@@ -9,7 +9,7 @@ and streams a model turn from the thread to the caller chunk by chunk.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,7 +85,7 @@ class Scheduler:
         """The user has finished: pad what is left to a whole group and prefill it."""
         return await asyncio.wrap_future(self.thread.feed(sid, None, end=True))
 
-    async def respond(self, sid: str) -> AsyncIterator[dict[str, Any]]:
+    async def respond(self, sid: str) -> AsyncGenerator[dict[str, Any], None]:
         """The model's turn: dicts with ``audio`` (float32 24 kHz) and/or ``text``, then one
         with ``end`` (eos, max_turn, interrupt, closed, error) and the turn's stats."""
         loop = asyncio.get_running_loop()
@@ -177,7 +177,7 @@ class LocalLM:
     async def end_turn(self) -> int:
         return await self.s.end_turn(self.sid)
 
-    def respond(self) -> AsyncIterator[dict[str, Any]]:
+    def respond(self) -> AsyncGenerator[dict[str, Any], None]:
         return self.s.respond(self.sid)
 
     async def interrupt(self, heard_s: float) -> dict[str, Any]:

@@ -4,26 +4,31 @@ The microphone streams in without pause. While nobody speaks the audio only feed
 and a short pre-roll buffer. When the user starts, the pre-roll and what follows go to the
 model in small pieces (encoded and prefilled as they arrive, so the end of a turn leaves
 little work). When the VAD hears the user stop, the model's turn is generated and streamed
-chunk by chunk. If the user speaks over it, the turn is cancelled at once, the client is
+chunk by chunk. It is half duplex: the model's turn ends when a VAD on its own output hears
+it speak and then stay quiet for ``turn_end_silence_ms`` (the stream is closed, which stops
+the turn, and the context keeps all of it: it was sent), at its ``<eos>``, or at
+``max_turn_s``. If the user speaks over it, the turn is cancelled at once, the client is
 told to drop its queued audio, and the model's context is cut back to what was heard.
 
 All model work goes through ``LMClient``; the Ray Serve handle implements it in production
 and a local scheduler in tests, so this module knows nothing about Ray.
 
 What a client costs is bounded: its audio by an ``AudioBudget`` (a little ahead of real
-time, checked before decoding), the CPU work of an audio message (Ogg, Opus, VAD) runs in the
-gateway's audio thread pool, one job per session at a time, so a heavy message never holds
-the event loop that every other session shares, and what goes out waits in an ``Outbox``, so
-a client that stops reading stalls only itself.
+time, checked before decoding), the CPU work of an audio message (Ogg, Opus, VAD) and the
+VAD on the model's output run in the gateway's audio thread pool, one job of each per
+session at a time, so a heavy message never holds the event loop that every other session
+shares, and what goes out waits in an ``Outbox``, so a client that stops reading stalls only
+itself.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -34,7 +39,7 @@ from serve_app import protocol as P
 from serve_app.audio_io import SAMPLE_RATE, AudioInputError, WireAudio
 from serve_app.limits import AudioBudget, SessionOverload
 from serve_app.outbox import Outbox
-from serve_app.vad import TurnDetector, TurnEvent
+from serve_app.vad import OutputEnd, TurnDetector, TurnEvent
 from voxtral.vad import LiveVAD
 
 log = logging.getLogger("ray.serve.voxtral")
@@ -44,7 +49,7 @@ class LMClient(Protocol):
     async def open(self) -> dict[str, Any]: ...
     async def feed(self, pcm: np.ndarray) -> Any: ...
     async def end_turn(self) -> Any: ...
-    def respond(self) -> AsyncIterator[dict[str, Any]]: ...
+    def respond(self) -> AsyncGenerator[dict[str, Any], None]: ...  # closing it stops the turn
     async def interrupt(self, heard_s: float) -> dict[str, Any]: ...
     async def restart(self) -> None: ...
     async def close(self) -> None: ...
@@ -93,8 +98,8 @@ class DuplexSession:
         clock: Callable[[], float] = time.monotonic,
         audio_pool: Executor | None = None,
     ):
-        """``audio_pool``: where audio messages are decoded and run through the VAD (None:
-        the event loop's default executor)."""
+        """``audio_pool``: where audio messages are decoded and run through the VAD, and the
+        model's output through its own (None: the event loop's default executor)."""
         self.lm, self.wire, self.s = lm, wire, settings
         self.on_first_audio, self.on_interrupt = on_first_audio, on_interrupt
         self.clock, self.audio_pool = clock, audio_pool
@@ -105,6 +110,10 @@ class DuplexSession:
         self.turns = TurnDetector(
             settings.vad_threshold, settings.start_ms, settings.end_of_turn_ms
         )
+        self.output_end = OutputEnd(
+            SAMPLE_RATE, settings.vad_threshold, settings.turn_end_silence_ms, settings.start_ms
+        )
+        self._hearing: asyncio.Future | None = None  # its job in the audio pool
         self.state = self.LISTENING
         self.user_speaking = False
         self._preroll: list[np.ndarray] = []
@@ -369,29 +378,59 @@ class DuplexSession:
                 await self._set_state(self.LISTENING)
 
     async def _respond(self) -> None:
-        first = True
+        """Stream the model's turn until it ends: at the model's ``end`` item, or once its
+        output has gone quiet after speech (``OutputEnd``; reason ``silence``)."""
+        first, new_turn, t0 = True, True, self.clock()
         self._first_sent_at, self._sent_s = None, 0.0
-        async for item in self.lm.respond():
-            if "audio" in item and len(item["audio"]):
-                payload = self.wire.encode(item["audio"])
-                if payload:
-                    if first:
-                        first = False
-                        await self._first_audio()
-                    await self.send(P.audio(payload))
-                self._sent_s += len(item["audio"]) / SAMPLE_RATE
-            if item.get("text"):
-                await self.send(P.text(item["text"]))
-            if "end" in item:
-                tail = self.wire.flush()
-                if tail:
-                    await self.send(P.audio(tail))
-                stats = {k: item[k] for k in ("audio_s", "wall_s", "busy_s") if k in item}
-                await self.event(event="turn_end", reason=item["end"], **stats)
-                break
+        end: dict[str, Any] | None = None
+        async with contextlib.aclosing(self.lm.respond()) as turn:
+            async for item in turn:
+                pcm = item.get("audio")
+                has_audio = pcm is not None and len(pcm) > 0
+                if has_audio:
+                    payload = self.wire.encode(pcm)
+                    if payload:
+                        if first:
+                            first = False
+                            await self._first_audio()
+                        await self.send(P.audio(payload))
+                    self._sent_s += len(pcm) / SAMPLE_RATE
+                if item.get("text"):
+                    await self.send(P.text(item["text"]))
+                if "end" in item:
+                    end = item
+                elif has_audio:
+                    if await self._output_over(pcm, reset=new_turn):
+                        wall_s = self.clock() - t0
+                        end = {"end": "silence", "audio_s": self._sent_s, "wall_s": wall_s}
+                    new_turn = False
+                if end is not None:
+                    break  # leaving the block closes the stream: the model stops there
+        if end is not None:
+            tail = self.wire.flush()
+            if tail:
+                await self.send(P.audio(tail))
+            stats = {k: round(end[k], 4) for k in ("audio_s", "wall_s", "busy_s") if k in end}
+            await self.event(event="turn_end", reason=end["end"], **stats)
         if self._speak is asyncio.current_task():
             self._speak = None
         await self._set_state(self.LISTENING)
+
+    async def _output_over(self, pcm: np.ndarray, reset: bool) -> bool:
+        """Whether the model's turn is over with ``pcm`` (``OutputEnd``, in the audio pool).
+        The job is shielded and awaited before the next, so a cancelled turn's job never
+        overlaps the next turn's reset."""
+        if self._hearing is not None:
+            await asyncio.wait([self._hearing])
+        self._hearing = asyncio.get_running_loop().run_in_executor(
+            self.audio_pool, self._hear_output, pcm, reset
+        )
+        return await asyncio.shield(self._hearing)
+
+    def _hear_output(self, pcm: np.ndarray, reset: bool) -> bool:
+        if reset:
+            self.output_end.reset()
+        return self.output_end.push(pcm)
 
     async def _first_audio(self) -> None:
         now = self.clock()

@@ -4,7 +4,7 @@ through the scheduler) and ``HandleLM``, the Gateway's client for one conversati
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import numpy as np
@@ -103,7 +103,7 @@ class HandleLM:
     async def end_turn(self) -> int:
         return await self.h.end_turn.remote(self.sid)
 
-    async def respond(self) -> AsyncIterator[dict[str, Any]]:
+    async def respond(self) -> AsyncGenerator[dict[str, Any], None]:
         gen = self.h.options(stream=True).respond.remote(self.sid)
         try:
             async for item in gen:

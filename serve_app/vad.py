@@ -1,8 +1,9 @@
-"""Turn-taking: when the user starts and stops speaking, from ``voxtral.vad`` probabilities.
+"""Turn-taking: when the user starts and stops speaking, from ``voxtral.vad`` probabilities,
+and when the model's own output has gone quiet (half duplex: that ends the model's turn).
 
 The model and its per-frame probabilities live in ``voxtral.vad`` (one ``LiveVAD`` per
-conversation, sharing one ONNX session); what is specific to serving is the timing rule
-below, kept free of audio so it is tested on its own.
+stream, sharing one ONNX session); what is specific to serving is the timing rule
+(``TurnDetector``), kept free of audio so it is tested on its own.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from voxtral.vad import FRAME_S, off_threshold
+import numpy as np
+
+from voxtral.vad import FRAME_S, LiveVAD, off_threshold
 
 
 @dataclass
@@ -53,3 +56,26 @@ class TurnDetector:
                     self.speaking, self._run = False, 0
                     events.append(TurnEvent("end", self.t))
         return events
+
+
+class OutputEnd:
+    """Whether the model's turn is over (half duplex): its output spoke, then stayed quiet
+    for ``silence_ms``. Counted in output audio, not wall time, since generation runs ahead
+    of real time. Output that never speaks never ends here (``max_turn_s`` caps it).
+
+    One per session, ``reset`` at each turn; ``push`` runs silero, so call it off the event
+    loop (the session's audio pool)."""
+
+    def __init__(self, rate: int, threshold: float, silence_ms: float, start_ms: float = 96.0):
+        self.rate, self.threshold = rate, threshold
+        self.silence_ms, self.start_ms = silence_ms, start_ms
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the last turn: a fresh VAD stream (cheap: the model itself is shared)."""
+        self.vad = LiveVAD(self.rate)
+        self.turn = TurnDetector(self.threshold, self.start_ms, self.silence_ms)
+
+    def push(self, pcm: np.ndarray) -> bool:
+        """More of the turn's output; whether the turn is now over."""
+        return any(ev.kind == "end" for ev in self.turn.push(self.vad.push(pcm)))
