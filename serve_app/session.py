@@ -5,10 +5,11 @@ and a short pre-roll buffer. When the user starts, the pre-roll and what follows
 model in small pieces (encoded and prefilled as they arrive, so the end of a turn leaves
 little work). When the VAD hears the user stop, the model's turn is generated and streamed
 chunk by chunk. It is half duplex: the model's turn ends when a VAD on its own output hears
-it speak and then stay quiet for ``turn_end_silence_ms`` (the stream is closed, which stops
-the turn, and the context keeps all of it: it was sent), at its ``<eos>``, or at
-``max_turn_s``. If the user speaks over it, the turn is cancelled at once, the client is
-told to drop its queued audio, and the model's context is cut back to what was heard.
+it speak and then stay quiet for ``turn_end_silence_ms``, at its ``<eos>``, or at
+``max_turn_s``. A quiet end closes the stream, which stops the turn; the context keeps the
+turn as generated (all of it sent, but for a chunk or so of that quiet). If the user speaks
+over it, the turn is cancelled at once, the client is told to drop its queued audio, and
+the model's context is cut back to what was heard.
 
 All model work goes through ``LMClient``; the Ray Serve handle implements it in production
 and a local scheduler in tests, so this module knows nothing about Ray.
