@@ -1,0 +1,181 @@
+"""voxtral/turn_taking.py (Full-Duplex-Bench-style scores from speech segments) and
+bench/duplex.py run as a user types it against the test server."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from voxtral.turn_taking import (
+    Annotations,
+    TurnSpec,
+    UserTurn,
+    build_stimulus,
+    floor_taken,
+    merge,
+    oracle_track,
+    playout,
+    rtf,
+    score,
+    segments_from_flags,
+    stop_latency,
+    vad_segments,
+)
+
+RATE = 1000  # the pure functions do not care; small numbers keep the arithmetic exact
+
+# A stimulus of 20 s: turn 1 (1–5 s) with a pause at 2–3 s, a turn end at 5 s; turn 2, a
+# barge-in, at 8–9 s; its answer window 9–20 s.
+ANN = Annotations(
+    20.0,
+    (UserTurn(1.0, 5.0), UserTurn(8.0, 9.0, barge_in=True)),
+    ((2.0, 3.0),),
+)
+
+
+# -- the rule, event by event ------------------------------------------------------------------
+def test_floor_taken_needs_a_second_of_speech_inside_the_window():
+    assert floor_taken([], 2.0, 3.0) is None
+    assert floor_taken([(2.2, 2.9)], 2.0, 3.0) is None  # 0.7 s: a backchannel, not a turn
+    assert floor_taken([(2.2, 3.4)], 2.0, 3.0) == pytest.approx(0.2)  # runs past the window
+    assert floor_taken([(2.2, 2.5), (2.9, 3.3)], 2.0, 3.0) == pytest.approx(0.2)  # span 1.1 s
+    assert floor_taken([(3.0, 5.0)], 2.0, 3.0) is None  # begins after the window
+    assert floor_taken([(0.0, 1.9)], 2.0, 3.0) is None  # ended before it
+    assert floor_taken([(1.0, 3.5)], 2.0, 3.0) == 0.0  # already speaking: counted from 2 s
+    assert floor_taken([(1.0, 2.5)], 2.0, 3.0) is None  # only 0.5 s of it inside
+    assert floor_taken([(2.5, 3.0)], 2.0, 3.0, min_s=0.5) == pytest.approx(0.5)
+
+
+def test_stop_latency_is_the_end_of_the_run_covering_the_onset():
+    assert stop_latency([(7.0, 8.25)], 8.0) == pytest.approx(0.25)
+    assert stop_latency([(7.0, 7.9)], 8.0) is None  # already quiet: not scored
+    assert stop_latency([(7.0, 8.0)], 8.0) == 0.0  # stopped right as the user began
+    assert stop_latency([(8.1, 9.0)], 8.0) is None  # began after the user did
+    # a breath (0.2 s) does not end the run; a real silence (0.5 s) does
+    assert stop_latency([(7.0, 8.1), (8.3, 8.6)], 8.0) == pytest.approx(0.6)
+    assert stop_latency([(7.0, 8.1), (8.6, 9.0)], 8.0) == pytest.approx(0.1)
+
+
+def test_merge_and_segments_from_flags():
+    assert merge([(3.0, 4.0), (0.0, 1.0), (1.2, 2.0)], 0.3) == [(0.0, 2.0), (3.0, 4.0)]
+    flags = np.array([0, 1, 1, 0, 0, 1, 0, 1], bool)
+    assert segments_from_flags(flags, 0.5) == [(0.5, 1.5), (2.5, 3.0), (3.5, 4.0)]
+    assert segments_from_flags(np.zeros(4, bool), 0.5) == []
+
+
+# -- the figures, model by model ---------------------------------------------------------------
+def test_a_model_that_speaks_in_the_pause_takes_it_over():
+    out = score([(2.3, 3.4)], ANN)
+    assert out["takeover_pause"] == 1.0 and out["pauses"] == 1
+    assert score([(2.3, 2.6)], ANN)["takeover_pause"] == 0.0  # too short to count
+
+
+def test_a_polite_model_waits_then_answers_and_yields():
+    # answers 0.4 s after the end of turn, is cut by the barge-in at 8 s 0.3 s later,
+    # answers the interruption 0.6 s after it ends
+    polite = [(5.4, 8.3), (9.6, 12.0)]
+    out = score(polite, ANN)
+    assert out["takeover_pause"] == 0.0
+    assert out["takeover_turn"] == 1.0 and out["turn_ends"] == 1
+    assert out["turn_latency_ms_p50"] == 400.0 and out["turn_latency_ms_mean"] == 400.0
+    assert out["interrupt_stop_ms_p50"] == 300.0
+    assert out["interruptions"] == out["interruptions_scored"] == 1
+    assert out["interrupt_takeover"] == 1.0 and out["interrupt_response_ms_p50"] == 600.0
+
+
+def test_a_silent_model_scores_no_takeover_and_no_latency():
+    out = score([], ANN)
+    assert out["takeover_pause"] == 0.0 and out["takeover_turn"] == 0.0
+    assert out["turn_latency_ms_p50"] is None and out["interrupt_stop_ms_p50"] is None
+    assert out["interruptions_scored"] == 0 and out["interrupt_takeover"] == 0.0
+
+
+def test_a_model_that_talks_over_everything():
+    out = score([(0.0, 20.0)], ANN)
+    assert out["takeover_pause"] == 1.0 and out["takeover_turn"] == 1.0
+    assert out["turn_latency_ms_p50"] == 0.0  # already speaking at the end of turn
+    assert out["interrupt_stop_ms_p50"] == 12000.0  # never stopped: to the end
+
+
+def test_latency_percentiles_over_several_turns():
+    ann = Annotations(
+        30.0, (UserTurn(1.0, 2.0), UserTurn(6.0, 7.0), UserTurn(12.0, 13.0), UserTurn(20, 21))
+    )
+    model = [(2.2, 4.0), (7.5, 9.0), (13.3, 13.8), (21.9, 25.0)]  # the third is too short
+    out = score(model, ann)
+    assert out["takeover_turn"] == 0.75
+    assert out["turn_latency_ms_p50"] == 500.0  # of 200, 500, 900
+    assert out["turn_latency_ms_mean"] == pytest.approx(533.3)
+    assert out["takeover_pause"] is None and out["interrupt_stop_ms_p50"] is None
+
+
+def test_rtf_from_the_servers_turn_ends():
+    stats = [{"audio_s": 2.0, "busy_s": 1.0, "wall_s": 2.1}, {"audio_s": 2.0, "busy_s": 2.0}]
+    assert rtf(stats) == 0.75
+    assert rtf([{"audio_s": 1.0}, {"reason": "eos"}]) is None
+
+
+# -- the stimulus, the playback model, the oracle ------------------------------------------------
+def test_build_stimulus_annotates_what_it_builds():
+    a, b, c = (np.full(n, v, np.float32) for n, v in ((1500, 0.1), (1000, 0.2), (500, 0.3)))
+    specs = [
+        TurnSpec((a, b), gap_before_s=1.0, pause_s=2.0),
+        TurnSpec((c,), gap_before_s=3.0, barge_in=True),
+    ]
+    audio, ann = build_stimulus(specs, RATE, tail_s=4.0)
+    assert len(audio) == 1000 + 1500 + 2000 + 1000 + 3000 + 500 + 4000
+    assert ann.duration_s == 13.0
+    assert ann.turns == (UserTurn(1.0, 5.5), UserTurn(8.5, 9.0, barge_in=True))
+    assert ann.pauses == ((2.5, 4.5),)
+    assert np.all(audio[2500:4500] == 0) and np.all(audio[4500:5500] == 0.2)
+    assert ann.windows() == [(5.5, 8.5, False, True), (9.0, 13.0, True, False)]
+    assert Annotations.from_json(ann.to_json()) == ann
+
+
+def test_annotations_refuse_what_cannot_be_scored():
+    with pytest.raises(ValueError, match="ordered"):
+        Annotations(10.0, (UserTurn(3.0, 4.0), UserTurn(2.0, 2.5)))
+    with pytest.raises(ValueError, match="not inside a user turn"):
+        Annotations(10.0, (UserTurn(1.0, 2.0),), ((2.5, 3.0),))
+
+
+def test_playout_queues_chunks_and_drops_them_at_an_interrupt():
+    one = np.ones(500, np.float32)
+    # two chunks at 1 s play back to back; one at 5 s starts when it arrives
+    track = playout([(1.0, one), (1.0, 2 * one), (5.0, 3 * one)], [], RATE, 8.0)
+    assert track[999] == 0 and track[1000] == 1 and track[1500] == 2 and track[2000] == 0
+    assert track[5000] == 3 and track[5499] == 3 and track[5500] == 0
+    # an interrupt at 1.7 s drops what was queued and unplayed; later audio plays again
+    track = playout([(1.0, one), (1.0, 2 * one), (5.0, 3 * one)], [1.7], RATE, 8.0)
+    assert track[1699] == 2 and not track[1700:5000].any() and track[5000] == 3
+    # audio beyond the duration is cut
+    assert len(playout([(7.8, one)], [], RATE, 8.0)) == 8000
+
+
+def test_oracle_answers_each_turn_and_stops_at_the_barge_in():
+    speech = np.linspace(0.1, 1.0, 4000).astype(np.float32)
+    track = oracle_track(ANN, speech, RATE, respond_s=2.0)
+    assert not track[:5000].any()  # silent through the pause and the user's turn
+    assert track[5000:8000].all() and not track[8000:9000].any()  # to the barge-in
+    assert track[9000:11000].all() and not track[11000:].any()  # 2 s after turn 2
+    assert out_of(score(segments_from_flags(track != 0, 1 / RATE), ANN)) == (0.0, 1.0, 0.0, 0.0)
+
+
+def out_of(figures: dict) -> tuple:
+    return (
+        figures["takeover_pause"],
+        figures["takeover_turn"],
+        figures["turn_latency_ms_p50"],
+        figures["interrupt_stop_ms_p50"],
+    )
+
+
+def test_vad_segments_find_speech_and_not_silence(tmp_path):
+    import serve_client as C  # tests/ helper
+
+    speech = C.speech_clip(tmp_path, seconds=1.6)
+    audio = np.concatenate([np.zeros(24_000), speech, np.zeros(24_000)])
+    segments = vad_segments(audio, 24_000)
+    assert segments, "no speech found"
+    assert 0.9 <= segments[0][0] <= 1.3 and 2.2 <= segments[-1][1] <= 2.9, segments
+    assert vad_segments(np.zeros(48_000, np.float32), 24_000) == []
