@@ -30,6 +30,8 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -236,39 +238,52 @@ async def ws_turns(url: str, token: str | None, n: int, clip: np.ndarray) -> lis
     return await asyncio.gather(*(one(i) for i in range(n)))
 
 
-def run_stack(cfg, n: int, rounds: int, url: str | None = None) -> tuple[dict, dict]:
-    """The full stack: websocket sessions against ``url`` (an endpoint already running),
-    or against the app this function starts on a local Ray and deletes afterwards."""
+@contextmanager
+def endpoint(cfg, url: str | None = None) -> Iterator[tuple[str, dict]]:
+    """``(url, its /healthz)`` of ``url``, an endpoint already running, or of the app this
+    deploys on a local Ray from ``cfg`` (the local profile: the tiny model, CPU) and
+    deletes on exit. Also used by bench/duplex.py."""
     import requests
-    from ray import serve
-
-    from serve_app.app import APP_NAME, deploy
-    from voxtral.ray_utils import init_ray
 
     own = url is None
     if own:
+        from serve_app.app import deploy
+        from voxtral.ray_utils import init_ray
+
         init_ray()
         url = deploy(cfg)["url"]
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        try:
-            info = requests.get(url + "/healthz", timeout=10).json()
-            break
-        except Exception:
-            time.sleep(1)
+    try:
+        deadline, info = time.time() + 300, None
+        while info is None:
+            try:
+                info = requests.get(url + "/healthz", timeout=10).json()
+            except Exception:
+                if time.time() > deadline:
+                    raise TimeoutError(f"{url}/healthz did not answer for 300 s") from None
+                time.sleep(1)
+        yield url, info
+    finally:
+        if own:
+            from ray import serve
+
+            from serve_app.app import APP_NAME
+
+            serve.delete(APP_NAME)
+
+
+def run_stack(cfg, n: int, rounds: int, url: str | None = None) -> tuple[dict, dict]:
+    """The full stack: websocket sessions against ``url`` (an endpoint already running),
+    or against the app this function starts on a local Ray and deletes afterwards."""
     clip = speech()
 
-    async def main():
+    async def main(url: str):
         await ws_turns(url, cfg.serve.token, 1, clip)
         single = [r for _ in range(rounds) for r in await ws_turns(url, cfg.serve.token, 1, clip)]
         many = [r for _ in range(rounds) for r in await ws_turns(url, cfg.serve.token, n, clip)]
         return single, many
 
-    try:
-        single, many = asyncio.run(main())
-    finally:
-        if own:
-            serve.delete(APP_NAME)
+    with endpoint(cfg, url) as (url, info):
+        single, many = asyncio.run(main(url))
     firsts = [r["first_s"] * 1000 for r in many if r["first_s"] is not None]
     server = [r["server_ms"] for r in many if r["server_ms"] is not None]
     out = {

@@ -15,10 +15,11 @@ from voxtral.turn_taking import (
     merge,
     oracle_track,
     playout,
-    rtf,
     score,
     segments_from_flags,
+    server_rtf,
     stop_latency,
+    stream_rtf,
     vad_segments,
 )
 
@@ -109,10 +110,25 @@ def test_latency_percentiles_over_several_turns():
     assert out["takeover_pause"] is None and out["interrupt_stop_ms_p50"] is None
 
 
-def test_rtf_from_the_servers_turn_ends():
+def test_stream_rtf_over_bursts_of_audio():
+    one = RATE // 10  # 0.1 s per message
+    # a turn of 11 messages, 0.1 s apart: real time (1.0); the silence after it is not counted
+    turn = [(1.0 + 0.1 * k, one) for k in range(11)]
+    assert stream_rtf(turn, [], RATE) == 1.0
+    # a second turn much later, twice as slow: (1 + 2) s for (1 + 1) s of audio
+    slow = [(20.0 + 0.2 * k, one) for k in range(11)]
+    assert stream_rtf(turn + slow, [], RATE) == 1.5
+    # an interrupt splits a burst: the wait across it is not counted
+    cut = [(1.0, one), (1.1, one), (1.5, one), (1.6, one)]
+    assert stream_rtf(cut, [1.2], RATE) == 1.0
+    assert stream_rtf(cut, [], RATE) == pytest.approx(0.6 / 0.3)
+    assert stream_rtf([(1.0, one)], [], RATE) is None
+
+
+def test_server_rtf_from_its_turn_ends():
     stats = [{"audio_s": 2.0, "busy_s": 1.0, "wall_s": 2.1}, {"audio_s": 2.0, "busy_s": 2.0}]
-    assert rtf(stats) == 0.75
-    assert rtf([{"audio_s": 1.0}, {"reason": "eos"}]) is None
+    assert server_rtf(stats) == 0.75
+    assert server_rtf([{"audio_s": 1.0}, {"reason": "eos"}]) is None
 
 
 # -- the stimulus, the playback model, the oracle ------------------------------------------------
@@ -179,3 +195,38 @@ def test_vad_segments_find_speech_and_not_silence(tmp_path):
     assert segments, "no speech found"
     assert 0.9 <= segments[0][0] <= 1.3 and 2.2 <= segments[-1][1] <= 2.9, segments
     assert vad_segments(np.zeros(48_000, np.float32), 24_000) == []
+
+
+# -- bench/duplex.py against the test server -------------------------------------------------
+@pytest.fixture(scope="module")
+def server(ray_session, tmp_path_factory) -> str:
+    import serve_client as C  # tests/ helper: the tiny model on the session's Ray, CPU
+
+    return C.server_url(C.shared_root(tmp_path_factory))
+
+
+def test_bench_duplex_quick_prints_its_json_line(server):
+    """``uv run bench/duplex.py --quick --url URL``, the token in the environment as the
+    README's production checklist says: one JSON line with every key in range. The tiny
+    model's voice is noise to silero, so its takeovers are 0 and its latencies null; the
+    oracle, scored through the same VAD in the same run, shows the scoring finds speech."""
+    import serve_client as C
+
+    from tests.commands import json_line, user_env, uv_run
+
+    env = user_env(VOXTRAL_SERVE__TOKEN=C.TOKEN)
+    out = json_line(uv_run("bench/duplex.py", "--quick", "--url", server, env=env, timeout=240))
+    keys = {"takeover_pause", "takeover_turn", "turn_latency_ms_p50", "interrupt_stop_ms_p50"}
+    assert keys | {"rtf", "stimulus_s"} <= set(out), out
+    assert out["pauses"] == out["turn_ends"] == out["interruptions"] == 1, out
+    assert 13 <= out["stimulus_s"] <= 17 and out["errors"] == 0, out
+    assert 0 <= out["takeover_pause"] <= 1 and 0 <= out["takeover_turn"] <= 1, out
+    for key in ("turn_latency_ms_p50", "interrupt_stop_ms_p50", "interrupt_response_ms_p50"):
+        assert out[key] is None or 0 <= out[key] <= 15_000, (key, out)
+    assert out["model_audio_s"] > 0 and out["rtf"] is not None and 0 < out["rtf"] < 20, out
+    # the oracle: never in the pause, always after the turn, stops at the barge-in
+    assert out["oracle_takeover_pause"] == 0 and out["oracle_takeover_turn"] == 1, out
+    assert out["oracle_interrupt_takeover"] == 1, out
+    assert 0 <= out["oracle_turn_latency_ms_p50"] < 300, out
+    assert 0 <= out["oracle_interrupt_stop_ms_p50"] < 300, out
+    assert out["endpoint"] == "url" and out["model_source"] == "tiny-random", out

@@ -325,10 +325,47 @@ def score(
     }
 
 
-def rtf(turn_stats: Sequence[dict[str, Any]]) -> float | None:
+BURST_GAP_S = 1.0
+"""Audio messages further apart than this belong to different bursts (model turns)."""
+
+
+def stream_rtf(
+    arrivals: Sequence[tuple[float, int]],
+    drops: Sequence[float],
+    rate: int,
+    gap_s: float = BURST_GAP_S,
+) -> float | None:
+    """Wall seconds per second of model audio while it streams, from the client's side:
+    the messages (arrival time, samples) are cut into bursts where they are more than
+    ``gap_s`` apart or an ``interrupt`` (a time in ``drops``) falls between them; over the
+    bursts, the time from each one's first message to its last per second of audio after
+    its first. Near 1 (or below, for a server that runs ahead): the audio arrives as fast
+    as it plays; above 1: the listener hears gaps. None with no burst of two messages.
+    A half-duplex server's turns and a full-duplex server's one long stream are measured
+    alike; a server more than ``gap_s`` late for every message is not measured at all."""
+    wall = audio = 0.0
+    burst: list[tuple[float, int]] = []
+    cuts = sorted(drops)
+
+    def close() -> None:
+        nonlocal wall, audio
+        if len(burst) > 1:
+            wall += burst[-1][0] - burst[0][0]
+            audio += sum(n for _, n in burst[1:]) / rate
+
+    for t, n in sorted(arrivals):
+        if burst and (t - burst[-1][0] > gap_s or any(burst[-1][0] <= d < t for d in cuts)):
+            close()
+            burst = []
+        burst.append((t, n))
+    close()
+    return round(wall / audio, 4) if audio > 0 else None
+
+
+def server_rtf(turn_stats: Sequence[dict[str, Any]]) -> float | None:
     """The server's processing ratio: engine-busy seconds per second of audio it generated,
     summed over the ``turn_end`` events that report both (below 1: faster than real
-    time); None when none does."""
+    time); None when none does (a turn cut by an interrupt reports nothing)."""
     rows = [s for s in turn_stats if s.get("busy_s") is not None and s.get("audio_s")]
     audio = sum(float(s["audio_s"]) for s in rows)
     return round(sum(float(s["busy_s"]) for s in rows) / audio, 4) if audio > 0 else None
