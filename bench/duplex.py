@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import itertools
 import json
 import os
@@ -96,6 +97,7 @@ ORACLE_VOICE = ("interview_en.mp3", "interview_en.rttm")
 
 
 # -- the stimulus -----------------------------------------------------------------------------
+@functools.lru_cache(maxsize=4)
 def decode(path: Path) -> np.ndarray:
     from voxtral.media import decode_stream
 

@@ -3,6 +3,10 @@ bench/duplex.py run as a user types it against the test server."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
+from contextlib import contextmanager
+
 import numpy as np
 import pytest
 
@@ -195,6 +199,106 @@ def test_vad_segments_find_speech_and_not_silence(tmp_path):
     assert segments, "no speech found"
     assert 0.9 <= segments[0][0] <= 1.3 and 2.2 <= segments[-1][1] <= 2.9, segments
     assert vad_segments(np.zeros(48_000, np.float32), 24_000) == []
+
+
+# -- bench/duplex.py against a scripted partner -----------------------------------------------
+LEAD_S = 0.4  # the partner sends its audio this far ahead of playback, as the server does
+
+
+@contextmanager
+def scripted_partner(plan: list[tuple[float, float, bool]], speech: np.ndarray):
+    """A stand-in endpoint that speaks the wire protocol (PCM16) and, whatever it hears,
+    says ``speech`` over each ``(start, stop, cut)`` span of stimulus time (its clock set
+    by the first message, which carries the stimulus's first 40 ms). Its audio runs
+    ``LEAD_S`` ahead; for a ``cut`` span it has sent ``LEAD_S`` past ``stop`` when it sends
+    an ``interrupt`` at ``stop``, so the client must drop that to stop in time. It also
+    sends what a newer server might: an unknown event, an unknown kind, text, pings."""
+    from websockets.asyncio.server import serve
+
+    from serve_app import protocol as P
+    from serve_app.audio_io import SAMPLE_RATE, float_to_pcm16
+    from tests.serve_client import free_port
+
+    chunk = 1920  # 80 ms
+
+    async def session(ws):
+        loop = asyncio.get_running_loop()
+        await ws.send(P.handshake())
+        await ws.send(P.metadata({"event": "ready", "codec": "pcm16"}))
+        await ws.send(P.metadata({"event": "duplex_state", "model_stream": "on"}))
+        await ws.send(bytes([0x07]) + b"a kind from a newer server")
+        await ws.recv()
+        t0 = loop.time() - 0.04
+        drain = asyncio.ensure_future(ws.wait_closed())
+
+        async def at(t: float) -> None:
+            await asyncio.sleep(max(0.0, t0 + t - loop.time()))
+
+        for start, stop, cut in plan:
+            n = round((stop - start + (LEAD_S if cut else 0.0)) * SAMPLE_RATE)
+            for j, k in enumerate(range(0, n, chunk)):
+                await at(max(start, start + j * chunk / SAMPLE_RATE - LEAD_S))
+                await ws.send(P.audio(float_to_pcm16(speech[k : min(k + chunk, n)])))
+                await ws.send(P.ping())
+            await ws.send(P.text("words "))
+            if cut:
+                await at(stop)
+                await ws.send(P.metadata({"event": "interrupt", "heard_s": stop - start}))
+        await ws.send(P.metadata({"event": "turn_end", "audio_s": 2.0, "busy_s": 0.5}))
+        await drain
+
+    def healthz(connection, request):
+        if request.path == "/healthz":
+            return connection.respond(200, '{"ok": true, "model_source": "scripted"}')
+        return None
+
+    port = free_port()
+    loop = asyncio.new_event_loop()
+    up, done = threading.Event(), asyncio.Event()
+
+    async def main():
+        async with serve(session, "127.0.0.1", port, max_size=None, process_request=healthz):
+            up.set()
+            await done.wait()
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
+    thread.start()
+    assert up.wait(30), "the scripted partner did not start"
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        loop.call_soon_threadsafe(done.set)
+        thread.join(30)
+
+
+def test_bench_duplex_scores_a_scripted_partner():
+    """bench/duplex.py's ``--quick --url URL`` (in this process) against a partner whose
+    behaviour is known: a 0.4 s backchannel in the pause (no takeover), an answer 0.5 s
+    after the end of turn, cut by an interrupt 0.25 s into the barge-in (with 0.4 s more
+    already sent, which the client must drop), an answer 0.4 s after the barge-in turn.
+    Real speech, so the figures are what the script measures, within the VAD's lag and
+    this machine's jitter; unknown kinds and events along the way are ignored."""
+    from bench.duplex import ORACLE_VOICE, clauses, main, sample_stimulus
+
+    _, ann = sample_stimulus(1, quick=True)
+    (pause,), (a, b) = ann.pauses, ann.turns
+    plan = [
+        (pause[0] + 0.5, pause[0] + 0.9, False),
+        (a.end_s + 0.5, b.start_s + 0.25, True),
+        (b.end_s + 0.4, b.end_s + 2.4, False),
+    ]
+    speech = np.concatenate(clauses(*ORACLE_VOICE, max_s=10.0))
+    with scripted_partner(plan, speech) as url:
+        out = main(["--quick", "--url", url])
+    assert out["errors"] == 0 and out["server_interrupts"] == 1, out
+    assert out["takeover_pause"] == 0 and out["takeover_turn"] == 1, out
+    assert out["interruptions_scored"] == 1 and out["interrupt_takeover"] == 1, out
+    assert out["server_rtf"] == 0.25 and out["model_speech_s"] > 3, out
+    assert out["model_source"] == "scripted", out
+    if out["send_late_ms_max"] < 250:  # else this machine was too loaded to judge timing
+        assert 450 <= out["turn_latency_ms_p50"] <= 750, out
+        assert 200 <= out["interrupt_stop_ms_p50"] <= 550, out  # not 650: the queue went
+        assert 350 <= out["interrupt_response_ms_p50"] <= 650, out
 
 
 # -- bench/duplex.py against the test server -------------------------------------------------
