@@ -146,7 +146,8 @@ def wav_stimulus(path: Path) -> tuple[np.ndarray, Annotations]:
 # -- the live session -------------------------------------------------------------------------
 async def live_session(url: str, token: str | None, stimulus: np.ndarray) -> dict:
     """Stream ``stimulus`` at real time; record every audio message (arrival time, samples)
-    and ``interrupt`` event time, relative to the stimulus's first sample."""
+    and ``interrupt`` event time, in seconds from the stimulus's first sample (audio that
+    came before it, from a server that streams from the start, is at 0)."""
     import websockets
 
     from serve_app import protocol as P
@@ -156,19 +157,18 @@ async def live_session(url: str, token: str | None, stimulus: np.ndarray) -> dic
     ws_url = url.replace("http", "ws", 1).rstrip("/") + "/api/chat" + query
     rec = {"chunks": [], "drops": [], "turns": [], "errors": [], "late": 0.0}
     ready = asyncio.Event()
-    t0 = [time.monotonic()]
 
     async with websockets.connect(ws_url, max_size=None, open_timeout=60) as ws:
 
         async def receive() -> None:
             async for m in ws:
-                t = time.monotonic() - t0[0]
+                t = time.monotonic()
                 if isinstance(m, str) or not m:
                     continue
                 kind, payload = m[0], m[1:]
                 if kind == P.Kind.HANDSHAKE:
                     ready.set()
-                elif kind == P.Kind.AUDIO and ready.is_set():
+                elif kind == P.Kind.AUDIO:
                     rec["chunks"].append((t, pcm16_to_float(payload)))
                 elif kind == P.Kind.ERROR:
                     rec["errors"].append(payload.decode("utf-8", "replace"))
@@ -186,21 +186,27 @@ async def live_session(url: str, token: str | None, stimulus: np.ndarray) -> dic
 
         task = asyncio.ensure_future(receive())
         await asyncio.wait_for(ready.wait(), 60)
-        t0[0] = start = time.monotonic()
-        for i in range(0, len(stimulus), CHUNK):
-            due = start + (i + CHUNK) / RATE  # a microphone hands over 40 ms once heard
-            await asyncio.sleep(max(0.0, due - time.monotonic()))
-            rec["late"] = max(rec["late"], time.monotonic() - due)
-            if task.done():
-                break
-            await ws.send(P.audio(float_to_pcm16(stimulus[i : i + CHUNK])))
+        start = time.monotonic()
+        try:
+            for i in range(0, len(stimulus), CHUNK):
+                due = start + (i + CHUNK) / RATE  # a microphone hands over 40 ms once heard
+                await asyncio.sleep(max(0.0, due - time.monotonic()))
+                rec["late"] = max(rec["late"], time.monotonic() - due)
+                if task.done():
+                    break
+                await ws.send(P.audio(float_to_pcm16(stimulus[i : i + CHUNK])))
+        except websockets.ConnectionClosed:
+            pass
         rec["session_s"] = time.monotonic() - start
-        if task.done():  # the server closed the session
+        if task.done() or ws.close_code is not None:  # the server ended the session
+            why = task.exception() if task.done() else None  # (retrieved: no warning)
             raise RuntimeError(
                 f"the server closed the session after {rec['session_s']:.1f} s "
-                f"({ws.close_code} {ws.close_reason!r}); its errors: {rec['errors']}"
+                f"({ws.close_code} {ws.close_reason!r}, {why!r}); its errors: {rec['errors']}"
             )
         task.cancel()
+    rec["chunks"] = [(t - start, pcm) for t, pcm in rec["chunks"]]
+    rec["drops"] = [t - start for t in rec["drops"]]
     return rec
 
 
