@@ -213,11 +213,11 @@ def scripted_partner(plan: list[tuple[float, float, bool]], speech: np.ndarray):
     ``LEAD_S`` ahead; for a ``cut`` span it has sent ``LEAD_S`` past ``stop`` when it sends
     an ``interrupt`` at ``stop``, so the client must drop that to stop in time. It also
     sends what a newer server might: an unknown event, an unknown kind, text, pings."""
+    import serve_client as C  # tests/ helper
     from websockets.asyncio.server import serve
 
     from serve_app import protocol as P
     from serve_app.audio_io import SAMPLE_RATE, float_to_pcm16
-    from tests.serve_client import free_port
 
     chunk = 1920  # 80 ms
 
@@ -252,7 +252,7 @@ def scripted_partner(plan: list[tuple[float, float, bool]], speech: np.ndarray):
             return connection.respond(200, '{"ok": true, "model_source": "scripted"}')
         return None
 
-    port = free_port()
+    port = C.free_port()
     loop = asyncio.new_event_loop()
     up, done = threading.Event(), asyncio.Event()
 
