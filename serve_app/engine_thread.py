@@ -6,8 +6,18 @@ Work reaches it through one operation queue, filled by its asyncio front
 close…) and user audio to encode and prefill. Each iteration runs the queued operations,
 encodes every conversation's new audio in as few codec calls as possible, then generates one
 group for every conversation whose turn is due, batched, so a long prefill or a slow client
-never stops the others. Turns are paced to stay at most ``lead_s`` ahead of real time, so an
-interrupt wastes little and the context can be cut back to what the listener heard.
+never stops the others.
+
+Two modes, by the model's layout:
+
+- **half duplex** (1 stream): the model speaks in turns. A turn is paced to stay at most
+  ``lead_s`` ahead of real time, so an interrupt wastes little and the context can be cut
+  back to what the listener heard.
+- **full duplex** (2 streams): the conversation's output never stops. Each group of the
+  user's audio, once encoded, fills the user slots of the next group while the model samples
+  its own slots, and the model's group goes out at once, silence included (Moshi's loop).
+  The microphone is the clock; a conversation the model cannot keep up with loses its oldest
+  waiting user audio past ``max_lag_s`` (reported), so nothing queues without bound.
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -33,7 +44,7 @@ from voxtral.codec.streaming import (
     encode_many,
 )
 from voxtral.generation import LMState, SpeechEngine, TextStream
-from voxtral.tokenizer import Layout, StreamDecoder, encode_ids
+from voxtral.tokenizer import Layout, StreamDecoder, audio_slot_ids, encode_ids
 
 if TYPE_CHECKING:
     from serve_app.scheduler import SchedulerSettings
@@ -47,7 +58,8 @@ class UnknownSession(KeyError):
 
 @dataclass
 class Turn:
-    """One model turn in progress: what it generated, and the queue its chunks go to."""
+    """One model turn in progress: what it generated, and the queue its chunks go to. In
+    full duplex the one "turn" is the model's output for the whole conversation."""
 
     loop: asyncio.AbstractEventLoop
     out: asyncio.Queue
@@ -93,6 +105,8 @@ class Conversation:
     encoder: CodecStreamEncoder
     audio_out: CodecStreamDecoder
     held_frames: np.ndarray  # user frames waiting to fill a group
+    user_groups: deque[list[int]] = field(default_factory=deque)  # full duplex: ready groups
+    dropped_s: float = 0.0  # full duplex: user audio dropped unheard, not yet reported
     turn: Turn | None = None
     last_turn: Turn | None = None  # the turn that ended last, while nothing followed it
 
@@ -108,6 +122,8 @@ class EngineThread:
         self.steps = 0
         self.batch_hist: dict[int, int] = {}
         self.unheard_s = 0.0  # user audio dropped before the model heard it (see append)
+        self.duplex = self.layout.streams == 2
+        self.max_lag_groups = max(1, round(settings.max_lag_s / self.layout.group_s))
         self._ops: queue.SimpleQueue = queue.SimpleQueue()
         self._rr = itertools.count()
         self._stop = threading.Event()
@@ -161,9 +177,32 @@ class EngineThread:
         first; the turn's chunks go to ``out`` on ``loop``."""
         if c.held_frames.shape[1] or c.encoder.pending_samples:
             self._prefill(c, None, end=True)
+        self._open_turn(c, loop, out)
+
+    def _open_turn(self, c: Conversation, loop: asyncio.AbstractEventLoop, out: asyncio.Queue):
         n = c.state.length
         c.turn = Turn(loop, out, n, StreamDecoder(self.layout, index=n), TextStream(self.tokenizer))
         c.audio_out.reset()
+
+    def begin_stream(self, c: Conversation, loop: asyncio.AbstractEventLoop, out: asyncio.Queue):
+        """Full duplex: open the model's output for the conversation; each group of the
+        user's audio from now on yields one group of the model's (to ``out`` on ``loop``)."""
+        if c.turn is not None:
+            raise RuntimeError("the conversation already streams")
+        self._open_turn(c, loop, out)
+
+    def restart(self, sid: str) -> None:
+        """Forget the conversation (a new context). A half-duplex turn stops; a full-duplex
+        output stream goes on, from the new context."""
+        old = self.convs.get(sid)
+        stream = old.turn if old is not None and self.duplex else None
+        if stream is None:
+            self.stop_turn(sid, "restart")
+        c = self.convs[sid] = self.new_conversation(sid)
+        if stream is not None:
+            stream.decoder = StreamDecoder(self.layout, index=c.state.length)
+            stream.text, stream.frames = TextStream(self.tokenizer), []
+            c.turn = stream
 
     def stop_turn(self, sid: str, reason: str) -> None:
         """End the conversation's turn now (if it has one), telling its reader why."""
@@ -222,7 +261,7 @@ class EngineThread:
             c = self.convs.get(f.sid)
             if c is None:
                 f.fut.set_exception(UnknownSession(f.sid))
-            elif c.turn is not None:
+            elif c.turn is not None and not self.duplex:
                 f.fut.set_exception(RuntimeError("the model is speaking; interrupt it first"))
             else:
                 c.last_turn = None
@@ -239,14 +278,32 @@ class EngineThread:
                 frames = np.concatenate([c.held_frames, new], axis=1)
                 whole = frames.shape[1] // fpg * fpg
                 c.held_frames = frames[:, whole:]
-                if whole:
+                if whole and self.duplex:
+                    self._queue_user(c, frames[:, :whole])
+                elif whole:
                     ids = encode_ids(self.layout, frames[:, :whole], bos=False)
                     self._report_unheard(c, self.engine.append(c.state, ids.tolist()))
                 if f.end:
                     c.encoder.reset()
-                f.fut.set_result(c.state.length)
+                f.fut.set_result(len(c.user_groups) if self.duplex else c.state.length)
             except Exception as exc:  # this conversation's audio only
                 f.fut.set_exception(exc)
+
+    def _queue_user(self, c: Conversation, frames: np.ndarray) -> None:
+        """Full duplex: whole groups of user frames wait for the model's next steps; past
+        ``max_lag_s`` the oldest are dropped unheard (the model fell behind the microphone)."""
+        groups = frames.shape[1] // self.layout.frames_per_group
+        c.user_groups.extend(audio_slot_ids(self.layout, frames, groups).tolist())
+        late = len(c.user_groups) - self.max_lag_groups
+        if late > 0:
+            for _ in range(late):
+                c.user_groups.popleft()
+            seconds = late * self.layout.group_s
+            self.unheard_s += seconds
+            c.dropped_s += seconds
+            log.warning(
+                "session %s: the model fell behind; %.2f s of user audio dropped", c.sid, seconds
+            )
 
     def _report_unheard(self, c: Conversation, dropped_ids: int) -> None:
         """User audio that arrived faster than the context holds lost its oldest part."""
@@ -266,6 +323,8 @@ class EngineThread:
         return t.audio_s < (now - t.t0) + self.s.lead_s
 
     def _next_due_in(self) -> float | None:
+        if self.duplex:  # the microphone is the clock: due as soon as a user group waits
+            return 0.0 if any(self._due_duplex(c) for c in self.convs.values()) else None
         turns = [c.turn for c in self.convs.values() if c.turn is not None]
         if not turns:
             return None
@@ -273,9 +332,16 @@ class EngineThread:
         wait = min(t.audio_s - (now - t.t0) - self.s.lead_s for t in turns)
         return max(0.0, min(wait, 0.05))
 
+    @staticmethod
+    def _due_duplex(c: Conversation) -> bool:
+        return c.turn is not None and bool(c.user_groups)
+
     def _step(self) -> None:
         now = time.monotonic()
-        due = [c for c in self.convs.values() if c.turn is not None and self._due(c.turn, now)]
+        if self.duplex:
+            due = [c for c in self.convs.values() if self._due_duplex(c)]
+        else:
+            due = [c for c in self.convs.values() if c.turn is not None and self._due(c.turn, now)]
         if not due:
             return
         start = next(self._rr) % len(due)  # rotate so a full batch is fair to everyone
@@ -298,22 +364,28 @@ class EngineThread:
 
     def _generate(self, convs: list[Conversation]) -> list[tuple[Conversation, list[int] | None]]:
         try:
-            out = self.engine.generate_group([c.state for c in convs])
+            given = [c.user_groups[0] for c in convs] if self.duplex else None
+            out = self.engine.generate_group([c.state for c in convs], given)
+            for c in convs if self.duplex else ():
+                c.user_groups.popleft()
             return list(zip(convs, out, strict=True))
         except Exception:
             if len(convs) == 1:
                 log.exception("generation failed for session %s", convs[0].sid)
                 self.stop_turn(convs[0].sid, "error")
+                convs[0].user_groups.clear()
                 return [(convs[0], None)]
         # one conversation broke the batch: find it, keep the others going
         return [pair for c in convs for pair in self._generate([c])]
 
     def _take_group(self, c: Conversation, ids: list[int]) -> None:
         t = c.turn
-        frames, text_ids = t.decoder.push(ids)
+        frames, text_ids = t.decoder.push(ids)  # the user's frames (2 streams) are not sent
         t.groups += 1
         t.frames.append(frames)
         t.pending_text += t.text.push(text_ids)
+        if self.duplex:  # the output stream lasts the conversation
+            return
         if self.layout.text and ids[0] == self.layout.vocab.eos:
             t.ended = "eos"
         elif t.groups * self.layout.group_s >= self.s.max_turn_s - 1e-9:
@@ -339,6 +411,8 @@ class EngineThread:
             item: dict[str, Any] = {"audio": pcm, "t": round(t.audio_s, 4)}
             if t.pending_text:
                 item["text"], t.pending_text = t.pending_text, ""
+            if c.dropped_s:
+                item["dropped_s"], c.dropped_s = round(c.dropped_s, 4), 0.0
             t.post(item)
             if t.ended is not None:
                 c.turn, c.last_turn = None, t

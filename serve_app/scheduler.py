@@ -36,6 +36,7 @@ class SchedulerSettings:
     max_turn_s: float = 10.0
     chunk_groups: int = 2  # groups per audio message
     lead_s: float = 0.3  # how far a turn may run ahead of real time
+    max_lag_s: float = 1.0  # full duplex: user audio waiting for the model past this is dropped
     encoder_context_frames: int = 6
     decoder_context_frames: int = 6
 
@@ -77,27 +78,53 @@ class Scheduler:
         return {"sessions": len(self.convs)}
 
     async def feed(self, sid: str, pcm: np.ndarray) -> int:
-        """User audio (24 kHz float) → codes → prefilled whole groups. Returns ids held."""
+        """User audio (24 kHz float) → codes → whole groups: prefilled (half duplex; returns
+        the ids held) or queued for the next steps (full duplex; returns the groups waiting)."""
         pcm = np.asarray(pcm, dtype=np.float32)
         return await asyncio.wrap_future(self.thread.feed(sid, pcm, end=False))
 
     async def end_turn(self, sid: str) -> int:
         """The user has finished: pad what is left to a whole group and prefill it."""
+        self._check_mode(False, "end_turn")
         return await asyncio.wrap_future(self.thread.feed(sid, None, end=True))
+
+    @property
+    def duplex(self) -> bool:
+        """Full duplex (a 2-stream model: ``stream``) or half duplex (turns: ``respond``)."""
+        return self.thread.duplex
+
+    def _check_mode(self, duplex: bool, what: str) -> None:
+        if self.duplex != duplex:
+            mode = "full duplex (it streams)" if self.duplex else "half duplex (it takes turns)"
+            raise RuntimeError(f"{what} does not apply: this model is {mode}")
 
     async def respond(self, sid: str) -> AsyncGenerator[dict[str, Any], None]:
         """The model's turn: dicts with ``audio`` (float32 24 kHz) and/or ``text``, then one
         with ``end`` (eos, max_turn, interrupt, closed, error) and the turn's stats."""
-        loop = asyncio.get_running_loop()
-        out: asyncio.Queue = asyncio.Queue()
+        self._check_mode(False, "respond")
 
-        def op():
-            c = self.thread.conversation(sid)
+        def begin(c: Conversation, loop: asyncio.AbstractEventLoop, out: asyncio.Queue) -> None:
             if c.turn is not None:
                 raise RuntimeError("a turn is already being generated")
             self.thread.begin_turn(c, loop, out)
 
-        await self._call(op)
+        async for item in self._output(sid, begin):
+            yield item
+
+    async def stream(self, sid: str) -> AsyncGenerator[dict[str, Any], None]:
+        """Full duplex: the model's side of the whole conversation, one dict per group of
+        the user's audio fed (``audio``, and ``text`` / ``dropped_s`` when there are some),
+        until the conversation closes (a last dict with ``end``)."""
+        self._check_mode(True, "stream")
+        async for item in self._output(sid, self.thread.begin_stream):
+            yield item
+
+    async def _output(self, sid: str, begin: Callable) -> AsyncGenerator[dict[str, Any], None]:
+        """The items the engine thread posts for the conversation's output, opened by
+        ``begin(conversation, loop, queue)`` on the thread, until one with ``end``."""
+        loop = asyncio.get_running_loop()
+        out: asyncio.Queue = asyncio.Queue()
+        await self._call(lambda: begin(self.thread.conversation(sid), loop, out))
         finished = False
         try:
             while True:
@@ -112,6 +139,7 @@ class Scheduler:
 
     async def interrupt(self, sid: str, heard_s: float) -> dict[str, Any]:
         """Stop the turn and keep only the groups the listener heard (``heard_s``)."""
+        self._check_mode(False, "interrupt")
 
         def op():
             c = self.thread.conversation(sid)
@@ -130,11 +158,7 @@ class Scheduler:
         return await self._call(op)
 
     async def restart(self, sid: str) -> None:
-        def op():
-            self.thread.stop_turn(sid, "restart")
-            self.convs[sid] = self.thread.new_conversation(sid)
-
-        await self._call(op)
+        await self._call(lambda: self.thread.restart(sid))
 
     async def close(self, sid: str) -> None:
         def op():
@@ -146,6 +170,7 @@ class Scheduler:
     def stats(self) -> dict[str, Any]:
         convs = list(self.convs.values())
         return {
+            "mode": "full_duplex" if self.duplex else "half_duplex",
             "sessions": len(convs),
             "generating": sum(c.turn is not None for c in convs),
             "steps": self.thread.steps,
@@ -179,6 +204,9 @@ class LocalLM:
 
     def respond(self) -> AsyncGenerator[dict[str, Any], None]:
         return self.s.respond(self.sid)
+
+    def stream(self) -> AsyncGenerator[dict[str, Any], None]:
+        return self.s.stream(self.sid)
 
     async def interrupt(self, heard_s: float) -> dict[str, Any]:
         return await self.s.interrupt(self.sid, heard_s)
@@ -217,6 +245,7 @@ def build_scheduler(cfg, source: dict[str, str]) -> tuple[Scheduler, dict[str, A
         max_turn_s=s.max_turn_s,
         chunk_groups=max(1, round(s.chunk_ms / 1000 / layout.group_s)),
         lead_s=s.lead_ms / 1000,
+        max_lag_s=s.max_lag_ms / 1000,
     )
     info = {
         **source,
@@ -227,6 +256,8 @@ def build_scheduler(cfg, source: dict[str, str]) -> tuple[Scheduler, dict[str, A
         "frame_rate": layout.frame_rate,
         "group_ms": round(layout.group_s * 1000, 3),
         "text": layout.text,
+        "streams": layout.streams,
+        "mode": "full_duplex" if layout.streams == 2 else "half_duplex",
         "max_context": engine.max_context,
     }
     return Scheduler(engine, codec, tokenizer, settings), info

@@ -4,7 +4,7 @@ through the scheduler) and ``HandleLM``, the Gateway's client for one conversati
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import numpy as np
@@ -50,8 +50,12 @@ class SpeechLM:
     async def end_turn(self, sid: str) -> int:
         return await self.sched.end_turn(sid)
 
-    async def respond(self, sid: str) -> AsyncIterator[dict[str, Any]]:
+    async def respond(self, sid: str) -> AsyncGenerator[dict[str, Any], None]:
         async for item in self.sched.respond(sid):
+            yield item
+
+    async def stream(self, sid: str) -> AsyncGenerator[dict[str, Any], None]:
+        async for item in self.sched.stream(sid):
             yield item
 
     async def interrupt(self, sid: str, heard_s: float) -> dict[str, Any]:
@@ -103,8 +107,14 @@ class HandleLM:
     async def end_turn(self) -> int:
         return await self.h.end_turn.remote(self.sid)
 
-    async def respond(self) -> AsyncGenerator[dict[str, Any], None]:
-        gen = self.h.options(stream=True).respond.remote(self.sid)
+    def respond(self) -> AsyncGenerator[dict[str, Any], None]:
+        return self._streamed("respond")
+
+    def stream(self) -> AsyncGenerator[dict[str, Any], None]:
+        return self._streamed("stream")
+
+    async def _streamed(self, method: str) -> AsyncGenerator[dict[str, Any], None]:
+        gen = getattr(self.h.options(stream=True), method).remote(self.sid)
         try:
             async for item in gen:
                 yield item

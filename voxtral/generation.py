@@ -13,7 +13,9 @@ itself lives in :mod:`voxtral.sampling` (shared with the training sample).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
+import numpy as np
 import torch
 
 from voxtral.sampling import Sampling, sample_tokens
@@ -161,91 +163,113 @@ class SpeechEngine:
         self._forward_one(st, [last])
 
     # -- generation --------------------------------------------------------------------
+    @property
+    def given_per_group(self) -> int:
+        """How many ids of a group are given, not sampled (the user's frames, 2 streams)."""
+        return sum(not slot.sampled for slot in self.layout.slots)
+
     @torch.inference_mode()
-    def generate_group(self, states: list[LMState]) -> list[list[int]]:
-        """One whole group (text slot + audio frames) for each conversation, batched."""
-        g = self.layout.group_len
+    def generate_group(
+        self, states: list[LMState], given: list[list[int]] | None = None
+    ) -> list[list[int]]:
+        """One whole group for each conversation, batched: its sampled slots (text, the
+        model's audio) are drawn, its input slots (the user's frames of a 2-stream layout)
+        take ``given[b]``, in slot order, fed in one forward pass per run of them. Returns
+        each conversation's whole group, given ids included."""
+        g, n_given = self.layout.group_len, self.given_per_group
+        given = given if given is not None else [[] for _ in states]
+        if len(given) != len(states) or any(len(ids) != n_given for ids in given):
+            raise ValueError(f"each conversation needs {n_given} given ids per group")
         for st in states:
             if (st.length - 1) % g:
                 raise ValueError("a conversation must hold whole groups before generating")
             self._make_room(st, g)
-        if len(states) == 1:
-            return [self._group_single(states[0])]
-        return self._group_batched(states)
+        given_ids = np.asarray(given, dtype=np.int64).reshape(len(states), n_given)
+        return self._group(states, torch.as_tensor(given_ids, device=self.device))
 
     def _sampling_for(self, index: int) -> Sampling:
         slot = self.layout.slot_at(index)
         return self.text if slot is not None and slot.kind == "text" else self.audio
 
-    def _group_single(self, st: LMState) -> list[int]:
-        out = []
-        cache = _cache(st.kv)
-        for _ in range(self.layout.group_len):
-            index = st.length
-            tok = sample_tokens(
-                st.logits[None], self._mask(index), self._sampling_for(index), self.generator
-            )
-            o = self.model(
-                input_ids=tok[:, None],
-                position_ids=torch.tensor([[index]], device=self.device),
-                **{self._cache_kw: cache},
-                use_cache=True,
-                logits_to_keep=1,
-            )
-            st.logits = o.logits[0, -1]
-            st.ids.append(int(tok))
-            out.append(int(tok))
-        st.kv = _kv_of(cache)
-        return out
+    @cached_property
+    def _runs(self) -> list[tuple[bool, int]]:
+        """A group as runs of (sampled?, length): sampled slots go one id per forward pass,
+        a run of given ones in one."""
+        runs: list[tuple[bool, int]] = []
+        for slot in self.layout.slots:
+            if runs and runs[-1][0] == slot.sampled:
+                runs[-1] = (slot.sampled, runs[-1][1] + 1)
+            else:
+                runs.append((slot.sampled, 1))
+        return runs
 
-    def _group_batched(self, states: list[LMState]) -> list[list[int]]:
+    def _group(self, states: list[LMState], given: torch.Tensor) -> list[list[int]]:
+        """``states`` left-padded to one length and stacked (positions stay each one's own,
+        the padding masked out); one row alone needs neither copy nor mask."""
         lengths = [st.length for st in states]  # ids held == KV rows held
         longest = max(lengths)
         pads = [longest - n for n in lengths]
-        kv = []
-        for layer in range(len(states[0].kv)):
-            ks, vs = [], []
-            for st, pad in zip(states, pads, strict=True):
-                k, v = st.kv[layer]
-                if pad:
-                    z = k.new_zeros(k.shape[0], k.shape[1], pad, k.shape[3])
-                    k, v = torch.cat([z, k], dim=2), torch.cat([z, v], dim=2)
-                ks.append(k)
-                vs.append(v)
-            kv.append((torch.cat(ks), torch.cat(vs)))
-        cache = _cache(kv)
-        mask = torch.ones(len(states), longest, dtype=torch.long, device=self.device)
-        for b, pad in enumerate(pads):
-            mask[b, :pad] = 0
+        cache = _cache(states[0].kv if len(states) == 1 else _stacked(states, pads))
+        mask = None
+        if any(pads):
+            mask = torch.ones(len(states), longest, dtype=torch.long, device=self.device)
+            for b, pad in enumerate(pads):
+                mask[b, :pad] = 0
         logits = torch.stack([st.logits for st in states])
-        pos = torch.tensor(lengths, device=self.device)
+        pos = torch.tensor(lengths, device=self.device)[:, None]
         index = lengths[0]  # same slot for every row (whole groups)
-        out: list[list[int]] = [[] for _ in states]
-        for _ in range(self.layout.group_len):
-            tok = sample_tokens(
-                logits, self._mask(index), self._sampling_for(index), self.generator
-            )
-            mask = torch.cat([mask, mask.new_ones(len(states), 1)], dim=1)
-            o = self.model(
-                input_ids=tok[:, None],
-                position_ids=pos[:, None],
-                attention_mask=mask,
-                **{self._cache_kw: cache},
-                use_cache=True,
-                logits_to_keep=1,
-            )
-            logits = o.logits[:, -1]
-            for b, t in enumerate(tok.tolist()):
-                out[b].append(t)
-            pos = pos + 1
-            index += 1
+        out, fed = [], 0
+        for sampled, n in self._runs:
+            for _ in range(n if sampled else 1):
+                if sampled:
+                    tok = sample_tokens(
+                        logits, self._mask(index), self._sampling_for(index), self.generator
+                    )[:, None]
+                else:
+                    tok, fed = given[:, fed : fed + n], fed + n
+                width = tok.shape[1]
+                if mask is not None:
+                    mask = torch.cat([mask, mask.new_ones(len(states), width)], dim=1)
+                o = self.model(
+                    input_ids=tok,
+                    position_ids=pos + torch.arange(width, device=self.device),
+                    attention_mask=mask,
+                    **{self._cache_kw: cache},
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+                logits = o.logits[:, -1]
+                out.append(tok)
+                pos, index = pos + width, index + width
+        ids = torch.cat(out, dim=1).tolist()
         for b, (st, pad) in enumerate(zip(states, pads, strict=True)):
-            st.kv = [
-                (k[b : b + 1, :, pad:].clone(), v[b : b + 1, :, pad:].clone()) for k, v, *_ in cache
-            ]
+            if len(states) == 1:
+                st.kv = _kv_of(cache)
+            else:
+                st.kv = [
+                    (k[b : b + 1, :, pad:].clone(), v[b : b + 1, :, pad:].clone())
+                    for k, v, *_ in cache
+                ]
             st.logits = logits[b]
-            st.ids.extend(out[b])
-        return out
+            st.ids.extend(ids[b])
+        return ids
+
+
+def _stacked(states: list[LMState], pads: list[int]) -> KV:
+    """The conversations' caches, each left-padded by its ``pad`` zero rows (masked out),
+    stacked into one batch."""
+
+    def padded(x: torch.Tensor, pad: int) -> torch.Tensor:
+        z = x.new_zeros(x.shape[0], x.shape[1], pad, x.shape[3])
+        return torch.cat([z, x], dim=2) if pad else x
+
+    return [
+        tuple(
+            torch.cat([padded(st.kv[layer][i], p) for st, p in zip(states, pads, strict=True)])
+            for i in (0, 1)
+        )
+        for layer in range(len(states[0].kv))
+    ]
 
 
 class TextStream:

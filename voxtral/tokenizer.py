@@ -307,8 +307,9 @@ def _checked_codes(layout: Layout, codes: np.ndarray, name: str) -> np.ndarray:
     return codes
 
 
-def _audio_slots(layout: Layout, codes: np.ndarray, groups: int) -> np.ndarray:
-    """Codes ``[n_q, F]`` → ``[groups, frames_per_group * n_q]`` ids, frame-major."""
+def audio_slot_ids(layout: Layout, codes: np.ndarray, groups: int) -> np.ndarray:
+    """Codes ``[n_q, F]`` → ``[groups, frames_per_group * n_q]`` ids of one stream's audio
+    slots, in slot order (frame-major): e.g. what a microphone gives a 2-stream group."""
     v, fpg = layout.vocab, layout.frames_per_group
     audio = codes[:, : groups * fpg].astype(np.int64).reshape(v.n_q, groups, fpg)
     audio = audio.transpose(1, 2, 0) + (v.audio_offset + np.arange(v.n_q) * v.codebook_size)
@@ -344,7 +345,7 @@ def encode_ids(
                 "the two tracks must be time-aligned"
             )
     groups = codes.shape[1] // layout.frames_per_group
-    parts = [_audio_slots(layout, tracks[s], groups) for s in layout.audio_streams]
+    parts = [audio_slot_ids(layout, tracks[s], groups) for s in layout.audio_streams]
     if layout.text:
         if text_ids is None or len(text_ids) == 0:
             text = np.full(groups, v.text_pad, dtype=np.int64)

@@ -471,6 +471,9 @@ class ServeConfig(Section):
     lead_ms: float = Field(300.0, ge=0)
     """How far generation may run ahead of real time: bounds the audio in flight, and so
     what an interrupt throws away."""
+    max_lag_ms: float = Field(1000.0, ge=40.0, le=10_000.0)
+    """Full duplex: user audio waiting for the model longer than this (the model fell behind
+    real time) is dropped and reported, so a slow replica never queues without bound."""
     interrupt_ms: float = Field(200.0, ge=0)
     """User speech this long over the model's turn interrupts it."""
     vad_threshold: float = Field(0.5, gt=0, lt=1)

@@ -1,0 +1,196 @@
+"""Full-duplex serving of a 2-stream model: the engine fills the user's slots from the
+microphone and samples only the model's; the engine thread is clocked by the user's audio,
+sends every group out, and drops (and reports) what it cannot keep up with."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import tests.serve_client as C
+from serve_app.scheduler import LocalLM
+from voxtral.generation import SpeechEngine
+from voxtral.sampling import Sampling
+from voxtral.tokenizer import audio_slot_ids, decode_duplex_ids
+
+RATE = 24_000
+
+
+@pytest.fixture(scope="module")
+def duplex(tmp_path_factory):
+    """An in-process scheduler over a tiny random 2-stream export (one SpeechLM replica)."""
+    from serve_app.model_source import resolve_model
+    from serve_app.scheduler import build_scheduler
+
+    root = tmp_path_factory.mktemp("duplex-serve")
+    cfg = C.local_serve_config(root, extra=["tokenizer.streams=2"])
+    sched, info = build_scheduler(cfg, resolve_model(cfg).describe())
+    with sched:
+        yield sched, info
+
+
+def _greedy(sched, model=None) -> SpeechEngine:
+    s = Sampling(0.0)
+    model = model if model is not None else sched.engine.model
+    return SpeechEngine(model, sched.layout, s, s, max_context=4096, seed=0)
+
+
+def _with_distinct_audio(model):
+    """A copy whose audio ids have their own embeddings: the untrained export starts them
+    all at the text embeddings' mean (see ``voxtral.model``), so it cannot tell them apart."""
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.normal_(
+            0, 0.5, generator=torch.Generator().manual_seed(0)
+        )
+    return model
+
+
+def _user_codes(layout, groups: int, seed: int) -> np.ndarray:
+    fpg, n_q = layout.frames_per_group, layout.vocab.n_q
+    return np.random.default_rng(seed).integers(0, 1024, (n_q, groups * fpg))
+
+
+def _user(layout, groups: int, seed: int) -> list[list[int]]:
+    return audio_slot_ids(layout, _user_codes(layout, groups, seed), groups).tolist()
+
+
+def test_engine_samples_the_model_and_takes_the_users_frames(duplex):
+    sched, info = duplex
+    assert info["mode"] == "full_duplex" and info["streams"] == 2
+    eng = _greedy(sched)
+    layout = eng.layout
+    assert eng.given_per_group == layout.frames_per_group * layout.vocab.n_q
+    codes = _user_codes(layout, 4, seed=1)
+    st = eng.new_state()
+    groups = [eng.generate_group([st], [u])[0] for u in audio_slot_ids(layout, codes, 4)]
+    assert all(layout.is_allowed(i, t) for i, t in enumerate(st.ids))
+    decoded = decode_duplex_ids(layout, st.ids)
+    assert st.ids[1:] == [t for g in groups for t in g]
+    assert (decoded.user == codes).all()  # the user's slots hold the microphone's frames
+    assert decoded.model.shape == codes.shape  # and the model's its own, sampled
+    # ... and the model hears them: other user audio, other logits
+    hearing = _greedy(sched, _with_distinct_audio(sched.engine.model))
+    ends = []
+    for seed in (1, 2):
+        st = hearing.new_state()
+        for u in _user(layout, 4, seed=seed):
+            hearing.generate_group([st], [u])
+        ends.append(st.logits)
+    assert not torch.allclose(*ends)
+
+
+def test_duplex_batched_equals_one_at_a_time(duplex):
+    sched, _ = duplex
+    eng = _greedy(sched)
+    states = [eng.new_state() for _ in range(3)]
+    for b, st in enumerate(states):  # different lengths: the batch is padded
+        for u in _user(eng.layout, b + 1, seed=10 + b):
+            eng.generate_group([st], [u])
+    alone = [copy.deepcopy(st) for st in states]
+    user = [_user(eng.layout, 3, seed=20 + b) for b in range(3)]
+    batched = [eng.generate_group(states, [user[b][k] for b in range(3)]) for k in range(3)]
+    for b, st in enumerate(alone):
+        single = [eng.generate_group([st], [user[b][k]])[0] for k in range(3)]
+        assert [batched[k][b] for k in range(3)] == single
+
+
+def test_engine_refuses_a_group_without_the_users_frames(duplex):
+    eng = _greedy(duplex[0])
+    st = eng.new_state()
+    with pytest.raises(ValueError, match="given ids"):
+        eng.generate_group([st])
+    with pytest.raises(ValueError, match="given ids"):
+        eng.generate_group([st], [[eng.layout.vocab.audio_offset] * 3])
+
+
+async def _stream_session(sched, sid: str, pcm: np.ndarray, realtime: bool, step_s=0.04):
+    """Open the model's output, feed ``pcm`` in ``step_s`` pieces (at real time or all at
+    once) while reading it, and close once every whole group fed was answered; returns
+    (items with their arrival times, the time the feeding ended)."""
+    lm = LocalLM(sched, sid)
+    await lm.open()
+    items: list[dict] = []
+
+    async def read():
+        async for item in lm.stream():
+            items.append({**item, "at": time.monotonic()})
+
+    reader = asyncio.create_task(read())
+    while sched.convs[sid].turn is None:  # the model's output is open
+        await asyncio.sleep(0.01)
+    t0 = time.monotonic()
+    step = round(step_s * RATE)
+    for i in range(0, len(pcm), step):
+        await lm.feed(pcm[i : i + step])
+        if realtime:
+            await asyncio.sleep(max(0.0, t0 + (i + step) / RATE - time.monotonic()))
+    fed = time.monotonic()
+    deadline = time.monotonic() + 60
+    while sched.convs[sid].user_groups and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.2)  # the last group's audio on its way
+    await lm.close()
+    await asyncio.wait_for(reader, 10)
+    return items, fed
+
+
+def test_scheduler_streams_a_group_out_per_group_in(duplex):
+    """Every whole group of user audio yields one group of model audio, sent as soon as a
+    chunk is whole:
+    audio arrives while the user is still talking, silence included."""
+    sched, _ = duplex
+    layout = sched.layout
+    pcm = np.random.default_rng(0).normal(0, 0.1, int(2.0 * RATE)).astype(np.float32)
+    items, fed = asyncio.run(_stream_session(sched, "rt", pcm, realtime=True))
+    audio = [it for it in items if "audio" in it]
+    groups_in = int(2.0 / layout.group_s)
+    out_s = sum(len(it["audio"]) for it in audio) / RATE
+    # every group in gives a group out (the encoder holds back at most a frame or so)
+    assert out_s == pytest.approx(groups_in * layout.group_s, abs=2 * layout.group_s)
+    # one message per chunk (serve.chunk_ms): nothing waits for more
+    assert len(audio) >= groups_in // sched.s.chunk_groups - 2
+    during = [it for it in audio if it["at"] < fed]
+    assert len(during) >= len(audio) // 3  # the model talks while the user talks
+    assert items[-1]["end"] == "closed"
+    assert not any("dropped_s" in it for it in items)
+
+
+def test_a_model_that_falls_behind_drops_and_reports(duplex):
+    """10 s of user audio at once into a 0.2 s lag bound: the conversation keeps only what
+    fits, says how much it dropped, and the replica counts it."""
+    from serve_app.scheduler import Scheduler, SchedulerSettings
+
+    sched, _ = duplex
+    s = Sampling(1.0)
+    eng = SpeechEngine(sched.engine.model, sched.layout, s, s, max_context=512, seed=0)
+    settings = SchedulerSettings(max_lag_s=0.2)
+    pcm = np.zeros(10 * RATE, dtype=np.float32)
+    with Scheduler(eng, sched.codec, sched.tokenizer, settings) as small:
+        items, _ = asyncio.run(_stream_session(small, "fast", pcm, realtime=False, step_s=10))
+        dropped = sum(it.get("dropped_s", 0.0) for it in items)
+        out_s = sum(len(it["audio"]) for it in items if "audio" in it) / RATE
+        assert dropped >= 9.0 and out_s <= 0.2 + 2 * sched.layout.group_s
+        assert dropped + out_s == pytest.approx(10.0, abs=3 * sched.layout.group_s)
+        assert small.stats()["unheard_audio_s"] == pytest.approx(dropped, abs=1e-3)
+
+
+def test_half_duplex_calls_are_refused_in_full_duplex(duplex):
+    sched, _ = duplex
+
+    async def main():
+        lm = LocalLM(sched, "modes")
+        await lm.open()
+        with pytest.raises(RuntimeError, match="full duplex"):
+            await lm.end_turn()
+        with pytest.raises(RuntimeError, match="full duplex"):
+            async for _ in lm.respond():
+                pass
+        await lm.close()
+
+    asyncio.run(main())
