@@ -75,8 +75,12 @@ class Turn:
     ended: str | None = None
 
     def post(self, item: dict[str, Any]) -> None:
-        """Hand ``item`` to the turn's reader (its asyncio loop) from the engine thread."""
-        self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+        """Hand ``item`` to the turn's reader (its asyncio loop) from the engine thread; a
+        reader whose loop has closed is gone, so its turn ends (for it alone)."""
+        try:
+            self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+        except RuntimeError:  # the loop is closed
+            self.ended = self.ended or "closed"
 
     def stats(self) -> dict[str, Any]:
         """What the turn's ``end`` item reports."""

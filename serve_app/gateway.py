@@ -1,6 +1,7 @@
 """The ``Gateway`` deployment: HTTP (page, static files, ``/healthz``) and the websocket
 ``/api/chat``, where each connection is checked (:func:`refusal`), gets a
-:class:`~serve_app.session.DuplexSession` on a SpeechLM replica, and is held to the limits
+session on a SpeechLM replica (:class:`~serve_app.half_duplex.HalfDuplexSession` or
+:class:`~serve_app.full_duplex.FullDuplexSession`, as the model), and is held to the limits
 of ``serve.*`` (README, "Limits and security").
 
 (No ``from __future__ import annotations`` here: Serve's ingress rewrites the methods, and
@@ -28,10 +29,12 @@ from ray.serve.handle import DeploymentHandle
 from serve_app import metrics
 from serve_app import protocol as P
 from serve_app.audio_io import WIRE_FORMATS, make_wire_audio
+from serve_app.full_duplex import FullDuplexSession
+from serve_app.half_duplex import HalfDuplexSession
 from serve_app.limits import SessionOverload, TokenBucket
 from serve_app.routing import pinned_sessions
 from serve_app.scheduler import Busy
-from serve_app.session import DuplexSession, SessionSettings
+from serve_app.session import Session, SessionSettings
 from serve_app.speech_lm import HandleLM
 from voxtral.config import Config, ServeConfig, is_loopback
 
@@ -118,7 +121,7 @@ class Gateway:
         )
         # Ogg, Opus and VAD work of every session, off the event loop (see session.py)
         self.audio_pool = ThreadPoolExecutor(s.audio_threads, thread_name_prefix="voxtral-audio")
-        self.sessions: dict[str, DuplexSession] = {}
+        self.sessions: dict[str, Session] = {}
         self.per_client: Counter[str] = Counter()  # open websockets per client address
         self.started = time.time()
 
@@ -172,17 +175,10 @@ class Gateway:
 
     async def _session(self, ws: WebSocket, wire_format: str) -> None:
         sid = uuid.uuid4().hex
-        session = DuplexSession(
-            HandleLM(self.lm, sid),
-            ws.send_bytes,
-            make_wire_audio(wire_format),
-            self.settings,
-            on_first_audio=lambda ms: metrics.record("first_audio", ms),
-            on_interrupt=lambda: metrics.record("interrupts"),
-            audio_pool=self.audio_pool,
-        )
+        session: Session | None = None
         try:
             info = await self.lm.describe.remote()
+            session = self._new_session(sid, info.get("mode"), ws, wire_format)
             await session.start({k: info[k] for k in ("model", "model_source", "device")})
         except Busy as exc:
             await ws.send_bytes(P.error(f"server busy: {exc}"))
@@ -192,7 +188,8 @@ class Gateway:
             log.exception("session %s could not start", sid)
             await ws.send_bytes(P.error("cannot start a session now; try again later"))
             await ws.close(code=CLOSE_INTERNAL, reason="model unavailable")
-            await session.close()
+            if session is not None:
+                await session.close()
             return
         self.sessions[sid] = session
         metrics.record("sessions_total")
@@ -210,7 +207,24 @@ class Gateway:
             metrics.record("ended", reason=reason)
             log.info("session %s ended: %s", sid, reason)
 
-    async def _receive(self, ws: WebSocket, session: DuplexSession, ticker: asyncio.Task) -> str:
+    def _new_session(self, sid: str, mode: str | None, ws: WebSocket, wire_format: str) -> Session:
+        """The model's mode decides: full duplex for a 2-stream model, else turns."""
+        lm, wire = HandleLM(self.lm, sid), make_wire_audio(wire_format)
+        if mode == "full_duplex":
+            return FullDuplexSession(
+                lm, ws.send_bytes, wire, self.settings, audio_pool=self.audio_pool
+            )
+        return HalfDuplexSession(
+            lm,
+            ws.send_bytes,
+            wire,
+            self.settings,
+            on_first_audio=lambda ms: metrics.record("first_audio", ms),
+            on_interrupt=lambda: metrics.record("interrupts"),
+            audio_pool=self.audio_pool,
+        )
+
+    async def _receive(self, ws: WebSocket, session: Session, ticker: asyncio.Task) -> str:
         s = self.cfg.serve
         limit = s.max_message_bytes
         rate = TokenBucket(s.max_messages_per_s, 2 * s.max_messages_per_s)
@@ -243,7 +257,7 @@ class Gateway:
         finally:
             receive.cancel()
 
-    async def _close_policy(self, ws: WebSocket, session: DuplexSession, why: str) -> None:
+    async def _close_policy(self, ws: WebSocket, session: Session, why: str) -> None:
         """A 0x05 saying why, then close 1008 (the client broke a limit)."""
         log.info("closing a session: %s", why)
         with contextlib.suppress(Exception):
@@ -253,7 +267,7 @@ class Gateway:
                 ws.close(code=CLOSE_POLICY, reason=why[:120]), self.cfg.serve.send_timeout_s
             )
 
-    async def _tick(self, ws: WebSocket, session: DuplexSession) -> str:
+    async def _tick(self, ws: WebSocket, session: Session) -> str:
         """Keep-alive pings while listening; idle and session-length limits; a client that
         stopped reading (its session's outbox failed)."""
         s = self.cfg.serve

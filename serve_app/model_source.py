@@ -2,7 +2,8 @@
 
 ``serve.model`` when set; else the newest export under ``<storage.root>/models/*``; else,
 for ``model.base: tiny``, a tiny random speech LM exported once into
-``<storage.root>/models/tiny-random`` — so ``jobs/serve.py`` works on a fresh checkout.
+``<storage.root>/models/tiny-random`` (``tiny-random-duplex`` for ``tokenizer.streams=2``)
+— so ``jobs/serve.py`` works on a fresh checkout, in either serving mode.
 Remote roots (``s3://``, ``gs://``) are copied to a local cache on the replica's node.
 """
 
@@ -41,7 +42,7 @@ def resolve_model(cfg: Config) -> ModelSource:
     storage = Storage(cfg.storage.root)
     newest: tuple[float, str] | None = None
     for name in storage.listdir("models"):
-        if name == TINY_EXPORT:
+        if name.startswith(TINY_EXPORT):
             continue
         folder = storage.current(f"models/{name}")  # a versioned export: its current version
         info = storage.fs.get_file_info(storage.path(folder, VOXTRAL_JSON))
@@ -56,9 +57,16 @@ def resolve_model(cfg: Config) -> ModelSource:
             f"nothing to serve: serve.model is unset and {storage.uri('models')} holds no "
             "export; run the train stage first or set serve.model"
         )
-    if not storage.exists(storage.current(f"models/{TINY_EXPORT}"), VOXTRAL_JSON):
+    name = tiny_export_name(cfg)
+    if not storage.exists(storage.current(f"models/{name}"), VOXTRAL_JSON):
         export_tiny(cfg, storage)
-    return ModelSource(storage.uri(storage.current(f"models/{TINY_EXPORT}")), "tiny-random")
+    return ModelSource(storage.uri(storage.current(f"models/{name}")), TINY_EXPORT)
+
+
+def tiny_export_name(cfg: Config) -> str:
+    """One tiny export per serving mode, so switching ``tokenizer.streams`` never serves
+    the other mode's model."""
+    return TINY_EXPORT if cfg.tokenizer.streams == 1 else f"{TINY_EXPORT}-duplex"
 
 
 def export_tiny(cfg: Config, storage: Storage) -> None:
@@ -69,7 +77,8 @@ def export_tiny(cfg: Config, storage: Storage) -> None:
         meta = {"base": TINY, "source": TINY_EXPORT}
         export_speech_lm(model, tokenizer, layout, staging, extra=meta, codec=codec_info(cfg.codec))
         # another process may have published it first: theirs is the same model
-        storage.put_folder(f"models/{TINY_EXPORT}", staging, replace=False, last=VOXTRAL_JSON)
+        name = tiny_export_name(cfg)
+        storage.put_folder(f"models/{name}", staging, replace=False, last=VOXTRAL_JSON)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -218,6 +218,7 @@ async def connect(url: str, codec: str = "pcm16", token: str | None = TOKEN, **k
 
 # -- one server per test process -----------------------------------------------------------
 _SERVER: dict[str, object] = {}
+DUPLEX_APP = "voxtral-duplex"
 
 
 def serve_overrides(root: Path, port: int) -> list[str]:
@@ -268,6 +269,28 @@ def server_url(root: Path) -> str:
         _SERVER["cfg"] = cfg
         wait_healthy(_SERVER["url"])  # type: ignore[arg-type]
     return _SERVER["url"]  # type: ignore[return-value]
+
+
+def full_duplex_url(shared: Path, root: Path, prefix: str = "/duplex") -> str:
+    """A second application beside the shared one (``server_url(shared)``), on the same
+    Serve port under ``prefix``: a tiny random 2-stream model in its own storage ``root``,
+    served full duplex. ``delete_full_duplex()`` gives its CPUs back."""
+    from ray import serve
+
+    from serve_app.app import build_app
+
+    base = server_url(shared)
+    port = _SERVER["cfg"].serve.port  # type: ignore[attr-defined]
+    cfg = local_serve_config(root, port, ["tokenizer.streams=2"])
+    serve.run(build_app(cfg), name=DUPLEX_APP, route_prefix=prefix, blocking=False)
+    wait_healthy(base + prefix)
+    return base + prefix
+
+
+def delete_full_duplex() -> None:
+    from ray import serve
+
+    serve.delete(DUPLEX_APP)
 
 
 def _is_up(url: str) -> bool:

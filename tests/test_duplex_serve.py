@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import time
 
 import numpy as np
@@ -13,12 +14,19 @@ import pytest
 import torch
 
 import tests.serve_client as C
+from serve_app import protocol as P
+from serve_app.audio_io import Pcm16Wire
 from serve_app.scheduler import LocalLM
 from voxtral.generation import SpeechEngine
 from voxtral.sampling import Sampling
 from voxtral.tokenizer import audio_slot_ids, decode_duplex_ids
 
 RATE = 24_000
+
+
+@pytest.fixture(scope="module")
+def speech(tmp_path_factory) -> np.ndarray:
+    return C.speech_clip(tmp_path_factory.mktemp("speech"))
 
 
 @pytest.fixture(scope="module")
@@ -194,3 +202,131 @@ def test_half_duplex_calls_are_refused_in_full_duplex(duplex):
         await lm.close()
 
     asyncio.run(main())
+
+
+# -- the session ------------------------------------------------------------------------------
+class Outbox:
+    """What a session sent, with arrival times."""
+
+    def __init__(self):
+        self.messages: list[tuple[float, bytes]] = []
+
+    async def __call__(self, m: bytes) -> None:
+        self.messages.append((time.monotonic(), m))
+
+    def events(self, name=None):
+        evs = [json.loads(m[1:]) | {"_t": t} for t, m in self.messages if m[0] == P.Kind.METADATA]
+        return [e for e in evs if name is None or e.get("event") == name]
+
+    def audio(self) -> list[float]:
+        return [t for t, m in self.messages if m[0] == P.Kind.AUDIO]
+
+
+async def _speak(session, pcm: np.ndarray, step: int = 960) -> float:
+    """``pcm`` to the session as pcm16 messages at real time; returns when it ended."""
+    wire, t0 = Pcm16Wire(), time.monotonic()
+    for i in range(0, len(pcm), step):
+        await session.on_message(P.audio(wire.encode(pcm[i : i + step])))
+        await asyncio.sleep(max(0.0, t0 + (i + step) / RATE - time.monotonic()))
+    return time.monotonic()
+
+
+def test_full_duplex_session_answers_while_the_user_speaks(duplex, speech):
+    """No VAD gate, no end-of-turn wait: the model's audio comes back while the user is
+    still talking; the events say who speaks; end_turn is harmless; restart keeps the
+    output going from a new context."""
+    from serve_app.full_duplex import FullDuplexSession
+    from serve_app.session import SessionSettings
+
+    sched, _ = duplex
+
+    async def main():
+        out = Outbox()
+        s = FullDuplexSession(LocalLM(sched, "fd"), out, Pcm16Wire(), SessionSettings())
+        await s.start({})
+        talk = np.concatenate([np.zeros(RATE // 2, np.float32), speech, speech])
+        t_start = time.monotonic()
+        t_end = await _speak(s, talk)
+        assert out.events("ready")[0]["mode"] == "full_duplex"
+        heard = [t for t in out.audio() if t_start + 1.0 < t < t_end]
+        assert len(heard) >= 3, out.events()  # audio out during the user's speech
+        assert [e["speaking"] for e in out.events("user")][:1] == [True]
+        assert not out.events("state") or out.events("state")[0]["state"] in (
+            "speaking",
+            "listening",
+        )
+        assert "thinking" not in [e["state"] for e in out.events("state")]
+        await s.on_message(P.control(P.Control.END_TURN))
+        assert not out.events("error")
+        before = len(out.audio())
+        await s.on_message(P.control(P.Control.RESTART))
+        await _speak(s, np.zeros(RATE, np.float32))
+        assert out.events("restart") and len(out.audio()) > before + 3
+        assert s.sent_s > 0 and not s.lost
+        await s.close()
+        assert "fd" not in sched.convs
+
+    asyncio.run(main())
+
+
+# -- over Ray Serve and websockets ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def duplex_url(ray_session, tmp_path_factory):
+    url = C.full_duplex_url(C.shared_root(tmp_path_factory), tmp_path_factory.mktemp("fd-app"))
+    yield url
+    C.delete_full_duplex()  # its CPUs back, before the next module's Ray work
+
+
+@pytest.mark.slow
+def test_moshi_protocol_client_in_full_duplex(duplex_url, speech):
+    """Moshi's client as it is: the default wire (Opus in Ogg), the handshake first, then
+    audio both ways at once; nothing but the protocol."""
+
+    async def main():
+        c = await C.connect(duplex_url, "opus")
+        assert await c.wait_for(lambda: c.messages, 30)
+        assert c.messages[0].kind == P.Kind.HANDSHAKE
+        await c.send_audio(np.concatenate([speech, speech]))
+        during = c.audio_samples
+        await c.send_audio(np.zeros(RATE, np.float32))
+        await c.ws.close()
+        return c, during
+
+    c, during = asyncio.run(asyncio.wait_for(main(), 120))
+    assert c.events("ready")[0]["mode"] == "full_duplex"
+    assert during > 0.5 * RATE  # the model's audio came while the user spoke
+    assert not c.events("error")
+
+
+@pytest.mark.slow
+def test_full_duplex_keeps_real_time_for_a_minute(duplex_url, speech):
+    """60 s streamed at real time: the model's audio keeps pace (what it could not keep up
+    with is dropped and reported, never queued), and the session ends cleanly."""
+    seconds = 60.0
+
+    async def main():
+        c = await C.connect(duplex_url, "pcm16")
+        assert await c.wait_for(lambda: c.messages, 30)
+        gap = np.zeros(RATE, np.float32)
+        talk = np.tile(np.concatenate([speech, gap]), int(seconds / (len(speech) / RATE + 1)) + 1)
+        t0 = time.monotonic()
+        await c.send_audio(talk[: int(seconds * RATE)])
+        sent_at = time.monotonic()
+        await asyncio.sleep(1.5)
+        await c.ws.close()
+        return c, t0, sent_at
+
+    c, t0, sent_at = asyncio.run(asyncio.wait_for(main(), 180))
+    out = c.of_kind(P.Kind.AUDIO)
+    out_s = sum(m.samples for m in out) / RATE
+    lags = c.events("lag")
+    dropped = sum(e["dropped_s"] for e in lags)
+    assert sent_at - t0 == pytest.approx(seconds, abs=2.0)
+    assert out_s + dropped == pytest.approx(seconds, abs=1.0)  # every group answered or told
+    assert out_s > 0.5 * seconds
+    # real time: at every moment the model's audio is at most a bounded lag behind
+    for m in out[len(out) // 10 :]:
+        produced = sum(x.samples for x in out if x.t <= m.t) / RATE
+        produced += sum(e["dropped_s"] for e in lags if e["_t"] <= m.t)
+        assert produced >= (m.t - t0) - 3.0
+    assert not c.events("error")

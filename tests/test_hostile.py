@@ -24,9 +24,10 @@ import serve_client as C  # tests/ helper shared with test_serve.py and test_bro
 
 from serve_app import protocol as P
 from serve_app.audio_io import Pcm16Wire
+from serve_app.half_duplex import HalfDuplexSession
 from serve_app.limits import AudioBudget, SessionOverload, TokenBucket
 from serve_app.outbox import Outbox
-from serve_app.session import DuplexSession, SessionSettings, keep_last
+from serve_app.session import SessionSettings, keep_last
 from voxtral.config import ConfigError, ServeConfig
 
 GAP_S = 2.0  # the polite session may never go this long without a message
@@ -563,7 +564,7 @@ def test_restart_flood_is_coalesced(tiny):
 
     async def main():
         out = Recorder()
-        s = DuplexSession(Counting(tiny, "flood"), out, Pcm16Wire())
+        s = HalfDuplexSession(Counting(tiny, "flood"), out, Pcm16Wire())
         await s.start({})
         for _ in range(500):  # no await yields to the worker in between
             await s.on_message(P.control(P.Control.RESTART))
@@ -585,7 +586,7 @@ def test_session_queue_is_bounded(tiny):
     from serve_app.scheduler import LocalLM
 
     async def main():
-        s = DuplexSession(
+        s = HalfDuplexSession(
             LocalLM(tiny, "bound"), Recorder(), Pcm16Wire(), SessionSettings(max_pending_ops=8)
         )  # not started: nothing drains the queue
         for _ in range(200):
@@ -620,7 +621,9 @@ def test_session_running_ahead_of_real_time_is_closed(tiny):
 
     async def main():
         wire = Pcm16Wire()
-        s = DuplexSession(LocalLM(tiny, "ahead"), Recorder(), wire, settings, clock=lambda: now[0])
+        s = HalfDuplexSession(
+            LocalLM(tiny, "ahead"), Recorder(), wire, settings, clock=lambda: now[0]
+        )
         await s.start({})
         for _ in range(20):  # 0.2 s of audio every 0.2 s: fine for as long as it lasts
             now[0] += 0.2
@@ -642,7 +645,7 @@ def test_preroll_is_bounded_in_ms(tiny):
 
     async def main():
         wire = Pcm16Wire()
-        s = DuplexSession(LocalLM(tiny, "preroll"), Recorder(), wire, settings)
+        s = HalfDuplexSession(LocalLM(tiny, "preroll"), Recorder(), wire, settings)
         await s.start({})
         await s.on_message(P.audio(wire.encode(silence(20.0))))
         held = sum(map(len, s._preroll))
@@ -675,7 +678,9 @@ def test_audio_work_leaves_the_event_loop_free(tiny):
     async def main() -> float:
         wire = Pcm16Wire()
         with ThreadPoolExecutor(2) as pool:
-            s = DuplexSession(LocalLM(tiny, "pool"), Recorder(), wire, settings, audio_pool=pool)
+            s = HalfDuplexSession(
+                LocalLM(tiny, "pool"), Recorder(), wire, settings, audio_pool=pool
+            )
             await s.start({})
             stop = asyncio.Event()
             ticker = asyncio.ensure_future(tick(stop))
@@ -738,7 +743,7 @@ def test_session_of_a_client_that_stops_reading_is_stalled(tiny):
         async def never(m: bytes) -> None:
             await gate.wait()
 
-        s = DuplexSession(
+        s = HalfDuplexSession(
             LocalLM(tiny, "stuck"), never, Pcm16Wire(), SessionSettings(send_timeout_s=0.3)
         )
         t0 = time.monotonic()
@@ -779,7 +784,7 @@ def test_gateway_closes_a_session_whose_client_stopped_reading(tiny, serve_root)
 
         gw = object.__new__(Gateway.func_or_class)
         gw.cfg = C.local_serve_config(serve_root, extra=["serve.send_timeout_s=0.3"])
-        s = DuplexSession(
+        s = HalfDuplexSession(
             LocalLM(tiny, "deaf"), never, Pcm16Wire(), SessionSettings(send_timeout_s=0.3)
         )
         await s.start({})
@@ -812,7 +817,7 @@ def test_internal_errors_are_generic_to_clients(tiny, caplog):
 
     async def main():
         out = Recorder()
-        s = DuplexSession(FailingLM(tiny, "errors"), out, FailingWire())
+        s = HalfDuplexSession(FailingLM(tiny, "errors"), out, FailingWire())
         await s.start({})
         await s.on_message(P.audio(b"\x00\x00boom"))  # an unexpected failure in the handler
         await s.on_message(P.control(P.Control.END_TURN))  # the model call fails

@@ -536,8 +536,9 @@ async def _feed(session, pcm, realtime=True, until=None):
 def test_session_interrupt_keeps_what_was_heard(tiny, speech):
     """Speech → the model answers → speech over it: the turn stops at once, the client is
     told, and the model's context keeps only the part that was played."""
+    from serve_app.half_duplex import HalfDuplexSession
     from serve_app.scheduler import LocalLM
-    from serve_app.session import DuplexSession, SessionSettings
+    from serve_app.session import SessionSettings
 
     sched, _ = tiny
     seen = {}
@@ -553,7 +554,7 @@ def test_session_interrupt_keeps_what_was_heard(tiny, speech):
 
     async def main():
         out = Outbox()
-        s = DuplexSession(
+        s = HalfDuplexSession(
             Recording(sched, "interrupt"), out, Pcm16Wire(), SessionSettings(end_of_turn_ms=300)
         )
         await s.start({})

@@ -1,6 +1,6 @@
 """The duplex session's half-duplex turn end: a VAD on the model's own output ends its turn
 once it has spoken and then gone quiet (``serve.turn_end_silence_ms``). A real
-``DuplexSession`` and real silero VAD, over a scripted ``LMClient`` (no model, no Ray)."""
+``HalfDuplexSession`` and real silero VAD, over a scripted ``LMClient`` (no model, no Ray)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ import serve_client as C  # tests/ helper shared with test_serve.py
 
 from serve_app import protocol as P
 from serve_app.audio_io import SAMPLE_RATE, make_wire_audio
-from serve_app.session import DuplexSession, SessionSettings
+from serve_app.half_duplex import HalfDuplexSession
+from serve_app.session import SessionSettings
 from serve_app.vad import OutputEnd
 
 CHUNK = round(0.08 * SAMPLE_RATE)  # the engine's default chunk (serve.chunk_ms)
@@ -105,10 +106,10 @@ async def until(predicate, timeout: float = 30.0) -> None:
             await asyncio.sleep(0.01)
 
 
-async def model_turns(lm: ScriptedLM, pool=None) -> tuple[DuplexSession, Client]:
+async def model_turns(lm: ScriptedLM, pool=None) -> tuple[HalfDuplexSession, Client]:
     """Run each of ``lm``'s turns (the user ends theirs with END_TURN) to its ``turn_end``."""
     client = Client()
-    s = DuplexSession(lm, client, make_wire_audio("pcm16"), SETTINGS, audio_pool=pool)
+    s = HalfDuplexSession(lm, client, make_wire_audio("pcm16"), SETTINGS, audio_pool=pool)
     await s.start({})
     for k in range(1, len(lm.turns) + 1):
         await s.on_message(P.control(P.Control.END_TURN))
