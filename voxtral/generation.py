@@ -6,8 +6,10 @@ interrupt, rebuilt when it outgrows the context, or dropped the moment its clien
 To step many conversations at once, their caches are left-padded to a common length and
 stacked; positions stay each conversation's own, and the padding is masked out. Streams are
 always whole groups long, so every row of a batch is at the same slot of its group and one
-allowed-token mask and one set of sampling settings serve the whole step. The sampling math
-itself lives in :mod:`voxtral.sampling` (shared with the training sample).
+allowed-token mask and one set of sampling settings serve the whole step. With two streams
+(full duplex) only the model's slots are sampled: the user's slots of each group are given
+(the microphone's frames) and fed in one forward pass. The sampling math itself lives in
+:mod:`voxtral.sampling` (shared with the training sample).
 """
 
 from __future__ import annotations
