@@ -108,6 +108,8 @@ def test_layout_shapes_and_serialisation():
         ("audio", 1, 0),
     ]
     assert enc.seq_len_for_groups(150) == 1051  # configs/local.yaml's train.seq_len
+    assert enc.groups_in(1051) == enc.groups_in(1057) == 150 and enc.groups_in(1) == 0
+    assert enc.seconds_in(1051) == pytest.approx(6.0)  # 150 groups of 40 ms
     mimi = layout_of("mimi", text=False)
     assert mimi.group_len == 8 and all(s.kind == "audio" for s in mimi.slots)
     for layout in (enc, mimi):

@@ -170,6 +170,15 @@ class Layout:
     def seq_len_for_groups(self, groups: int) -> int:
         return 1 + groups * self.group_len
 
+    def groups_in(self, seq_len: int) -> int:
+        """Whole groups a sequence of ``seq_len`` positions holds after its ``<bos>``."""
+        return max(0, (seq_len - 1) // self.group_len)
+
+    def seconds_in(self, seq_len: int) -> float:
+        """Seconds of audio a sequence of ``seq_len`` positions holds (whole groups; with
+        two streams both sides of those seconds)."""
+        return self.groups_in(seq_len) * self.group_s
+
     # -- streams -----------------------------------------------------------------------
     def is_sampled(self, index: int) -> bool:
         """Whether the model generates position ``index`` (``<bos>`` and user slots are given)."""

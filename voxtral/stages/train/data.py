@@ -64,7 +64,7 @@ def row_codes(codes: bytes, n_q: int, frames: int) -> np.ndarray:
 
 
 def max_window_groups(layout: Layout, seq_len: int) -> int:
-    return (seq_len - 1) // layout.group_len
+    return layout.groups_in(seq_len)
 
 
 def row_windows(
