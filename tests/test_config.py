@@ -221,7 +221,7 @@ def test_youtube_profile_loads():
     cfg = load_config(YOUTUBE, env={})
     assert cfg.index.source == "youtube"
     assert cfg.model.base == "mistralai/Mistral-7B-v0.3"
-    assert cfg.codec.name == "encodec" and cfg.codec.pretrained is True
+    assert cfg.codec.name == "mimi" and cfg.codec.pretrained is True  # tests/test_profiles.py
     assert cfg.storage.root.startswith("s3://")
     assert cfg.train.use_gpu and cfg.model.dtype == "bfloat16"
     layout = make_layout(codec_info(cfg.codec), 32768, cfg.tokenizer)
