@@ -1,4 +1,6 @@
-"""The real profile's codec choice (issue 13, item 5: Mimi, two streams)."""
+"""The real profile's codec choice (issue 13, item 5: Mimi, two streams) and the README's table
+of tokens per second and seconds of context, recomputed from the layout code: a figure typed
+by hand, or a layout or profile that changed without the README, fails here."""
 
 from __future__ import annotations
 
@@ -7,11 +9,17 @@ import re
 import numpy as np
 
 from voxtral.codec import codec_info
-from voxtral.config import REPO_ROOT, Config, load_config
+from voxtral.config import REPO_ROOT, CodecConfig, Config, TokenizerConfig, load_config
 from voxtral.tokenizer import Layout, decode_duplex_ids, encode_ids, make_layout
 
 REAL = REPO_ROOT / "configs" / "youtube-mistral7b.yaml"
 MISTRAL_TEXT = 32_768  # Mistral-7B-v0.3's text vocabulary (it changes no figure here)
+TABLE_HEADER = "| codec | `codec.n_q` |"
+CHOICES = {  # (codec, n_q, streams) the README's table must give (issue 13, item 5)
+    (name, n_q, streams)
+    for name, n_q in (("encodec", 2), ("mimi", 4), ("mimi", 8))
+    for streams in (1, 2)
+}
 
 
 def real() -> tuple[Config, Layout]:
@@ -57,3 +65,59 @@ def test_a_whole_window_of_the_real_layout_round_trips():
     np.testing.assert_array_equal(got.user, user)
     assert got.text == text.tolist()
     assert layout.sampled_positions(len(ids)).sum() == groups * (1 + v.n_q)
+
+
+def readme_table() -> tuple[list[str], list[list[str]]]:
+    lines = (REPO_ROOT / "README.md").read_text().splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith(TABLE_HEADER))
+
+    def cells(line: str) -> list[str]:
+        return [c.strip() for c in line.strip().strip("|").split("|")]
+
+    rows = []
+    for line in lines[at + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append(cells(line))
+    return cells(lines[at]), rows
+
+
+def test_readme_tokens_per_second_and_context_come_from_the_layout():
+    header, rows = readme_table()
+    col = {name: i for i, name in enumerate(header)}
+    lengths = {
+        i: int(m[1].replace(",", ""))
+        for i, name in enumerate(header)
+        if (m := re.match(r"seconds in ([\d,]+) tokens", name))
+    }
+    cfg, real_layout = real()
+    assert cfg.train.seq_len in lengths.values()  # the real profile's own window
+    seen, profile_rows = set(), []
+    for row in rows:
+        n_q = int(row[col["`codec.n_q`"]])
+        if row[0].startswith("EnCodec"):
+            kbps = float(re.search(r"([\d.]+) kbps", row[0])[1])
+            codec = CodecConfig(name="encodec", bandwidth=kbps)
+        else:
+            assert row[0].startswith("Mimi"), row
+            codec = CodecConfig(name="mimi", n_q=n_q)
+        tok = TokenizerConfig(
+            group_ms=float(row[col["`tokenizer.group_ms`"]]),
+            streams=int(row[col["`tokenizer.streams`"]]),
+        )
+        layout = make_layout(codec_info(codec), MISTRAL_TEXT, tok)
+        assert layout.vocab.n_q == n_q, row
+        assert row[col["tokens per group"]] == str(layout.group_len), row
+        assert row[col["tokens per second"]] == f"{layout.tokens_per_s:g}", row
+        for i, seq_len in lengths.items():
+            assert row[i] == f"{layout.seconds_in(seq_len):.1f}", (header[i], row)
+        seen.add((codec.name, n_q, layout.streams))
+        if "youtube-mistral7b" in row[col["profile"]]:
+            profile_rows.append(layout)
+    assert CHOICES <= seen, CHOICES - seen
+
+    def choice(layout: Layout) -> tuple:
+        return layout.codec, layout.vocab.n_q, layout.frames_per_group, layout.streams
+
+    # the row the README gives the real profile is its own
+    assert [choice(x) for x in profile_rows] == [choice(real_layout)]
