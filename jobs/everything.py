@@ -2,7 +2,7 @@
 
 uv run jobs/everything.py                    # the local profile, ends serving on :8000
 uv run jobs/everything.py --no-serve         # stop after training
-python jobs/everything.py --config configs/youtube-mistral7b.yaml --no-serve  # on a cluster
+python jobs/everything.py --config configs/youtube-mistral7b.yaml   # on a cluster
 """
 
 import argparse
