@@ -270,7 +270,8 @@ class EngineThread:
             else:
                 c.last_turn = None
                 held = c.held_frames.shape[1]
-                staged.append((f, c, c.encoder.stage(f.pcm, f.end, fpg, held)))
+                pcm = self._within_lag(c, f.pcm) if self.duplex else f.pcm
+                staged.append((f, c, c.encoder.stage(pcm, f.end, fpg, held)))
         try:
             codes = encode_many([c.encoder for _, c, _ in staged], [st for *_, st in staged])
         except Exception as exc:
@@ -293,6 +294,16 @@ class EngineThread:
             except Exception as exc:  # this conversation's audio only
                 f.fut.set_exception(exc)
 
+    def _within_lag(self, c: Conversation, pcm: np.ndarray | None) -> np.ndarray | None:
+        """Full duplex: of a burst longer than ``max_lag_s`` only its newest part is encoded
+        (the rest would be dropped after encoding anyway), so one client's burst costs the
+        engine thread, which every conversation shares, at most that much codec work."""
+        keep = round(self.max_lag_groups * self.layout.group_s * self.codec.sample_rate)
+        if pcm is None or len(pcm) <= keep:
+            return pcm
+        self._drop(c, (len(pcm) - keep) / self.codec.sample_rate)
+        return pcm[len(pcm) - keep :]
+
     def _queue_user(self, c: Conversation, frames: np.ndarray) -> None:
         """Full duplex: whole groups of user frames wait for the model's next steps; past
         ``max_lag_s`` the oldest are dropped unheard (the model fell behind the microphone)."""
@@ -302,12 +313,14 @@ class EngineThread:
         if late > 0:
             for _ in range(late):
                 c.user_groups.popleft()
-            seconds = late * self.layout.group_s
-            self.unheard_s += seconds
-            c.dropped_s += seconds
-            log.warning(
-                "session %s: the model fell behind; %.2f s of user audio dropped", c.sid, seconds
-            )
+            self._drop(c, late * self.layout.group_s)
+
+    def _drop(self, c: Conversation, seconds: float) -> None:
+        self.unheard_s += seconds
+        c.dropped_s += seconds
+        log.warning(
+            "session %s: the model fell behind; %.2f s of user audio dropped", c.sid, seconds
+        )
 
     def _report_unheard(self, c: Conversation, dropped_ids: int) -> None:
         """User audio that arrived faster than the context holds lost its oldest part."""
