@@ -169,11 +169,21 @@ def test_scheduler_streams_a_group_out_per_group_in(duplex):
     assert not any("dropped_s" in it for it in items)
 
 
-def test_a_model_that_falls_behind_drops_and_reports(duplex):
+def test_a_model_that_falls_behind_drops_and_reports(duplex, monkeypatch):
     """10 s of user audio at once into a 0.2 s lag bound: the conversation keeps only what
-    fits, says how much it dropped, and the replica counts it."""
+    fits, says how much it dropped, and the replica counts it; the codec never encodes more
+    of the burst than the bound (the engine thread is every conversation's)."""
+    import serve_app.engine_thread as engine_thread
     from serve_app.scheduler import Scheduler, SchedulerSettings
 
+    windows: list[int] = []
+    real_encode_many = engine_thread.encode_many
+
+    def encode_many(encoders, staged):
+        windows.extend(len(window) for window, _ in staged)
+        return real_encode_many(encoders, staged)
+
+    monkeypatch.setattr(engine_thread, "encode_many", encode_many)
     sched, _ = duplex
     s = Sampling(1.0)
     eng = SpeechEngine(sched.engine.model, sched.layout, s, s, max_context=512, seed=0)
@@ -181,6 +191,8 @@ def test_a_model_that_falls_behind_drops_and_reports(duplex):
     pcm = np.zeros(10 * RATE, dtype=np.float32)
     with Scheduler(eng, sched.codec, sched.tokenizer, settings) as small:
         items, _ = asyncio.run(_stream_session(small, "fast", pcm, realtime=False, step_s=10))
+        hop = RATE / sched.layout.frame_rate
+        assert windows and max(windows) <= (0.2 * RATE + settings.encoder_context_frames * hop)
         dropped = sum(it.get("dropped_s", 0.0) for it in items)
         out_s = sum(len(it["audio"]) for it in items if "audio" in it) / RATE
         assert dropped >= 9.0 and out_s <= 0.2 + 2 * sched.layout.group_s
