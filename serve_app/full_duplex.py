@@ -18,16 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections.abc import Awaitable, Callable
-from concurrent.futures import Executor
 from typing import Any
 
 import numpy as np
 
 from serve_app import protocol as P
-from serve_app.audio_io import SAMPLE_RATE, WireAudio
-from serve_app.session import LMClient, Session, SessionSettings
+from serve_app.audio_io import SAMPLE_RATE
+from serve_app.session import Session
 from serve_app.vad import TurnDetector, TurnEvent
 from voxtral.vad import LiveVAD
 
@@ -37,19 +34,10 @@ log = logging.getLogger("ray.serve.voxtral")
 class FullDuplexSession(Session):
     MODE = "full_duplex"
 
-    def __init__(
-        self,
-        lm: LMClient,
-        send: Callable[[bytes], Awaitable[None]],
-        wire: WireAudio,
-        settings: SessionSettings = SessionSettings(),
-        clock: Callable[[], float] = time.monotonic,
-        audio_pool: Executor | None = None,
-    ):
-        super().__init__(lm, send, wire, settings, clock, audio_pool)
+    def _init_mode(self) -> None:
         self.model_vad = LiveVAD(SAMPLE_RATE)
         self.model_turns = TurnDetector(
-            settings.vad_threshold, settings.start_ms, settings.end_of_turn_ms
+            self.s.vad_threshold, self.s.start_ms, self.s.end_of_turn_ms
         )
         self._output: asyncio.Task | None = None
         self._mic: list[np.ndarray] = []  # the user's audio not yet sent to the model

@@ -209,15 +209,11 @@ class Gateway:
 
     def _new_session(self, sid: str, mode: str | None, ws: WebSocket, wire_format: str) -> Session:
         """The model's mode decides: full duplex for a 2-stream model, else turns."""
-        lm, wire = HandleLM(self.lm, sid), make_wire_audio(wire_format)
-        if mode == "full_duplex":
-            return FullDuplexSession(
-                lm, ws.send_bytes, wire, self.settings, audio_pool=self.audio_pool
-            )
-        return HalfDuplexSession(
-            lm,
+        kind = FullDuplexSession if mode == "full_duplex" else HalfDuplexSession
+        return kind(
+            HandleLM(self.lm, sid),
             ws.send_bytes,
-            wire,
+            make_wire_audio(wire_format),
             self.settings,
             on_first_audio=lambda ms: metrics.record("first_audio", ms),
             on_interrupt=lambda: metrics.record("interrupts"),

@@ -19,16 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
-from collections.abc import Awaitable, Callable
-from concurrent.futures import Executor
 from typing import Any
 
 import numpy as np
 
 from serve_app import protocol as P
-from serve_app.audio_io import SAMPLE_RATE, WireAudio
-from serve_app.session import LMClient, Session, SessionSettings, keep_last
+from serve_app.audio_io import SAMPLE_RATE
+from serve_app.session import Session, keep_last
 from serve_app.vad import OutputEnd, TurnEvent
 
 
@@ -36,21 +33,9 @@ class HalfDuplexSession(Session):
     MODE = "half_duplex"
     THINKING = "thinking"
 
-    def __init__(
-        self,
-        lm: LMClient,
-        send: Callable[[bytes], Awaitable[None]],
-        wire: WireAudio,
-        settings: SessionSettings = SessionSettings(),
-        on_first_audio: Callable[[float], None] | None = None,
-        on_interrupt: Callable[[], None] | None = None,
-        clock: Callable[[], float] = time.monotonic,
-        audio_pool: Executor | None = None,
-    ):
-        super().__init__(lm, send, wire, settings, clock, audio_pool)
-        self.on_first_audio, self.on_interrupt = on_first_audio, on_interrupt
+    def _init_mode(self) -> None:
         self.output_end = OutputEnd(
-            SAMPLE_RATE, settings.vad_threshold, settings.turn_end_silence_ms, settings.start_ms
+            SAMPLE_RATE, self.s.vad_threshold, self.s.turn_end_silence_ms, self.s.start_ms
         )
         self._hearing: asyncio.Future | None = None  # its job in the audio pool
         self.user_speaking = False

@@ -96,12 +96,17 @@ class Session:
         send: Callable[[bytes], Awaitable[None]],
         wire: WireAudio,
         settings: SessionSettings = SessionSettings(),
+        on_first_audio: Callable[[float], None] | None = None,
+        on_interrupt: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         audio_pool: Executor | None = None,
     ):
-        """``audio_pool``: where audio messages are decoded and run through the VAD, and the
-        model's output through its own (None: the event loop's default executor)."""
+        """``on_first_audio`` / ``on_interrupt``: metrics hooks (a turn's first audio, with
+        its latency in ms; an interrupt), which only half duplex has. ``audio_pool``: where
+        audio messages are decoded and run through the VAD, and the model's output through
+        its own (None: the event loop's default executor)."""
         self.lm, self.wire, self.s = lm, wire, settings
+        self.on_first_audio, self.on_interrupt = on_first_audio, on_interrupt
         self.clock, self.audio_pool = clock, audio_pool
         self.outbox = Outbox(send, settings.send_timeout_s)  # real time, as the socket's
         self.budget = AudioBudget(settings.max_audio_rate, settings.max_audio_ahead_s, clock)
@@ -117,6 +122,10 @@ class Session:
         self.last_sent = self.last_active = clock()  # last_active: audio or control only
         self.closed = False
         self.lost = False  # the model replica no longer knows this conversation
+        self._init_mode()
+
+    def _init_mode(self) -> None:
+        """The mode's own state, set up at construction."""
 
     # -- output --------------------------------------------------------------------------
     async def send(self, message: bytes) -> None:

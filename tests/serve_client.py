@@ -104,6 +104,28 @@ def opus_bomb(pages: int, first_seq: int = 2) -> bytes:
     return b"".join(ogg_page([BOMB_PACKET] * 255, first_seq + i) for i in range(pages))
 
 
+class SentMessages:
+    """The client's side of an in-process session's socket: every message sent, with the
+    time it was sent."""
+
+    def __init__(self):
+        self.messages: list[tuple[float, bytes]] = []
+
+    async def __call__(self, m: bytes) -> None:
+        self.messages.append((time.monotonic(), m))
+
+    def events(self, name: str | None = None) -> list[dict]:
+        evs = [json.loads(m[1:]) | {"_t": t} for t, m in self.messages if m[0] == P.Kind.METADATA]
+        return [e for e in evs if name is None or e.get("event") == name]
+
+    def kinds(self) -> list[int]:
+        return [m[0] for _, m in self.messages]
+
+    def audio(self) -> list[float]:
+        """When each audio message was sent."""
+        return [t for t, m in self.messages if m[0] == P.Kind.AUDIO]
+
+
 @dataclass
 class Received:
     t: float

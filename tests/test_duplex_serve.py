@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import json
 import time
 
 import numpy as np
@@ -217,23 +216,6 @@ def test_half_duplex_calls_are_refused_in_full_duplex(duplex):
 
 
 # -- the session ------------------------------------------------------------------------------
-class Outbox:
-    """What a session sent, with arrival times."""
-
-    def __init__(self):
-        self.messages: list[tuple[float, bytes]] = []
-
-    async def __call__(self, m: bytes) -> None:
-        self.messages.append((time.monotonic(), m))
-
-    def events(self, name=None):
-        evs = [json.loads(m[1:]) | {"_t": t} for t, m in self.messages if m[0] == P.Kind.METADATA]
-        return [e for e in evs if name is None or e.get("event") == name]
-
-    def audio(self) -> list[float]:
-        return [t for t, m in self.messages if m[0] == P.Kind.AUDIO]
-
-
 async def _speak(session, pcm: np.ndarray, step: int = 960) -> float:
     """``pcm`` to the session as pcm16 messages at real time; returns when it ended."""
     wire, t0 = Pcm16Wire(), time.monotonic()
@@ -253,7 +235,7 @@ def test_full_duplex_session_answers_while_the_user_speaks(duplex, speech):
     sched, _ = duplex
 
     async def main():
-        out = Outbox()
+        out = C.SentMessages()
         s = FullDuplexSession(LocalLM(sched, "fd"), out, Pcm16Wire(), SessionSettings())
         await s.start({})
         talk = np.concatenate([np.zeros(RATE // 2, np.float32), speech, speech])

@@ -507,21 +507,6 @@ def test_serve_config_yaml_builds_the_app(serve_root):
 
 
 # -- the duplex session, in process ------------------------------------------------------------
-class Outbox:
-    def __init__(self):
-        self.messages: list[tuple[float, bytes]] = []
-
-    async def __call__(self, m: bytes) -> None:
-        self.messages.append((time.monotonic(), m))
-
-    def events(self, name=None):
-        evs = [json.loads(m[1:]) for _, m in self.messages if m[0] == P.Kind.METADATA]
-        return [e for e in evs if name is None or e["event"] == name]
-
-    def kinds(self):
-        return [m[0] for _, m in self.messages]
-
-
 async def _feed(session, pcm, realtime=True, until=None):
     wire = Pcm16Wire()
     start = time.monotonic()
@@ -553,7 +538,7 @@ def test_session_interrupt_keeps_what_was_heard(tiny, speech):
             return out
 
     async def main():
-        out = Outbox()
+        out = C.SentMessages()
         s = HalfDuplexSession(
             Recording(sched, "interrupt"), out, Pcm16Wire(), SessionSettings(end_of_turn_ms=300)
         )
