@@ -46,7 +46,6 @@ Context keys: ``stimulus_s``, the event counts, ``model_audio_s`` (audio receive
 fell behind real time: figures are suspect when it is large), ``session_s``.
 
     uv run bench/duplex.py                 # starts the local profile's endpoint (tiny model)
-    uv run bench/duplex.py --set tokenizer.streams=2   # … a 2-stream one: full duplex
     uv run bench/duplex.py --url http://127.0.0.1:8000     # an endpoint already up
     uv run bench/duplex.py --wav talk.wav  # your stimulus; its annotations in talk.json
     uv run bench/duplex.py --quick         # one episode (~15 s) for the test suite

@@ -329,3 +329,17 @@ def test_full_duplex_keeps_real_time_for_a_minute(duplex_url, speech):
         produced += sum(e["dropped_s"] for e in lags if e["_t"] <= m.t)
         assert produced >= (m.t - t0) - 3.0
     assert not c.events("error")
+
+
+@pytest.mark.slow
+def test_bench_duplex_measures_the_full_duplex_endpoint(duplex_url):
+    """``uv run bench/duplex.py --quick --url URL`` against a full-duplex endpoint: the
+    model's audio streams all along, so the harness receives about as much as it sent."""
+    from tests.commands import json_line, user_env, uv_run
+
+    env = user_env(VOXTRAL_SERVE__TOKEN=C.TOKEN)
+    out = json_line(uv_run("bench/duplex.py", "--quick", "--url", duplex_url, env=env, timeout=240))
+    assert out["errors"] == 0 and out["pauses"] == out["turn_ends"] == 1, out
+    assert out["model_audio_s"] > 0.25 * out["stimulus_s"], out  # not only in turns
+    assert out["rtf"] is not None and 0 < out["rtf"] < 20, out
+    assert out["server_turns"] == 0 and out["server_interrupts"] == 0, out  # no turns here
