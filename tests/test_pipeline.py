@@ -125,3 +125,19 @@ def test_stage_metrics_reach_the_dashboard_endpoint(pipeline_root, ray_head):
         time.sleep(3)
     missing = [w for w in wanted if w not in text]
     assert not missing, f"metrics not exported: {missing}"
+
+
+def test_a_config_train_would_refuse_fails_before_the_first_stage(tmp_path):
+    """Two streams make 13-token groups: the local profile's seq_len (1051, groups of 7)
+    is refused before index runs (not after minutes of scrape and preprocess), and the
+    error names the key and a value that fits."""
+    from voxtral.config import ConfigError
+    from voxtral.pipeline import run_stages
+
+    cfg = load_config(
+        DEFAULT_CONFIG, [f"storage.root={tmp_path / 'run'}", "tokenizer.streams=2"], env={}
+    )
+    with pytest.raises(ConfigError, match=r"train.seq_len=1051 .* e\.g\. 1054"):
+        run_stages(cfg)
+    assert not (tmp_path / "run").exists()  # nothing ran
+    run_stages(cfg, stages=())  # the check is the train stage's: without it, nothing to refuse

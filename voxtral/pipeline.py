@@ -34,6 +34,8 @@ def run_stages(
     """Run the given stages in order; return each one's summary (with ``wall_s``). ``report``
     gets text as each stage starts and ends: its table, then its summary as one JSON line
     (the job prints them)."""
+    if "train" in stages:  # a config train would refuse fails now, not after the others
+        train.validate(cfg)
     summaries: dict[str, dict] = {}
     for name in stages:
         stage = STAGES[name]
