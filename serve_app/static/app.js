@@ -1,6 +1,12 @@
-// Voxtral browser client: microphone → /api/chat (PCM16 24 kHz) → playback + transcript.
+// Voxtral browser client: microphone → api/chat (PCM16 24 kHz) → playback + transcript.
 // No build step. The wire protocol: every message is binary, first byte the kind
 // (0 handshake, 1 audio, 2 text, 3 control, 4 metadata JSON, 5 error, 6 ping).
+// Two modes, as the server's `ready` says: half duplex (turns: thinking, first_audio,
+// interrupt, turn_end; End turn skips the VAD's wait) and full duplex (the model's audio
+// streams back all the time; `state` and `user` say who speaks, `lag` what the model
+// dropped; no turns, so End turn is off).
+// Every URL is relative (to the page, or to this module for the worklets), so the page works
+// under a path prefix (a Serve route prefix, a reverse proxy's sub-path): open it as `…/`.
 const KIND = { HANDSHAKE: 0, AUDIO: 1, TEXT: 2, CONTROL: 3, METADATA: 4, ERROR: 5, PING: 6 };
 const RATE = 24000;
 const CHUNK = 960; // 40 ms of microphone audio per message
@@ -21,6 +27,7 @@ const decoder = new TextDecoder();
 const st = (window.voxtral = {
   connected: false,
   handshake: false,
+  mode: null, // "full_duplex" | "half_duplex", from the ready event
   state: "idle",
   sent: 0, // microphone messages sent
   audioMessages: 0,
@@ -33,6 +40,12 @@ const st = (window.voxtral = {
   played: 0, // samples played by the playback worklet
   buffered: 0,
   latencies: [],
+  micLevel: 0, // the largest microphone peak seen
+  modelLevel: 0, // the largest peak the playback worklet played (the model's audio)
+  userSpeaking: 0, // `user` events with speaking: true
+  userSpeakingNow: false,
+  audioWhileUserSpeaks: 0, // audio messages received while the page showed you speaking
+  lagSeconds: 0, // full duplex: your audio the model could not keep up with (total_s)
 });
 
 let ws = null;
@@ -95,21 +108,46 @@ function frame(kind, payload) {
   return out;
 }
 
+function fullDuplex() {
+  return st.mode === "full_duplex";
+}
+
+function setMode(mode) {
+  st.mode = mode === "full_duplex" ? "full_duplex" : "half_duplex";
+  document.body.dataset.mode = st.mode;
+  $("mode").textContent = fullDuplex() ? "full duplex" : "half duplex";
+  // full duplex has no turns to end: the model hears when you stop
+  $("endturn").disabled = fullDuplex();
+  $("endturn").title = fullDuplex()
+    ? "full duplex: the model hears when you stop"
+    : "tell the model you have finished";
+}
+
 function onMetadata(m) {
   st.events.push(m);
   if (m.event !== "state") log(JSON.stringify(m));
   switch (m.event) {
     case "ready":
       $("model").textContent = `${m.model_source}: ${m.model} (${m.device}, ${m.codec})`;
+      setMode(m.mode);
       break;
     case "state":
       setState(m.state);
-      if (m.state === "thinking") newTurn();
+      // a paragraph per model turn: half duplex from `thinking`; full duplex has no turns,
+      // so from each time its own VAD hears it start speaking
+      if (m.state === (fullDuplex() ? "speaking" : "thinking")) newTurn();
       break;
     case "user":
       $("user").textContent = m.speaking ? "speaking" : "quiet";
       $("user").dataset.speaking = String(m.speaking);
-      if (!m.speaking) endOfTurnAt = performance.now();
+      st.userSpeakingNow = m.speaking;
+      if (m.speaking) st.userSpeaking++;
+      // the client-side latency is a half-duplex measure (in full duplex audio never stops)
+      if (!m.speaking && !fullDuplex()) endOfTurnAt = performance.now();
+      break;
+    case "lag":
+      st.lagSeconds = m.total_s;
+      $("lag").textContent = `${m.total_s.toFixed(1)} s`;
       break;
     case "first_audio":
       $("lat-server").textContent = `${Math.round(m.latency_ms)} ms (${Math.round(m.since_speech_ms)} ms after speech)`;
@@ -145,6 +183,7 @@ function onMessage(ev) {
         }
       }
       st.audioMessages++;
+      if (st.userSpeakingNow) st.audioWhileUserSpeaks++;
       st.audioSeconds += samples.length / RATE;
       $("received").textContent = `${st.audioSeconds.toFixed(1)} s in ${st.audioMessages} messages`;
       if (playback) playback.port.postMessage({ type: "push", samples }, [samples.buffer]);
@@ -180,8 +219,9 @@ async function connect() {
   } catch (e) {
     ctx = new AudioContext(); // worklets resample
   }
-  await ctx.audioWorklet.addModule("/static/capture-worklet.js");
-  await ctx.audioWorklet.addModule("/static/playback-worklet.js");
+  // beside this module, wherever the page is served from
+  await ctx.audioWorklet.addModule(new URL("capture-worklet.js", import.meta.url).href);
+  await ctx.audioWorklet.addModule(new URL("playback-worklet.js", import.meta.url).href);
   if (ctx.state === "suspended") await ctx.resume();
 
   playback = new AudioWorkletNode(ctx, "playback", {
@@ -193,6 +233,8 @@ async function connect() {
   playback.port.onmessage = (e) => {
     st.played = e.data.played;
     st.buffered = e.data.buffered;
+    st.modelLevel = Math.max(st.modelLevel, e.data.peak);
+    $("model-level").value = Math.min(1, e.data.peak * 2);
     $("buffer").textContent = `${Math.round(e.data.buffered * 1000)} ms, ${e.data.underruns} underruns, ${(e.data.played / RATE).toFixed(1)} s played`;
   };
 
@@ -210,17 +252,19 @@ async function connect() {
   sink.gain.value = 0;
   capture.connect(sink).connect(ctx.destination);
 
-  const proto = location.protocol === "https:" ? "wss" : "ws";
+  // api/chat relative to the page (…/duplex/ → …/duplex/api/chat), on ws: or wss:
+  const url = new URL("api/chat", location.href);
+  url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
   const q = new URLSearchParams({ codec: "pcm16" });
   if (token) q.set("token", token);
-  ws = new WebSocket(`${proto}://${location.host}/api/chat?${q}`);
+  url.search = q.toString();
+  ws = new WebSocket(url.href);
   ws.binaryType = "arraybuffer";
   setConn("connecting");
   ws.onopen = () => {
     st.connected = true;
     setConn("open");
-    $("disconnect").disabled = false;
-    $("endturn").disabled = false;
+    $("disconnect").disabled = false; // End turn: when `ready` says the mode
   };
   ws.onmessage = onMessage;
   ws.onclose = (e) => {
@@ -235,6 +279,7 @@ async function connect() {
     const f32 = e.data;
     let peak = 0;
     for (let i = 0; i < f32.length; i++) peak = Math.max(peak, Math.abs(f32[i]));
+    st.micLevel = Math.max(st.micLevel, peak);
     $("level").value = Math.min(1, peak * 2);
     if (!ws || ws.readyState !== WebSocket.OPEN || !st.handshake) return;
     const samples = $("mute").checked ? new Float32Array(f32.length) : f32;
@@ -250,6 +295,11 @@ function teardown() {
   $("connect").disabled = false;
   $("disconnect").disabled = true;
   $("endturn").disabled = true;
+  $("model-level").value = 0;
+  $("level").value = 0;
+  st.userSpeakingNow = false;
+  $("user").textContent = "quiet";
+  $("user").dataset.speaking = "false";
   setState("idle");
 }
 
@@ -262,6 +312,7 @@ $("connect").onclick = () =>
   });
 $("disconnect").onclick = () => ws && ws.close(1000, "bye");
 $("endturn").onclick = () => {
-  if (ws && ws.readyState === WebSocket.OPEN) ws.send(new Uint8Array([KIND.CONTROL, 1]));
+  if (!ws || ws.readyState !== WebSocket.OPEN || fullDuplex()) return;
+  ws.send(new Uint8Array([KIND.CONTROL, 1]));
 };
 if (params.get("autoconnect") === "1") $("connect").click();

@@ -1,6 +1,7 @@
 // Playback with a jitter buffer: 24 kHz chunks from the page are queued and played once
 // `target` seconds are buffered; an underrun re-buffers; "flush" (an interrupt) drops
-// everything queued at once. Reports buffer depth and samples played to the page.
+// everything queued at once. Reports buffer depth, samples played and the peak of what it
+// played since the last report (the model's level) to the page.
 const SOURCE_RATE = 24000;
 
 class PlaybackProcessor extends AudioWorkletProcessor {
@@ -14,6 +15,7 @@ class PlaybackProcessor extends AudioWorkletProcessor {
     this.playing = false;
     this.played = 0;
     this.underruns = 0;
+    this.peak = 0; // largest |sample| output since the last report
     this.step = SOURCE_RATE / sampleRate; // source samples per output sample
     this.lastReport = 0;
     this.port.onmessage = (e) => {
@@ -39,7 +41,9 @@ class PlaybackProcessor extends AudioWorkletProcessor {
         played: this.played,
         playing: this.playing,
         underruns: this.underruns,
+        peak: this.peak,
       });
+      this.peak = 0;
     }
   }
 
@@ -65,6 +69,7 @@ class PlaybackProcessor extends AudioWorkletProcessor {
           this.underruns++;
         } else {
           x = s;
+          if (Math.abs(x) > this.peak) this.peak = Math.abs(x);
           const before = Math.floor(this.head);
           this.head += this.step;
           const consumed = Math.floor(this.head) - before;
