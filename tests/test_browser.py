@@ -1,7 +1,9 @@
 """The browser client in a real headless Chromium with a fake microphone fed from a WAV:
 it loads `/`, connects, streams the microphone, plays the model's audio and shows state,
-transcript and latency. Driven through the Chrome DevTools protocol over a websocket (no
-browser downloads); asserts on the page and saves a screenshot."""
+transcript and latency; in full duplex (a second application under the route prefix
+`/duplex`) the mode, both sides' levels and who speaks while audio streams both ways.
+Driven through the Chrome DevTools protocol over a websocket (no browser downloads); asserts
+on the page and saves a screenshot."""
 
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import soundfile as sf
 from voxtral.config import REPO_ROOT
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-SCREENSHOT = REPO_ROOT / "runs" / "screenshots" / "browser.png"
+SCREENSHOTS = REPO_ROOT / "runs" / "screenshots"
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
 
@@ -31,6 +33,15 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not instal
 @pytest.fixture(scope="module")
 def server(ray_session, tmp_path_factory) -> str:
     return C.server_url(C.shared_root(tmp_path_factory))
+
+
+@pytest.fixture(scope="module")
+def duplex_url(ray_session, tmp_path_factory):
+    """A tiny random 2-stream model served full duplex under ``/duplex`` (beside
+    ``server``), deleted at the end of the module."""
+    url = C.full_duplex_url(C.shared_root(tmp_path_factory), tmp_path_factory.mktemp("fd-app"))
+    yield url
+    C.delete_full_duplex()  # its CPUs back, before the next module's Ray work
 
 
 class DevTools:
@@ -97,57 +108,69 @@ def launch(profile: Path, wav: Path) -> tuple[subprocess.Popen, str]:
     raise TimeoutError("chromium's DevTools endpoint did not come up")
 
 
-def test_browser_client_talks(server, tmp_path):
+# what the page knows (window.voxtral), events reduced to their names (a state to itself)
+SNAPSHOT = (
+    "window.voxtral ? JSON.stringify({...window.voxtral, events: window.voxtral.events"
+    ".map(e => e.event === 'state' ? e.state : e.event)}) : null"
+)
+DOM = """({
+  conn: document.querySelector('#conn').textContent,
+  mode: document.querySelector('#mode').textContent,
+  state: document.querySelector('#state').textContent,
+  user: document.querySelector('#user').textContent,
+  transcript: document.querySelector('#transcript').textContent,
+  received: document.querySelector('#received').textContent,
+  latency: document.querySelector('#lat-server').textContent,
+  lag: document.querySelector('#lag').textContent,
+  model: document.querySelector('#model').textContent,
+  endturnDisabled: document.querySelector('#endturn').disabled,
+  shown: Object.fromEntries(['lat-server', 'interrupts', 'lag'].map(
+    id => [id, getComputedStyle(document.querySelector('#' + id).parentElement).display
+      !== 'none'])),
+  stylesheets: document.styleSheets.length,
+  href: location.href,
+})"""
+
+
+def mic_wav(folder: Path, mic: np.ndarray) -> Path:
+    wav = folder / "mic.wav"
+    sf.write(wav, mic, 24_000, subtype="PCM_16")
+    return wav
+
+
+def drive(url: str, wav: Path, folder: Path, done, screenshot: str, timeout: float = 150):
+    """Open ``url`` in Chromium with ``wav`` as the microphone (Chromium loops it), poll
+    ``window.voxtral`` every 0.5 s until ``done(state)`` or ``timeout``; returns (the last
+    state, the page's DOM as ``DOM`` reads it, ``done``'s last answer), with a screenshot."""
     import websockets
 
-    speech = C.speech_clip(tmp_path)
-    mic = np.concatenate([np.zeros(7200, np.float32), speech, np.zeros(24_000 * 5, np.float32)])
-    wav = tmp_path / "mic.wav"
-    sf.write(wav, mic, 24_000, subtype="PCM_16")
-    proc, endpoint = launch(tmp_path / "profile", wav)
+    proc, endpoint = launch(folder / "profile", wav)
 
     async def main():
         async with websockets.connect(endpoint, max_size=None) as ws:
             page = DevTools(ws)
             await page.call("Page.enable")
-            await page.call("Page.navigate", url=f"{server}/?token={C.TOKEN}&autoconnect=1")
-            snapshot = (
-                "JSON.stringify({...window.voxtral, events: window.voxtral.events"
-                ".map(e => e.event === 'state' ? e.state : e.event)})"
-            )
+            await page.call("Page.navigate", url=url)
             state: dict = {}
-            deadline = time.monotonic() + 150
-            while time.monotonic() < deadline:
+            finished = False
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and not finished:
                 await asyncio.sleep(0.5)
-                raw = await page.eval(f"window.voxtral ? {snapshot} : null")
-                if not raw:
-                    continue
-                state = json.loads(raw)
-                if (
-                    state["audioMessages"] > 2
-                    and state["played"] > 0
-                    and state["transcript"].strip()
-                    and "speaking" in state["events"]
-                ):
-                    break
-            dom = await page.eval(
-                "({conn: document.querySelector('#conn').textContent,"
-                " state: document.querySelector('#state').textContent,"
-                " transcript: document.querySelector('#transcript').textContent,"
-                " received: document.querySelector('#received').textContent,"
-                " latency: document.querySelector('#lat-server').textContent,"
-                " model: document.querySelector('#model').textContent,"
-                " href: location.href})"
-            )
+                raw = await page.eval(SNAPSHOT)
+                if raw:
+                    state = json.loads(raw)
+                    finished = bool(done(state))
+            dom = await page.eval(DOM)
             shot = await page.call("Page.captureScreenshot", format="png")
-            SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-            SCREENSHOT.write_bytes(base64.b64decode(shot["data"]))
-            (tmp_path / "browser.png").write_bytes(base64.b64decode(shot["data"]))
+            shot = base64.b64decode(shot["data"])
+            SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+            (SCREENSHOTS / screenshot).write_bytes(shot)
+            (folder / screenshot).write_bytes(shot)
             await page.call("Browser.close")
-            return state, dom
+            return state, dom, finished
 
     try:
-        state, dom = asyncio.run(asyncio.wait_for(main(), 240))
+        return asyncio.run(asyncio.wait_for(main(), timeout + 90))
     finally:
         if proc.poll() is None:
             proc.terminate()
@@ -156,15 +179,89 @@ def test_browser_client_talks(server, tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
 
+
+def test_browser_client_talks(server, tmp_path):
+    """Half duplex: a turn, the model's answer played, the turn's latency shown."""
+    speech = C.speech_clip(tmp_path)
+    mic = np.concatenate([np.zeros(7200, np.float32), speech, np.zeros(24_000 * 5, np.float32)])
+
+    def done(state):
+        return (
+            state["audioMessages"] > 2
+            and state["played"] > 0
+            and state["transcript"].strip()
+            and "speaking" in state["events"]
+        )
+
+    url = f"{server}/?token={C.TOKEN}&autoconnect=1"
+    state, dom, _ = drive(url, mic_wav(tmp_path, mic), tmp_path, done, "browser.png")
+
     assert not state.get("errors"), state.get("errors")
     assert state["handshake"] and state["sent"] > 10  # the microphone streamed
+    assert state["mode"] == "half_duplex" and dom["mode"] == "half duplex"
     assert "user" in state["events"]  # the server heard the user speak
     assert "speaking" in state["events"] and state["audioMessages"] > 2
     assert state["played"] > 0  # the playback worklet played what came back
+    assert state["modelLevel"] > 0 and state["micLevel"] > 0  # both meters moved
     assert dom["conn"] == "ready"
     assert dom["state"] in ("listening", "thinking", "speaking")
     assert dom["transcript"].strip()
     assert "messages" in dom["received"] and dom["latency"] != "–"
+    assert not dom["endturnDisabled"]  # turns: End turn skips the VAD's wait
+    assert dom["shown"] == {"lat-server": True, "interrupts": True, "lag": False}
     assert "tiny-random" in dom["model"]
     assert "token" not in dom["href"] and "autoconnect=1" in dom["href"]  # token out of the URL
-    assert SCREENSHOT.stat().st_size > 10_000
+    assert (SCREENSHOTS / "browser.png").stat().st_size > 10_000
+
+
+def test_page_under_a_route_prefix(duplex_url):
+    """The page and its files under ``/duplex``: ``/duplex/`` is the page, its relative
+    paths resolve under the prefix, and ``/duplex`` (no slash) redirects there."""
+    page = requests.get(duplex_url + "/", timeout=20)
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert 'href="static/style.css"' in page.text and 'src="static/app.js"' in page.text
+    assert '"/static/' not in page.text  # nothing absolute
+    for name in ("app.js", "style.css", "capture-worklet.js", "playback-worklet.js"):
+        assert requests.get(f"{duplex_url}/static/{name}", timeout=20).status_code == 200
+    moved = requests.get(duplex_url + "?a=1", timeout=20, allow_redirects=False)
+    assert moved.status_code in (301, 307, 308)
+    assert moved.headers["location"].endswith("/duplex/?a=1")
+
+
+def test_browser_client_full_duplex(duplex_url, tmp_path):
+    """Full duplex under a route prefix (opened without the trailing slash: redirected):
+    the mode shown, the model's audio arriving while the microphone still speaks, the
+    model's level meter moving, the user's indicator, End turn off, no errors."""
+    speech = C.speech_clip(tmp_path)
+    quiet = np.zeros(24_000, np.float32)
+    mic = np.concatenate([quiet[:7200], speech, speech, speech, quiet])  # ~5 s of talk, looped
+
+    def done(state):
+        return (
+            state["mode"] == "full_duplex"
+            and state["audioWhileUserSpeaks"] > 2
+            and state["userSpeaking"] > 0
+            and state["modelLevel"] > 0
+            and state["played"] > 0
+        )
+
+    url = f"{duplex_url}?token={C.TOKEN}&autoconnect=1"
+    state, dom, _ = drive(url, mic_wav(tmp_path, mic), tmp_path, done, "browser-duplex.png")
+
+    assert not state.get("errors"), state.get("errors")
+    # relative paths: redirected to /duplex/, styled, the worklets and the websocket found
+    assert dom["href"].split("?")[0] == duplex_url + "/" and dom["stylesheets"] >= 1
+    assert state["handshake"] and state["sent"] > 10 and dom["conn"] == "ready"
+    assert state["mode"] == "full_duplex" and dom["mode"] == "full duplex"
+    assert dom["endturnDisabled"]  # no turns to end
+    assert dom["shown"] == {"lat-server": False, "interrupts": False, "lag": True}
+    # the model's audio streams back while the user speaks (a VAD on the microphone says so)
+    assert state["userSpeaking"] > 0 and state["audioWhileUserSpeaks"] > 2
+    assert state["played"] > 0 and state["modelLevel"] > 0 and state["micLevel"] > 0
+    # no turns: no half-duplex events
+    events = set(state["events"])
+    assert not events & {"thinking", "first_audio", "interrupt", "turn_end"}, events
+    assert dom["state"] in ("listening", "speaking")
+    assert dom["lag"].endswith(" s") and state["lagSeconds"] >= 0
+    assert "token" not in dom["href"] and "autoconnect=1" in dom["href"]
+    assert (SCREENSHOTS / "browser-duplex.png").stat().st_size > 10_000
