@@ -127,6 +127,8 @@ class Gateway:
 
     @api.get("/")
     async def index(self) -> FileResponse:
+        """The browser client. Its paths are relative, so under a route prefix it is
+        ``/prefix/`` (Starlette redirects ``/prefix`` there) with ``/prefix/static/…``."""
         return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
 
     @api.get("/static/{name}")
