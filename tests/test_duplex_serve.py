@@ -10,9 +10,9 @@ import time
 
 import numpy as np
 import pytest
+import serve_client as C  # tests/ helper: one module (one shared server) with the other tests
 import torch
 
-import tests.serve_client as C
 from serve_app import protocol as P
 from serve_app.audio_io import Pcm16Wire
 from serve_app.scheduler import LocalLM
