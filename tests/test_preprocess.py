@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import io
 import math
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -95,13 +97,37 @@ def chunk_row(chunk_id: str, video_id: str, wav: np.ndarray, sr: int, captions, 
     }
 
 
-def scrape_sample(cfg: Config) -> None:
-    """The real index + scrape stages on the bundled sample: this stage's input."""
-    run_index(cfg)
-    run_scrape(cfg)
+def scrape_sample(cfg: Config, request: pytest.FixtureRequest) -> None:
+    """The real index + scrape stages on the bundled sample: this stage's input.
+
+    Where this session runs ``jobs/everything.py`` anyway (conftest's ``everything_run``,
+    the slow tests), its ``index/`` and ``chunks/`` are copied instead: the same two stages
+    on the same config (checked), so the same rows, scraped once per session."""
     storage = Storage(cfg.storage.root)
+    if not copy_everything_scrape(cfg, request):
+        run_index(cfg)
+        run_scrape(cfg)
     reasons = {f"{r['reason']}: {r['error']}" for r in failures.read_failures(storage, "scrape")}
     assert storage.parquet_files("chunks"), f"the scrape gave no chunks: {sorted(reasons)}"
+
+
+def copy_everything_scrape(cfg: Config, request: pytest.FixtureRequest) -> bool:
+    """Copy the everything run's index and scrape output to ``cfg``'s root, if the session
+    runs it and its config differs from ``cfg`` in nothing but the storage root and the
+    training keys; whether it did."""
+    from tests.commands import EVERYTHING_FAST, user_env
+
+    if not any("everything_run" in getattr(i, "fixturenames", ()) for i in request.session.items):
+        return False
+    root, _log, summaries = request.getfixturevalue("everything_run")
+    theirs = load_config(DEFAULT_CONFIG, [f"storage.root={root}", *EVERYTHING_FAST], env=user_env())
+    if theirs.model_copy(update={"storage": cfg.storage, "train": cfg.train}) != cfg:
+        return False
+    if summaries["scrape"]["failed"] or failures.read_failures(Storage(root), "scrape"):
+        return False
+    for folder in ("index", "chunks"):
+        shutil.copytree(root / folder, Path(cfg.storage.root) / folder)
+    return True
 
 
 def add_corrupt_row(storage: Storage) -> None:
@@ -137,9 +163,9 @@ def cfg(tmp_path_factory) -> Config:
 
 
 @pytest.fixture(scope="module")
-def corpus(cfg, ray_session) -> dict:
+def corpus(cfg, ray_session, request) -> dict:
     storage = Storage(cfg.storage.root)
-    scrape_sample(cfg)
+    scrape_sample(cfg, request)
     add_corrupt_row(storage)
     summary = run_preprocess(cfg)
     return {"storage": storage, "summary": summary}
