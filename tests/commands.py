@@ -89,10 +89,12 @@ class Head:
     metrics_port: int  # its node's Prometheus endpoint
 
 
-def start_head(num_cpus: int = 2) -> Head:
+def start_head(num_cpus: int = 2, dashboard: bool = True) -> Head:
     """``uv run ray start --head`` on free ports, with its own RAY_TMPDIR, sized as the
     smallest machine the README supports (2 cores): a plan that needs more CPUs than that
-    to make progress hangs here as it would for a user.
+    to make progress hangs here as it would for a user. ``dashboard=False`` adds
+    ``--include-dashboard=false``, for a head that is only there to be killed: the
+    dashboard is most of a head's start (no job can be submitted to it).
 
     Every agent port is given: for a port left to the agent, the raylet waits for the
     agent to write it down and dies after a fixed 15 s (ray-project/ray#65983), which a
@@ -114,6 +116,7 @@ def start_head(num_cpus: int = 2) -> Head:
         }
         args = [f"--{k}={v}" for k, v in ports.items()]
         args += [f"--num-cpus={num_cpus}", "--disable-usage-stats"]
+        args += [] if dashboard else ["--include-dashboard=false"]
         out = subprocess.run(
             [UV, "run", "ray", "start", "--head", *args],
             cwd=REPO_ROOT,

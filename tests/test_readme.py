@@ -83,11 +83,15 @@ def test_serve_job_after_the_head_died(tmp_path):
     --url`` measures it; Ctrl-C ends it."""
     from tests.serve_client import free_port, wait_healthy
 
-    head = start_head(num_cpus=1)  # its own: the session's head stays up for other tests
+    # its own (the session's head stays up for other tests), with no dashboard: it is killed
+    # at once, and what the job finds is the same, a head recorded whose GCS does not answer
+    head = start_head(num_cpus=1, dashboard=False)
     kill_head(head)
     port = free_port()
     cmd = [UV, "run", "jobs/serve.py", *sets(f"storage.root={tmp_path / 'run'}")]
-    cmd += sets(f"serve.port={port}")
+    # turns as short as the served-model test's (tests/test_pipeline.py): the bench's three
+    # rounds each wait for the model's turn to end, at most serve.max_turn_s of audio
+    cmd += sets(f"serve.port={port}", "serve.max_turn_s=1.5", "serve.end_of_turn_ms=300")
     log_path = tmp_path / "serve.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
