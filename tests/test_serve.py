@@ -442,6 +442,30 @@ def test_text_stream_waits_for_whole_characters():
     assert ts.push([0xFF, 0x41, 0x07]) == "A"  # a stray byte and a control character dropped
 
 
+def test_text_stream_stays_bounded_over_a_long_conversation():
+    """A full-duplex conversation is one turn as long as the connection: what a push decodes
+    stays bounded, and the pieces still add up to the whole text, spaces and characters
+    split across ids included."""
+
+    class Bytes:  # byte-level BPE: a character may span ids
+        def decode(self, ids, skip_special_tokens=True):
+            return bytes(ids).decode("utf-8", errors="replace")
+
+    class Words:  # SentencePiece-like: words joined by spaces, none before the first
+        def decode(self, ids, skip_special_tokens=True):
+            return " ".join(f"w{i}" for i in ids)
+
+    said = "héllo wörld, ça va? 你好 " * 300
+    raw = list(said.encode())
+    for tok, ids, whole in [(Bytes(), raw, said), (Words(), list(range(5000)), None)]:
+        ts, pieces, longest = TextStream(tok), [], 0
+        for i in range(0, len(ids), 7):
+            pieces.append(ts.push(ids[i : i + 7]))
+            longest = max(longest, len(ts.ids))
+        assert "".join(pieces) == (whole if whole is not None else tok.decode(ids))
+        assert longest <= 5 * ts.keep  # not 5,000 or 9,000
+
+
 def test_routing_policy_pins_sessions():
     a, b = "replica-a", "replica-b"
     pins = {"s1": a, "s2": a}

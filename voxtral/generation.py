@@ -277,12 +277,18 @@ def _stacked(states: list[LMState], pads: list[int]) -> KV:
 class TextStream:
     """Text ids of a turn → new UTF-8 pieces as they become printable (a byte-level BPE
     token can be half a character; such a piece waits for the rest). Bytes that never
-    become a character and control characters are left out of what is sent."""
+    become a character and control characters are left out of what is sent.
 
-    def __init__(self, tokenizer):
+    Each push decodes a bounded window: the ids not yet sent plus the last ``keep`` ids as
+    context (a SentencePiece word's leading space, a character's first bytes). A full-duplex
+    conversation is one "turn" as long as the connection, so decoding everything it said on
+    every group would grow without bound, in memory and in time."""
+
+    def __init__(self, tokenizer, keep: int = 16):
         self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.sent = ""
+        self.keep = keep
+        self.ids: list[int] = []  # the window: context, then ids not yet sent
+        self.sent = ""  # the window's text that was sent
 
     def push(self, ids: list[int]) -> str:
         if not ids:
@@ -292,4 +298,7 @@ class TextStream:
         if text.endswith("\ufffd") or not text.startswith(self.sent):
             return ""
         piece, self.sent = text[len(self.sent) :], text
+        if len(self.ids) > 4 * self.keep:  # all sent: slide the window to the last `keep`
+            self.ids = self.ids[-self.keep :]
+            self.sent = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         return "".join(ch for ch in piece if ch in "\n\t" or (ch.isprintable() and ch != "\ufffd"))
