@@ -113,7 +113,8 @@ def materialize(uri: str) -> Path:
 def codec_config_for(meta: dict, layout: Layout, cfg: Config) -> CodecConfig:
     """The codec that made the model's codes, from the record in ``voxtral.json`` (older
     exports: see :func:`voxtral.codec.model_codec`); the weights (pretrained flag) come from
-    the serve config when it names the same codec."""
+    the serve config when it names the same codec (a tiny random codec is its own weights)."""
     base = model_codec(meta, layout).to_config()
-    pretrained = cfg.codec.pretrained if cfg.codec.name == base.name else base.pretrained
-    return base.model_copy(update={"pretrained": pretrained})
+    if cfg.codec.name != base.name or base.size == "tiny":
+        return base
+    return base.model_copy(update={"pretrained": cfg.codec.pretrained})

@@ -37,6 +37,6 @@ def speech_clip() -> tuple[np.ndarray, int]:
 
 
 @functools.cache
-def codec(name: str) -> Codec:
+def codec(name: str, size: str = "full") -> Codec:
     """A random-init codec (Mimi takes several seconds to build: once per process)."""
-    return load_codec(CodecConfig(name=name))
+    return load_codec(CodecConfig(name=name, size=size))

@@ -34,11 +34,12 @@ EXPECTED = {
     "encodec": (2, 1024, 24_000, 75.0, 320),
     "mimi": (8, 2048, 24_000, 12.5, 1920),
 }
+SIZES = ["full", "tiny"]  # codec.size: the same numbers, fewer parameters
 
 
-@pytest.fixture(scope="module", params=sorted(EXPECTED))
+@pytest.fixture(scope="module", params=[(n, size) for n in sorted(EXPECTED) for size in SIZES])
 def any_codec(request):
-    return codec(request.param)
+    return codec(*request.param)
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +59,25 @@ def test_codec_numbers(any_codec):
     assert (any_codec.n_q, any_codec.codebook_size) == (n_q, k)
     assert (any_codec.sample_rate, any_codec.frame_rate, any_codec.info.hop) == (sr, fr, hop)
     # the numbers known without building the codec agree with the built one
-    assert codec_info(CodecConfig(name=any_codec.name)) == any_codec.info
+    size = "tiny" if any_codec.info.weights == "random-tiny" else "full"
+    assert codec_info(CodecConfig(name=any_codec.name, size=size)) == any_codec.info
     assert any_codec.device == torch.device("cpu")
     assert not any_codec.training and not any_codec.model.training
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_tiny_codec_is_the_same_codec_smaller(name):
+    """``codec.size: tiny`` keeps every number of the layout and is its own weights: its
+    codes are refused where the full random codec's are expected, and the other way round."""
+    full, tiny = codec(name), codec(name, "tiny")
+    params = [sum(p.numel() for p in c.parameters()) for c in (full, tiny)]
+    assert params[1] < 1_000_000 and params[1] * 15 < params[0]
+    assert tiny.info.differences(full.info) == ["weights 'random-tiny' ≠ 'random'"]
+    assert full.info.differences(tiny.info) == ["weights 'random' ≠ 'random-tiny'"]
+    layout = make_layout(full.info, 512, TokenizerConfig())
+    assert tiny.info.differences(CodecInfo.from_layout(layout)) == []
+    with pytest.raises(ValueError, match="random init only"):
+        CodecConfig(name=name, size="tiny", pretrained=True)
 
 
 def test_encode_speech(any_codec, speech, speech_codes):
@@ -219,22 +236,26 @@ RECORD_CONFIGS = [
     CodecConfig(name="encodec", bandwidth=6.0, pretrained=True),
     CodecConfig(name="mimi", n_q=4, pretrained="/ckpt/mimi.safetensors"),
     CodecConfig(name="mimi"),
+    CodecConfig(name="mimi", n_q=2, size="tiny"),
+    CodecConfig(name="encodec", size="tiny"),
 ]
 
 
-@pytest.mark.parametrize("cfg", RECORD_CONFIGS, ids=lambda c: f"{c.name}-{c.pretrained}")
+@pytest.mark.parametrize("cfg", RECORD_CONFIGS, ids=lambda c: f"{c.name}-{c.pretrained}-{c.size}")
 def test_record_round_trips_through_its_stored_form(cfg):
     record = codec_info(cfg)
     stored = json.loads(json.dumps(record.to_dict()))  # as tokens/_codec.json holds it
     assert CodecInfo.from_dict(stored) == record
     keys = {"name", "n_q", "codebook_size", "sample_rate", "frame_rate", "weights"}
     assert set(stored) == keys | ({"bandwidth"} if cfg.name == "encodec" else set())
-    assert stored["weights"] == {True: "pretrained", False: "random"}.get(
+    random = "random-tiny" if cfg.size == "tiny" else "random"
+    assert stored["weights"] == {True: "pretrained", False: random}.get(
         cfg.pretrained, cfg.pretrained
     )
     # the config rebuilt from the record builds the same codec with the same weights
     rebuilt = record.to_config()
-    assert codec_info(rebuilt) == record and rebuilt.pretrained == cfg.pretrained
+    assert codec_info(rebuilt) == record
+    assert (rebuilt.pretrained, rebuilt.size) == (cfg.pretrained, cfg.size)
     # a later version's extra keys are ignored; a record without its numbers is refused
     assert CodecInfo.from_dict({**stored, "future": 1}) == record
     with pytest.raises(ValueError, match="lacks n_q, frame_rate"):

@@ -29,10 +29,10 @@ class CodecMismatchError(ValueError):
 @dataclass(frozen=True)
 class CodecInfo:
     """The codec record: what a token folder or a model records about the codec that made
-    its codes. The numbers fix the token layout; ``weights`` (``"pretrained"``, ``"random"``
-    or a checkpoint path) and EnCodec's ``bandwidth`` pin the rest, since random-init and
-    pretrained codes are unrelated. None means not recorded (a layout knows no weights), and
-    a check then does not ask for it."""
+    its codes. The numbers fix the token layout; ``weights`` (``"pretrained"``, ``"random"``,
+    ``"random-tiny"`` or a checkpoint path) and EnCodec's ``bandwidth`` pin the rest, since
+    random-init and pretrained codes are unrelated. None means not recorded (a layout knows
+    no weights), and a check then does not ask for it."""
 
     name: str
     n_q: int
@@ -107,31 +107,35 @@ class CodecInfo:
 
     def to_config(self) -> CodecConfig:
         """The codec config that builds this codec (serving rebuilds an export's codec so)."""
-        pretrained = _pretrained(self.weights)
+        weights = _weights_config(self.weights)
         if self.name == "encodec":
             if self.bandwidth is None:
                 raise ValueError(f"EnCodec record without a bandwidth: {self.to_dict()}")
-            return CodecConfig(name="encodec", bandwidth=self.bandwidth, pretrained=pretrained)
-        return CodecConfig(name=self.name, n_q=self.n_q, pretrained=pretrained)
+            return CodecConfig(name="encodec", bandwidth=self.bandwidth, **weights)
+        return CodecConfig(name=self.name, n_q=self.n_q, **weights)
 
 
-def weights_name(pretrained: bool | str) -> str:
-    """``CodecConfig.pretrained`` as recorded: ``"pretrained"``, ``"random"`` or the path."""
+def weights_name(pretrained: bool | str, size: str = "full") -> str:
+    """``CodecConfig.pretrained`` (and ``size``) as recorded: ``"pretrained"``, ``"random"``,
+    ``"random-tiny"`` or the checkpoint's path."""
     if pretrained is True:
         return "pretrained"
     if pretrained is False:
-        return "random"
+        return "random-tiny" if size == "tiny" else "random"
     return str(pretrained)
 
 
-def _pretrained(weights: str | None) -> bool | str:
-    """:func:`weights_name` backwards; unrecorded weights are the config default, random."""
-    return {"pretrained": True, "random": False, None: False}.get(weights, weights)
+def _weights_config(weights: str | None) -> dict[str, Any]:
+    """:func:`weights_name` backwards, as config fields; unrecorded weights are the config
+    default, random."""
+    if weights == "random-tiny":
+        return {"pretrained": False, "size": "tiny"}
+    return {"pretrained": {"pretrained": True, "random": False, None: False}.get(weights, weights)}
 
 
 def codec_info(cfg: CodecConfig) -> CodecInfo:
     """The record of the configured codec without building it (layouts, checks, exports)."""
-    weights = weights_name(cfg.pretrained)
+    weights = weights_name(cfg.pretrained, cfg.size)
     if cfg.name == "encodec":
         if cfg.bandwidth not in ENCODEC_BANDWIDTH_NQ:
             raise ValueError(f"codec.bandwidth {cfg.bandwidth} is not an EnCodec bandwidth")

@@ -92,9 +92,16 @@ class CodecConfig(Section):
     pretrained: bool | str = False
     """True loads the published weights, False random init (tests, offline demo), a path a
     local checkpoint."""
+    size: Literal["full", "tiny"] = "full"
+    """Random init only. ``tiny``: the same codec (rates, codebooks, code path) at a fraction
+    of its width and depth, under 1 M parameters. It codes about ten times faster on a CPU,
+    which the offline demo needs to keep real time in full duplex. Published weights are
+    full size."""
 
     @model_validator(mode="after")
     def _codebooks(self) -> CodecConfig:
+        if self.size == "tiny" and self.pretrained is not False:
+            raise ValueError("codec.size tiny is random init only (codec.pretrained: false)")
         if self.name == "encodec":
             if self.bandwidth not in ENCODEC_BANDWIDTH_NQ:
                 raise ValueError(
