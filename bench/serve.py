@@ -10,6 +10,7 @@ up to MAX, whose RTF stays at or below ``--rtf-target`` (0.5: generation twice a
 real time), found by doubling then bisecting; ``rtf_by_sessions`` holds every round.
 
     uv run bench/serve.py                 # full stack: Ray Serve + websockets, local profile
+                                          # with one stream (half duplex: its turns are timed)
     uv run bench/serve.py --engine        # the model side alone, in process (no Ray)
     uv run bench/serve.py --url http://127.0.0.1:8000    # an endpoint that is already up
     python bench/serve.py --engine --base 1b --sweep 64 --set serve.num_gpus=1 \
@@ -283,6 +284,11 @@ def run_stack(cfg, n: int, rounds: int, url: str | None = None) -> tuple[dict, d
         return single, many
 
     with endpoint(cfg, url) as (url, info):
+        if info.get("lm", {}).get("mode") == "full_duplex":
+            raise SystemExit(
+                f"{url} serves full duplex, which has no turns to time: measure it with "
+                f"uv run bench/duplex.py --url {url}"
+            )
         single, many = asyncio.run(main(url))
     firsts = [r["first_s"] * 1000 for r in many if r["first_s"] is not None]
     server = [r["server_ms"] for r in many if r["server_ms"] is not None]
@@ -314,7 +320,8 @@ def main(argv=None) -> dict:
         parser.error("--sweep measures the engine: add --engine")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     root = Path(tempfile.mkdtemp(prefix="voxtral-bench-"))
-    overrides = [f"storage.root={root}", "serve.lead_ms=1000000"]
+    # half duplex (one stream) is what this measures: the local profile is full duplex
+    overrides = [f"storage.root={root}", "serve.lead_ms=1000000", "tokenizer.streams=1"]
     if args.sweep:  # room for every session of the sweep on the one replica
         overrides.append(f"serve.max_sessions={max(args.sweep, args.sessions)}")
     overrides += args.overrides

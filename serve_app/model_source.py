@@ -2,7 +2,7 @@
 
 ``serve.model`` when set; else the newest export under ``<storage.root>/models/*``; else,
 for ``model.base: tiny``, a tiny random speech LM exported once into
-``<storage.root>/models/tiny-random`` (``tiny-random-duplex`` for ``tokenizer.streams=2``)
+``<storage.root>/models/tiny-random-<mode>-<codec>-<hash>`` (one per codec and token layout)
 — so ``jobs/serve.py`` works on a fresh checkout, in either serving mode.
 Remote roots (``s3://``, ``gs://``) are copied to a local cache on the replica's node.
 """
@@ -10,6 +10,7 @@ Remote roots (``s3://``, ``gs://``) are copied to a local cache on the replica's
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -64,9 +65,12 @@ def resolve_model(cfg: Config) -> ModelSource:
 
 
 def tiny_export_name(cfg: Config) -> str:
-    """One tiny export per serving mode, so switching ``tokenizer.streams`` never serves
-    the other mode's model."""
-    return TINY_EXPORT if cfg.tokenizer.streams == 1 else f"{TINY_EXPORT}-duplex"
+    """One tiny export per codec and token layout (``tiny-random-full-duplex-mimi-…``), so
+    a storage root never serves a tiny model made for another config."""
+    mode = "half-duplex" if cfg.tokenizer.streams == 1 else "full-duplex"
+    what = {"codec": codec_info(cfg.codec).to_dict(), "tokenizer": cfg.tokenizer.model_dump()}
+    digest = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{TINY_EXPORT}-{mode}-{cfg.codec.name}-{digest}"
 
 
 def export_tiny(cfg: Config, storage: Storage) -> None:

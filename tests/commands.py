@@ -23,6 +23,13 @@ import pytest
 from voxtral.config import REPO_ROOT
 
 UV = os.environ.get("UV") or shutil.which("uv") or "uv"
+ENCODEC = ["codec.name=encodec", "codec.size=full", "tokenizer.group_ms=40"]
+"""The local profile's codec before it moved to a tiny Mimi: the full random EnCodec at
+1.5 kbps, groups of 40 ms (3 frames of 2 codebooks). Tests written against that layout pin
+it (with ``tokenizer.streams=2``: 13 ids per group)."""
+ONE_STREAM_ENCODEC = [*ENCODEC, "tokenizer.streams=1"]
+"""The local profile as it was before it went full duplex (7 ids per group): the
+half-duplex server and the tests of that layout pin it."""
 EVERYTHING_FAST = ["train.max_steps=6", "train.checkpoint_every=3", "train.eval_every=3"]
 """A short run of the local profile: its sample corpus, a few train steps."""
 

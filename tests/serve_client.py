@@ -20,6 +20,7 @@ import numpy as np
 
 from serve_app import protocol as P
 from serve_app.audio_io import SAMPLE_RATE, float_to_pcm16, ogg_crc, pcm16_to_float
+from tests.commands import ONE_STREAM_ENCODEC
 from voxtral.audio import prepare
 from voxtral.config import REPO_ROOT
 
@@ -243,9 +244,14 @@ _SERVER: dict[str, object] = {}
 DUPLEX_APP = "voxtral-duplex"
 
 
+HALF_DUPLEX = ONE_STREAM_ENCODEC  # the shared server: half duplex, as the local profile was
+
+
 def serve_overrides(root: Path, port: int) -> list[str]:
+    """The shared (half-duplex) server's config over the local profile."""
     origins = json.dumps([f"http://127.0.0.1:{port}", f"http://localhost:{port}"])
     return [
+        *HALF_DUPLEX,
         f"storage.root={root}",
         f"serve.port={port}",
         f"serve.token={TOKEN}",
@@ -293,17 +299,25 @@ def server_url(root: Path) -> str:
     return _SERVER["url"]  # type: ignore[return-value]
 
 
+def full_duplex_config(root: Path, port: int = 8000, extra: list[str] = ()):
+    """The local profile as it is (full duplex) with the shared server's limits."""
+    from voxtral.config import DEFAULT_CONFIG, load_config
+
+    over = serve_overrides(root, port)[len(HALF_DUPLEX) :]
+    return load_config(DEFAULT_CONFIG, [*over, *extra], env={})
+
+
 def full_duplex_url(shared: Path, root: Path, prefix: str = "/duplex") -> str:
     """A second application beside the shared one (``server_url(shared)``), on the same
-    Serve port under ``prefix``: a tiny random 2-stream model in its own storage ``root``,
-    served full duplex. ``delete_full_duplex()`` gives its CPUs back."""
+    Serve port under ``prefix``: the local profile's tiny random 2-stream model in its own
+    storage ``root``, served full duplex. ``delete_full_duplex()`` gives its CPUs back."""
     from ray import serve
 
     from serve_app.app import build_app
 
     base = server_url(shared)
     port = _SERVER["cfg"].serve.port  # type: ignore[attr-defined]
-    cfg = local_serve_config(root, port, ["tokenizer.streams=2"])
+    cfg = full_duplex_config(root, port)
     serve.run(build_app(cfg), name=DUPLEX_APP, route_prefix=prefix, blocking=False)
     wait_healthy(base + prefix)
     return base + prefix

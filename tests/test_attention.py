@@ -17,20 +17,22 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import find_packed_sequence_indices
 
+from tests.commands import ONE_STREAM_ENCODEC
 from voxtral.config import DEFAULT_CONFIG, ConfigError, load_config
 from voxtral.model import build_speech_lm
 from voxtral.stages.train import attention as A
 from voxtral.stages.train.data import collate, pack, row_windows
 from voxtral.stages.train.loss import stream_loss, stream_weights
 
-SEQ_LEN = 281  # 1 + 40 groups of 7 (the local layout): 1.6 s of audio per row
+SEQ_LEN = 281  # 1 + 40 groups of 7 (one stream of EnCodec): 1.6 s of audio per row
 ROWS = 2
 VARLEN_REFERENCE = "voxtral_varlen_reference"
 
 
 @pytest.fixture(scope="module")
 def cfg():
-    return load_config(DEFAULT_CONFIG, ["storage.root=/unused", f"train.seq_len={SEQ_LEN}"], env={})
+    over = ["storage.root=/unused", f"train.seq_len={SEQ_LEN}", *ONE_STREAM_ENCODEC]
+    return load_config(DEFAULT_CONFIG, over, env={})
 
 
 @pytest.fixture(scope="module")

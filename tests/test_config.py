@@ -7,6 +7,7 @@ import json
 import pytest
 from pydantic import ValidationError
 
+from tests.commands import ENCODEC
 from voxtral.codec import codec_info
 from voxtral.config import (
     DEFAULT_CONFIG,
@@ -210,10 +211,12 @@ def test_local_profile_loads():
     cfg = load_config(DEFAULT_CONFIG, env={})
     assert cfg.index.source == "local" and cfg.index.local_dir == "data/sample"
     assert cfg.model.base == "tiny"
-    assert cfg.codec.name == "encodec" and cfg.codec.pretrained is False
+    # full duplex on a tiny random Mimi: one frame of 2 codebooks per stream and group
+    assert (cfg.codec.name, cfg.codec.n_q, cfg.codec.size) == ("mimi", 2, "tiny")
+    assert cfg.codec.pretrained is False
     assert not cfg.train.use_gpu and cfg.serve.num_gpus == 0
     layout = make_layout(codec_info(cfg.codec), 512, cfg.tokenizer)
-    assert layout.frames_per_group == 3 and layout.group_len == 7
+    assert (layout.streams, layout.frames_per_group, layout.group_len) == (2, 1, 5)
     assert (cfg.train.seq_len - 1) % layout.group_len == 0  # <bos> + whole groups
 
 
@@ -230,20 +233,20 @@ def test_youtube_profile_loads():
 
 def test_two_stream_layout_from_config():
     cfg = load_config(
-        DEFAULT_CONFIG, ["tokenizer.streams=2", "tokenizer.model_first=false"], env={}
+        DEFAULT_CONFIG, [*ENCODEC, "tokenizer.streams=2", "tokenizer.model_first=false"], env={}
     )
     layout = make_layout(codec_info(cfg.codec), 512, cfg.tokenizer)
     assert (layout.streams, layout.model_first) == (2, False)
     assert layout.group_len == 1 + 2 * 3 * 2  # text + 3 frames of 2 codebooks per stream
     default = load_config(DEFAULT_CONFIG, env={}).tokenizer
-    assert (default.streams, default.model_first) == (1, True)
+    assert (default.streams, default.model_first) == (2, True)
 
 
 def test_profile_with_override_still_validates():
-    """Switching the local profile to Mimi keeps its 40 ms groups: half a Mimi frame."""
+    """Switching the local profile to 40 ms groups keeps its Mimi: half a Mimi frame."""
     from voxtral.tokenizer import LayoutError
 
-    cfg = load_config(DEFAULT_CONFIG, ["codec.name=mimi"], env={})
+    cfg = load_config(DEFAULT_CONFIG, ["tokenizer.group_ms=40"], env={})
     with pytest.raises(LayoutError, match="group_ms"):
         make_layout(codec_info(cfg.codec), 512, cfg.tokenizer)
 

@@ -35,7 +35,7 @@ def duplex(tmp_path_factory):
     from serve_app.scheduler import build_scheduler
 
     root = tmp_path_factory.mktemp("duplex-serve")
-    cfg = C.local_serve_config(root, extra=["tokenizer.streams=2"])
+    cfg = C.full_duplex_config(root)
     sched, info = build_scheduler(cfg, resolve_model(cfg).describe())
     with sched:
         yield sched, info

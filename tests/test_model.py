@@ -87,7 +87,7 @@ def test_writing_the_tiny_model_leaves_the_callers_rng_alone(tmp_path):
 def test_resized_vocabulary_and_forward(base_model):
     model, _, layout = build_speech_lm(cfg_with())
     v = layout.vocab
-    assert (v.text_size, v.n_q, v.codebook_size) == (TEXT_SIZE, 2, 1024)
+    assert (v.text_size, v.n_q, v.codebook_size) == (TEXT_SIZE, 2, 2048)  # the tiny Mimi
     emb = model.get_input_embeddings().weight
     head = model.get_output_embeddings().weight
     assert emb.shape[0] == head.shape[0] == v.padded_size == model.config.vocab_size

@@ -14,7 +14,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-from tests.commands import EVERYTHING_FAST, sets
+from tests.commands import ENCODEC, EVERYTHING_FAST, sets
 from voxtral.config import DEFAULT_CONFIG, REPO_ROOT, load_config
 from voxtral.storage import Storage
 
@@ -42,14 +42,15 @@ def test_everything_produces_every_stage_output(pipeline_root):
     assert summaries["scrape"]["done"] == len(index) and summaries["scrape"]["failed"] == 0
     chunks = s.read_table("chunks", columns=["chunk_id", "video_id"])
     assert set(chunks.column("video_id").to_pylist()) == set(index.column("video_id").to_pylist())
-    tokens = s.read_table("tokens", columns=["chunk_id"])
-    assert sorted(tokens.column("chunk_id").to_pylist()) == sorted(
-        chunks.column("chunk_id").to_pylist()
-    )
+    # two streams: an example per main speaker of every diarised dialogue chunk
+    tokens = s.read_table("tokens", columns=["chunk_id", "model_speaker"]).to_pylist()
+    assert {r["chunk_id"] for r in tokens} == set(chunks.column("chunk_id").to_pylist())
+    assert len({(r["chunk_id"], r["model_speaker"]) for r in tokens}) == len(tokens)
+    assert len(tokens) > len(chunks)
     assert s.listdir("train"), "no training checkpoints"
     model_dir = summaries["train"]["export"]
     meta = json.loads(open(os.path.join(model_dir, "voxtral.json")).read())
-    assert meta["layout"]["codec"] == "encodec"
+    assert (meta["layout"]["codec"], meta["layout"]["streams"]) == ("mimi", 2), meta["layout"]
     assert os.path.isfile(os.path.join(model_dir, "model.safetensors"))
 
 
@@ -84,7 +85,7 @@ def test_serves_the_model_this_run_trained(pipeline_root, ray_session, request):
     request.addfinalizer(serve.shutdown)  # and leave none behind for other tests
     url = deploy(cfg)["url"]
     health = wait_healthy(url)
-    assert health["model_source"] == "trained"
+    assert health["model_source"] == "trained" and health["lm"]["mode"] == "full_duplex"
     assert os.path.realpath(health["model"]) == os.path.realpath(summaries["train"]["export"])
 
     async def talk() -> int:
@@ -128,14 +129,16 @@ def test_stage_metrics_reach_the_dashboard_endpoint(pipeline_root, ray_head):
 
 
 def test_a_config_train_would_refuse_fails_before_the_first_stage(tmp_path):
-    """Two streams make 13-token groups: the local profile's seq_len (1051, groups of 7)
-    is refused before index runs (not after minutes of scrape and preprocess), and the
-    error names the key and a value that fits."""
+    """Two streams of EnCodec make 13-token groups: the local profile's seq_len (1051, 210
+    groups of 5) is refused before index runs (not after minutes of scrape and preprocess),
+    and the error names the key and a value that fits."""
     from voxtral.config import ConfigError
     from voxtral.pipeline import run_stages
 
     cfg = load_config(
-        DEFAULT_CONFIG, [f"storage.root={tmp_path / 'run'}", "tokenizer.streams=2"], env={}
+        DEFAULT_CONFIG,
+        [f"storage.root={tmp_path / 'run'}", *ENCODEC, "tokenizer.streams=2"],
+        env={},
     )
     with pytest.raises(ConfigError, match=r"train.seq_len=1051 .* e\.g\. 1054"):
         run_stages(cfg)

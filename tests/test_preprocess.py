@@ -16,6 +16,7 @@ import pytest
 import soundfile as sf
 import torch
 
+from tests.commands import ONE_STREAM_ENCODEC
 from voxtral import failures, schema
 from voxtral.audio import flac_encode
 from voxtral.codec import (
@@ -113,15 +114,24 @@ def scrape_sample(cfg: Config, request: pytest.FixtureRequest) -> None:
 
 def copy_everything_scrape(cfg: Config, request: pytest.FixtureRequest) -> bool:
     """Copy the everything run's index and scrape output to ``cfg``'s root, if the session
-    runs it and its config differs from ``cfg`` in nothing but the storage root and the
-    training keys; whether it did."""
+    runs it and its config differs from ``cfg`` in nothing but the storage root, the
+    training keys and the token layout (scrape depends on the codec only through its sample
+    rate); whether it did."""
     from tests.commands import EVERYTHING_FAST, user_env
 
     if not any("everything_run" in getattr(i, "fixturenames", ()) for i in request.session.items):
         return False
     root, _log, summaries = request.getfixturevalue("everything_run")
     theirs = load_config(DEFAULT_CONFIG, [f"storage.root={root}", *EVERYTHING_FAST], env=user_env())
-    if theirs.model_copy(update={"storage": cfg.storage, "train": cfg.train}) != cfg:
+    same = {
+        "storage": cfg.storage,
+        "train": cfg.train,
+        "codec": cfg.codec,
+        "tokenizer": cfg.tokenizer,
+    }
+    if theirs.model_copy(update=same) != cfg:
+        return False
+    if codec_info(theirs.codec).sample_rate != codec_info(cfg.codec).sample_rate:
         return False
     if summaries["scrape"]["failed"] or failures.read_failures(Storage(root), "scrape"):
         return False
@@ -159,7 +169,7 @@ def token_rows(storage: Storage) -> list[dict]:
 @pytest.fixture(scope="module")
 def cfg(tmp_path_factory) -> Config:
     root = tmp_path_factory.mktemp("preprocess") / "run"
-    return load_config(DEFAULT_CONFIG, [f"storage.root={root}"], env={})
+    return load_config(DEFAULT_CONFIG, [f"storage.root={root}", *ONE_STREAM_ENCODEC], env={})
 
 
 @pytest.fixture(scope="module")
@@ -421,9 +431,8 @@ def test_rerun_adds_nothing(corpus, cfg, capsys):
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
 
-    summary = job.main(
-        ["--config", str(DEFAULT_CONFIG), "--set", f"storage.root={cfg.storage.root}"]
-    )
+    sets = [f"storage.root={cfg.storage.root}", *ONE_STREAM_ENCODEC]
+    summary = job.main(["--config", str(DEFAULT_CONFIG), *(a for s in sets for a in ("--set", s))])
     assert "preprocess summary" in capsys.readouterr().out
     assert summary["chunks"] == 0 and summary["already_done"] == len(before)
     assert storage.listdir("tokens") == before_files
@@ -498,7 +507,14 @@ def test_mimi_tokens(tmp_path, one_thread):
     around them is codec-agnostic and tested above."""
     cfg = load_config(
         DEFAULT_CONFIG,
-        [f"storage.root={tmp_path / 'run'}", "codec.name=mimi", "preprocess.batch_size=4"],
+        [
+            f"storage.root={tmp_path / 'run'}",
+            *ONE_STREAM_ENCODEC,
+            "codec.name=mimi",
+            "codec.n_q=8",
+            "tokenizer.group_ms=80",
+            "preprocess.batch_size=4",
+        ],
         env={},
     )
     storage = Storage(cfg.storage.root)

@@ -9,7 +9,14 @@ import re
 import numpy as np
 
 from voxtral.codec import codec_info
-from voxtral.config import REPO_ROOT, CodecConfig, Config, TokenizerConfig, load_config
+from voxtral.config import (
+    DEFAULT_CONFIG,
+    REPO_ROOT,
+    CodecConfig,
+    Config,
+    TokenizerConfig,
+    load_config,
+)
 from voxtral.tokenizer import Layout, decode_duplex_ids, encode_ids, make_layout
 
 REAL = REPO_ROOT / "configs" / "youtube-mistral7b.yaml"
@@ -92,7 +99,7 @@ def test_readme_tokens_per_second_and_context_come_from_the_layout():
     }
     cfg, real_layout = real()
     assert cfg.train.seq_len in lengths.values()  # the real profile's own window
-    seen, profile_rows = set(), []
+    seen, profile_rows, local_rows = set(), [], []
     for row in rows:
         n_q = int(row[col["`codec.n_q`"]])
         if row[0].startswith("EnCodec"):
@@ -114,6 +121,8 @@ def test_readme_tokens_per_second_and_context_come_from_the_layout():
         seen.add((codec.name, n_q, layout.streams))
         if "youtube-mistral7b" in row[col["profile"]]:
             profile_rows.append(layout)
+        if "local.yaml" in row[col["profile"]]:
+            local_rows.append(layout)
     assert CHOICES <= seen, CHOICES - seen
 
     def choice(layout: Layout) -> tuple:
@@ -121,3 +130,6 @@ def test_readme_tokens_per_second_and_context_come_from_the_layout():
 
     # the row the README gives the real profile is its own
     assert [choice(x) for x in profile_rows] == [choice(real_layout)]
+    local = load_config(DEFAULT_CONFIG, env={})
+    local_layout = make_layout(codec_info(local.codec), MISTRAL_TEXT, local.tokenizer)
+    assert [choice(x) for x in local_rows] == [choice(local_layout)]

@@ -632,6 +632,17 @@ def test_conversation(server, speech, codec):
     assert not c.of_kind(P.Kind.ERROR)
 
 
+def test_bench_serve_measures_the_half_duplex_endpoint(server):
+    """``uv run bench/serve.py --quick --url URL`` (the README's command for an endpoint
+    that is up), the token in the environment as the README says."""
+    from tests.commands import json_line, user_env, uv_run
+
+    env = user_env(VOXTRAL_SERVE__TOKEN=C.TOKEN)
+    out = json_line(uv_run("bench/serve.py", "--quick", "--url", server, env=env, timeout=300))
+    assert out["sessions"] == 2 and out["first_audio_ms_p50"] > 0, out
+    assert 0 < out["rtf_1"] < 100 and 0 < out["rtf_n"] < 100, out
+
+
 def test_interrupt_stops_audio_within_bounded_frames(server, speech):
     async def main():
         c = await C.connect(server, "pcm16")
@@ -769,7 +780,9 @@ def test_healthz_and_static_files(server):
     import requests
 
     h = C.healthz(server)
-    assert h["ok"] and h["model_source"] == "tiny-random" and h["model"].endswith("tiny-random")
+    assert (
+        h["ok"] and h["model_source"] == "tiny-random" and "tiny-random-half-duplex" in h["model"]
+    )
     page = requests.get(server + "/", timeout=10)
     assert page.status_code == 200 and "app.js" in page.text
     for name in ("app.js", "capture-worklet.js", "playback-worklet.js"):

@@ -107,7 +107,7 @@ def test_layout_shapes_and_serialisation():
         ("audio", 0, 1),
         ("audio", 1, 0),
     ]
-    assert enc.seq_len_for_groups(150) == 1051  # configs/local.yaml's train.seq_len
+    assert enc.seq_len_for_groups(150) == 1051  # 6 s of one EnCodec stream
     assert enc.groups_in(1051) == enc.groups_in(1057) == 150 and enc.groups_in(1) == 0
     assert enc.seconds_in(1051) == pytest.approx(6.0)  # 150 groups of 40 ms
     mimi = layout_of("mimi", text=False)

@@ -22,11 +22,13 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from tests.commands import ENCODEC
 from voxtral.config import DEFAULT_CONFIG, Config, ConfigError, load_config
 from voxtral.schema import CODEC_RECORD
 from voxtral.storage import Storage
 
 TRAIN = [
+    *ENCODEC,
     "train.num_workers=2",
     "tokenizer.streams=2",
     # groups of 1 + 2 streams * 3 frames * 2 codebooks = 13 tokens (0.04 s): 1 + 40 groups,
