@@ -159,6 +159,10 @@ def main() -> None:
     overrides = [
         f"storage.root={root}",
         f"codec.name={args.codec}",
+        # the full codec (the real run's cost) on one stream: the clips have no speaker turns
+        "codec.n_q=null",
+        "codec.size=full",
+        "tokenizer.streams=1",
         f"preprocess.batch_size={batch}",
         f"preprocess.min_actors={args.actors}",
         f"preprocess.max_actors={args.actors}",

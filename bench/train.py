@@ -92,11 +92,16 @@ def batches(layout, seq_len: int, micro_batch: int, split: bool = True, seed: in
         while True:
             seconds = rng.uniform(10, 30)
             frames = int(seconds * layout.frame_rate)
-            codes = rng.integers(0, layout.vocab.codebook_size, (layout.vocab.n_q, frames))
+            shape = (layout.vocab.n_q, frames)
+            codes = rng.integers(0, layout.vocab.codebook_size, shape)
+            # two streams (full duplex): the user's track too
+            user = (
+                rng.integers(0, layout.vocab.codebook_size, shape) if layout.streams == 2 else None
+            )
             n_text = int(seconds * 3)
             text = rng.integers(0, layout.vocab.text_size, n_text)
             starts = np.sort(rng.uniform(0, seconds, n_text))
-            yield from row_windows(layout, codes, text, starts, seq_len)
+            yield from row_windows(layout, codes, text, starts, seq_len, user_codes=user)
 
     rows = pack(windows(), layout, seq_len, layout.vocab.text_pad, split=split)
     while True:

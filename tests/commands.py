@@ -23,7 +23,7 @@ import pytest
 from voxtral.config import REPO_ROOT
 
 UV = os.environ.get("UV") or shutil.which("uv") or "uv"
-ENCODEC = ["codec.name=encodec", "codec.size=full", "tokenizer.group_ms=40"]
+ENCODEC = ["codec.name=encodec", "codec.n_q=null", "codec.size=full", "tokenizer.group_ms=40"]
 """The local profile's codec before it moved to a tiny Mimi: the full random EnCodec at
 1.5 kbps, groups of 40 ms (3 frames of 2 codebooks). Tests written against that layout pin
 it (with ``tokenizer.streams=2``: 13 ids per group)."""

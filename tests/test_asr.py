@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests._speech import speech_clip
+from tests.commands import ONE_STREAM_ENCODEC
 from voxtral import asr, failures, schema
 from voxtral.audio import flac_encode, prepare
 from voxtral.codec import codec_info
@@ -219,7 +220,8 @@ def write_chunks(storage: Storage, rows: list[dict]) -> None:
 def stage_cfg(root, *sets: str):
     return load_config(
         DEFAULT_CONFIG,
-        [f"storage.root={root}", "text.max_new_tokens=16", *sets],
+        # one stream: these chunks carry no speaker turns to split into two
+        [f"storage.root={root}", "text.max_new_tokens=16", *ONE_STREAM_ENCODEC, *sets],
         env={},
     )
 
