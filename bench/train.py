@@ -126,7 +126,7 @@ def main(argv=None) -> dict:
     p.add_argument("--check-precision", action="store_true", help="fp32 masters, export")
     p.add_argument("--zero-stage", type=int, choices=[2, 3], default=2)
     p.add_argument("--micro-batch", type=int, default=None)
-    p.add_argument("--seq-len", type=int, default=None, help="default: train.seq_len")
+    p.add_argument("--seq-len", type=int, default=None, help="rounded down to whole groups")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--grad-ckpt", action="store_true")
@@ -144,7 +144,16 @@ def main(argv=None) -> dict:
     os.environ.setdefault("DS_ACCELERATOR", args.device)
     overrides = ["model.gradient_checkpointing=true"] if args.grad_ckpt else []
     cfg = load_config(args.config or DEFAULT_CONFIG, overrides, env={})
-    seq_len = args.seq_len or cfg.train.seq_len
+    device = torch.device(args.device, 0) if args.device == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    _init_single_process("nccl" if device.type == "cuda" else "gloo")
+    model, layout = build(args, cfg, device)
+    # --seq-len is a round figure (4096): the largest window of <bos> + whole groups under it,
+    # so one command line fits every layout (the token layout follows the config)
+    seq_len = cfg.train.seq_len
+    if args.seq_len:
+        seq_len = 1 + (args.seq_len - 1) // layout.group_len * layout.group_len
     micro = args.micro_batch or cfg.train.micro_batch
     tc = cfg.train.model_copy(
         update=dict(
@@ -161,10 +170,6 @@ def main(argv=None) -> dict:
             compile=args.compile,
         )
     )
-    device = torch.device(args.device, 0) if args.device == "cuda" else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    _init_single_process("nccl" if device.type == "cuda" else "gloo")
 
     import deepspeed
 
@@ -178,7 +183,6 @@ def main(argv=None) -> dict:
     )
     from voxtral.stages.train.perf import flops_per_token, matmul_params, mfu, peak_flops
 
-    model, layout = build(args, cfg, device)
     tc.check_layout(layout.group_len)
     kernel = use_attention(model, tc.attention, device.type)
     n_params = sum(p.numel() for p in model.parameters())

@@ -24,8 +24,10 @@ from tests.commands import (
     user_env,
     uv_run,
 )
-from voxtral.config import REPO_ROOT
+from voxtral.codec import codec_info
+from voxtral.config import DEFAULT_CONFIG, REPO_ROOT, load_config
 from voxtral.storage import Storage
+from voxtral.tokenizer import make_layout
 
 pytestmark = pytest.mark.slow
 
@@ -214,11 +216,15 @@ def test_gpu_script_dry_run_prints_every_figure():
     assert by_figure["preprocess"][0]["efficiency"] > 0
     assert by_figure["serve"][0]["first_audio_ms_p50"] > 0
     assert by_figure["serve"][0]["sessions_at_rtf_0.5"] >= 0
+    local = load_config(DEFAULT_CONFIG, [], env={})
+    group = make_layout(codec_info(local.codec), 32000, local.tokenizer).group_len
     matrix = {(x["zero_stage"], x["attention"]): x for x in by_figure["train"][:6]}
     assert set(matrix) == {(z, a) for z in (2, 3) for a in ("sdpa", "flex", "flash_varlen")}
     for (_, attention), x in matrix.items():
         if attention == "sdpa":
             assert x["tokens_per_s_per_worker"] > 0 and x["mfu"] is None, x  # no MFU on CPU
+            # the plan's round window (1000), rounded down to <bos> + whole groups
+            assert 1000 - group < x["seq_len"] <= 1000 and (x["seq_len"] - 1) % group == 0, x
         else:
             assert x["tokens_per_s_per_worker"] is None and "CUDA" in x["skipped"], x
     extras = by_figure["train"][6:]
