@@ -244,14 +244,11 @@ _SERVER: dict[str, object] = {}
 DUPLEX_APP = "voxtral-duplex"
 
 
-HALF_DUPLEX = ONE_STREAM_ENCODEC  # the shared server: half duplex, as the local profile was
-
-
-def serve_overrides(root: Path, port: int) -> list[str]:
-    """The shared (half-duplex) server's config over the local profile."""
+def _limits(root: Path, port: int) -> list[str]:
+    """The shared server's storage, port, token, origins and limits: the overrides both
+    the half-duplex and the full-duplex servers take over the local profile."""
     origins = json.dumps([f"http://127.0.0.1:{port}", f"http://localhost:{port}"])
     return [
-        *HALF_DUPLEX,
         f"storage.root={root}",
         f"serve.port={port}",
         f"serve.token={TOKEN}",
@@ -267,6 +264,12 @@ def serve_overrides(root: Path, port: int) -> list[str]:
         "serve.num_cpus=1",
         "serve.gateway_num_cpus=0.5",
     ]
+
+
+def serve_overrides(root: Path, port: int) -> list[str]:
+    """The shared server's config over the local profile: half duplex (a 1-stream model),
+    as the local profile was, with ``_limits``."""
+    return [*ONE_STREAM_ENCODEC, *_limits(root, port)]
 
 
 def shared_root(tmp_path_factory) -> Path:
@@ -303,8 +306,7 @@ def full_duplex_config(root: Path, port: int = 8000, extra: list[str] = ()):
     """The local profile as it is (full duplex) with the shared server's limits."""
     from voxtral.config import DEFAULT_CONFIG, load_config
 
-    over = serve_overrides(root, port)[len(HALF_DUPLEX) :]
-    return load_config(DEFAULT_CONFIG, [*over, *extra], env={})
+    return load_config(DEFAULT_CONFIG, [*_limits(root, port), *extra], env={})
 
 
 def full_duplex_url(shared: Path, root: Path, prefix: str = "/duplex") -> str:
