@@ -475,22 +475,53 @@ class DeafClient:
         self.proto.receive_data(response)
         assert b" 101 " in response.split(b"\r\n")[0], response
 
-    def stream(self, pcm: np.ndarray, seconds: float) -> float | None:
-        """Send ``pcm`` over and over at real time for ``seconds``; when the server drops
-        the connection, return when (else None)."""
-        t0 = time.monotonic()
+    def stream(self, pcm: np.ndarray, seconds: float, talk_s: float | None = None) -> float | None:
+        """Send ``pcm`` over and over at real time for ``seconds`` (after ``talk_s``, only an
+        END_TURN a second instead: still active, but no more audio for the model); when the
+        server drops the connection, return when (else None)."""
+        t0, i = time.monotonic(), 0
         while time.monotonic() - t0 < seconds:
-            for i in range(0, len(pcm), 1920):
+            if talk_s is None or time.monotonic() - t0 < talk_s:
                 self.proto.send_binary(P.audio(float_to_pcm16(pcm[i : i + 1920])))
-                try:
-                    self.sock.sendall(b"".join(self.proto.data_to_send()))
-                except OSError:
-                    return time.monotonic() - t0
-                time.sleep(0.08)
+                i, pause = (i + 1920 if i + 1920 < len(pcm) else 0), 0.08
+            else:
+                self.proto.send_binary(P.control(P.Control.END_TURN))
+                pause = 1.0
+            try:
+                self.sock.sendall(b"".join(self.proto.data_to_send()))
+            except OSError:
+                return time.monotonic() - t0
+            time.sleep(pause)
         return None
 
     def close(self) -> None:
         self.sock.close()
+
+
+async def gateway_sessions_become(url: str, n: int, timeout: float = 10) -> int:
+    """Wait (up to ``timeout``) until the Gateway holds ``n`` sessions; how many it holds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        now = (await asyncio.to_thread(healthz, url))["gateway_sessions"]
+        if now == n or time.monotonic() > deadline:
+            return now
+        await asyncio.sleep(0.2)
+
+
+async def deaf_session(
+    url: str, n: int, clip: np.ndarray, seconds: float = 60, talk_s: float | None = None
+):
+    """A ``DeafClient`` from 127.0.0.n streams ``clip`` over and over at real time for up
+    to ``seconds`` (``talk_s``: see ``DeafClient.stream``); returns the Gateway's sessions
+    before it, while it was held, after it was dropped, and when it was dropped (None: it
+    never was)."""
+    before = (await asyncio.to_thread(healthz, url))["gateway_sessions"]
+    deaf = await asyncio.to_thread(DeafClient, url, n)
+    held = await gateway_sessions_become(url, before + 1)
+    dropped_at = await asyncio.to_thread(deaf.stream, clip, seconds, talk_s)
+    after = await gateway_sessions_become(url, before)  # freed once the session has ended
+    deaf.close()
+    return before, held, after, dropped_at
 
 
 async def started(c: ChatClient) -> bool:

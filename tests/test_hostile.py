@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 import serve_client as C  # tests/ helper shared with test_serve.py and test_browser.py
-from serve_client import DeafClient, alongside, errors_of, hostile_client, settle, started
+from serve_client import alongside, deaf_session, errors_of, hostile_client, settle, started
 
 from serve_app import protocol as P
 from serve_app.audio_io import Pcm16Wire
@@ -252,26 +252,9 @@ def test_a_client_that_never_reads_loses_its_slot(server, speech):
     for the pong) drops the client; where the Gateway's own sends block, its outbox does
     (``serve.send_timeout_s``, tested in process below)."""
     settle(server)
-
-    async def sessions_become(n: int) -> int:
-        for _ in range(50):
-            now = (await asyncio.to_thread(C.healthz, server))["gateway_sessions"]
-            if now == n:
-                break
-            await asyncio.sleep(0.2)
-        return now
-
-    async def hostile():
-        before = (await asyncio.to_thread(C.healthz, server))["gateway_sessions"]
-        deaf = await asyncio.to_thread(DeafClient, server, 12)
-        held = await sessions_become(before + 1)
-        clip = np.concatenate([silence(0.3), speech, silence(2.0)])
-        dropped_at = await asyncio.to_thread(deaf.stream, clip, 60)
-        after = await sessions_become(before)  # the slot is freed once the session ended
-        deaf.close()
-        return before, held, after, dropped_at
-
-    (before, held, after, dropped_at), w = run(alongside(server, hostile), timeout=180)
+    clip = np.concatenate([silence(0.3), speech, silence(2.0)])
+    deaf = alongside(server, lambda: deaf_session(server, 12, clip))
+    (before, held, after, dropped_at), w = run(deaf, timeout=180)
     w.check()
     assert held == before + 1, (before, held)
     assert dropped_at is not None, "a client that never reads kept its connection for 60 s"
