@@ -1,4 +1,5 @@
-"""Helpers shared by the serve tests: a speech clip, a protocol client, one running server.
+"""Helpers shared by the serve tests: a speech clip, a protocol client, one running server,
+hostile clients and the polite session that runs beside them.
 
 The server is deployed once per test process (the websocket and browser tests share it):
 the tiny random model, CPU, short turns, a token and an origin list so the refusal paths
@@ -13,8 +14,11 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -244,14 +248,11 @@ _SERVER: dict[str, object] = {}
 DUPLEX_APP = "voxtral-duplex"
 
 
-HALF_DUPLEX = ONE_STREAM_ENCODEC  # the shared server: half duplex, as the local profile was
-
-
-def serve_overrides(root: Path, port: int) -> list[str]:
-    """The shared (half-duplex) server's config over the local profile."""
+def _limits(root: Path, port: int) -> list[str]:
+    """The shared server's storage, port, token, origins and limits: the overrides both
+    the half-duplex and the full-duplex servers take over the local profile."""
     origins = json.dumps([f"http://127.0.0.1:{port}", f"http://localhost:{port}"])
     return [
-        *HALF_DUPLEX,
         f"storage.root={root}",
         f"serve.port={port}",
         f"serve.token={TOKEN}",
@@ -267,6 +268,12 @@ def serve_overrides(root: Path, port: int) -> list[str]:
         "serve.num_cpus=1",
         "serve.gateway_num_cpus=0.5",
     ]
+
+
+def serve_overrides(root: Path, port: int) -> list[str]:
+    """The shared server's config over the local profile: half duplex (a 1-stream model),
+    as the local profile was, with ``_limits``."""
+    return [*ONE_STREAM_ENCODEC, *_limits(root, port)]
 
 
 def shared_root(tmp_path_factory) -> Path:
@@ -303,8 +310,7 @@ def full_duplex_config(root: Path, port: int = 8000, extra: list[str] = ()):
     """The local profile as it is (full duplex) with the shared server's limits."""
     from voxtral.config import DEFAULT_CONFIG, load_config
 
-    over = serve_overrides(root, port)[len(HALF_DUPLEX) :]
-    return load_config(DEFAULT_CONFIG, [*over, *extra], env={})
+    return load_config(DEFAULT_CONFIG, [*_limits(root, port), *extra], env={})
 
 
 def full_duplex_url(shared: Path, root: Path, prefix: str = "/duplex") -> str:
@@ -359,3 +365,181 @@ def healthz(url: str) -> dict:
     import requests
 
     return requests.get(url + "/healthz", timeout=20).json()
+
+
+# -- hostile clients beside a polite one (test_hostile.py, test_duplex_serve.py) ---------------
+GAP_S = 2.0  # the polite session may never go this long without a message
+HEALTH_S = 1.0  # /healthz must answer within this
+
+
+@dataclass
+class Witness:
+    """What the polite session and the health probe saw while a hostile case ran."""
+
+    gaps: list[float] = field(default_factory=list)
+    health_s: list[float] = field(default_factory=list)
+    closed: bool = False
+    errors: list[str] = field(default_factory=list)
+    lag_s: float = 0.0  # full duplex: the polite session's audio the model dropped unheard
+
+    def check(self) -> None:
+        assert not self.closed, "the polite session was closed"
+        assert not self.errors, self.errors
+        assert self.gaps and max(self.gaps) <= GAP_S, f"polite session stalled: {self.gaps}"
+        assert self.health_s, "no /healthz answer"
+        assert max(self.health_s) <= HEALTH_S, f"/healthz too slow: {self.health_s}"
+
+
+async def _probe_health(url: str, stop: asyncio.Event, out: list[float]) -> None:
+    import requests
+
+    while not stop.is_set():
+        t = time.monotonic()
+        try:
+            ok = await asyncio.to_thread(requests.get, url + "/healthz", timeout=5)
+            out.append(time.monotonic() - t if ok.status_code == 200 else float("inf"))
+        except requests.RequestException:
+            out.append(float("inf"))
+        await asyncio.sleep(0.5)
+
+
+async def alongside(
+    url: str, hostile: Callable[[], Awaitable[Any]], speech: np.ndarray | None = None
+) -> tuple[Any, Witness]:
+    """Run ``hostile()`` while a polite session streams at real time and ``/healthz`` is
+    probed twice a second. Half duplex (``speech`` None): the polite session streams silence
+    and the server pings it every second while it listens; the gaps are between any of its
+    messages. Full duplex: it streams ``speech`` over and over, the model's audio comes back
+    every group, and the gaps are between audio messages (from the first, before the
+    hostile case starts)."""
+    polite = await connect(url, "pcm16")
+    assert await polite.wait_for(lambda: polite.of_kind(P.Kind.HANDSHAKE), 30)
+    stop = asyncio.Event()
+    clip = np.zeros(600 * SAMPLE_RATE, np.float32) if speech is None else speech
+
+    async def stream() -> None:
+        while not stop.is_set():
+            await polite.send_audio(clip, until=stop.is_set)
+
+    talk = asyncio.ensure_future(stream())
+    health: list[float] = []
+    probe = asyncio.ensure_future(_probe_health(url, stop, health))
+    kinds = None if speech is None else (P.Kind.AUDIO,)
+    if kinds is not None:
+        assert await polite.wait_for(lambda: polite.of_kind(P.Kind.AUDIO), 30)
+    t0 = time.monotonic()
+    try:
+        result = await hostile()
+        await asyncio.sleep(1.5)  # and a little after it
+    finally:
+        stop.set()
+        t1 = time.monotonic()
+        await asyncio.gather(talk, probe, return_exceptions=True)
+    w = Witness(health_s=health, closed=polite.closed.is_set())
+    seen = [m.t for m in polite.messages if kinds is None or m.kind in kinds]
+    times = [t0, *(t for t in seen if t0 <= t <= t1), t1]
+    w.gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    w.errors = [m.payload.decode() for m in polite.of_kind(P.Kind.ERROR)]
+    w.lag_s = sum(e["dropped_s"] for e in polite.events("lag") if t0 <= e["_t"] <= t1)
+    await polite.ws.close()
+    return result, w
+
+
+async def hostile_client(url: str, n: int = 2, codec: str = "pcm16", **kw) -> ChatClient:
+    """A session from loopback address 127.0.0.n (another client to the server)."""
+    return await connect(url, codec, local_addr=(f"127.0.0.{n}", 0), **kw)
+
+
+class DeafClient:
+    """A websocket client that never reads its socket after the handshake (a tiny receive
+    buffer, so the server's side fills up), but keeps sending: it is never idle."""
+
+    def __init__(self, url: str, n: int):
+        import socket
+
+        from websockets.client import ClientProtocol
+        from websockets.uri import parse_uri
+
+        where = urlsplit(url)
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.sock.bind((f"127.0.0.{n}", 0))
+        self.sock.connect((where.hostname, where.port))
+        query = f"/api/chat?codec=pcm16&token={TOKEN}"
+        self.proto = ClientProtocol(parse_uri(url.replace("http", "ws") + query))
+        self.proto.send_request(self.proto.connect())
+        self.sock.sendall(b"".join(self.proto.data_to_send()))
+        response = b""
+        while b"\r\n\r\n" not in response:  # the handshake, byte by byte: nothing more
+            response += self.sock.recv(1)
+        self.proto.receive_data(response)
+        assert b" 101 " in response.split(b"\r\n")[0], response
+
+    def stream(self, pcm: np.ndarray, seconds: float, talk_s: float | None = None) -> float | None:
+        """Send ``pcm`` over and over at real time for ``seconds`` (after ``talk_s``, only an
+        END_TURN a second instead: still active, but no more audio for the model); when the
+        server drops the connection, return when (else None)."""
+        t0, i = time.monotonic(), 0
+        while time.monotonic() - t0 < seconds:
+            if talk_s is None or time.monotonic() - t0 < talk_s:
+                self.proto.send_binary(P.audio(float_to_pcm16(pcm[i : i + 1920])))
+                i, pause = (i + 1920 if i + 1920 < len(pcm) else 0), 0.08
+            else:
+                self.proto.send_binary(P.control(P.Control.END_TURN))
+                pause = 1.0
+            try:
+                self.sock.sendall(b"".join(self.proto.data_to_send()))
+            except OSError:
+                return time.monotonic() - t0
+            time.sleep(pause)
+        return None
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+async def gateway_sessions_become(url: str, n: int, timeout: float = 10) -> int:
+    """Wait (up to ``timeout``) until the Gateway holds ``n`` sessions; how many it holds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        now = (await asyncio.to_thread(healthz, url))["gateway_sessions"]
+        if now == n or time.monotonic() > deadline:
+            return now
+        await asyncio.sleep(0.2)
+
+
+async def deaf_session(
+    url: str, n: int, clip: np.ndarray, seconds: float = 60, talk_s: float | None = None
+):
+    """A ``DeafClient`` from 127.0.0.n streams ``clip`` over and over at real time for up
+    to ``seconds`` (``talk_s``: see ``DeafClient.stream``); returns the Gateway's sessions
+    before it, while it was held, after it was dropped, and when it was dropped (None: it
+    never was)."""
+    before = (await asyncio.to_thread(healthz, url))["gateway_sessions"]
+    deaf = await asyncio.to_thread(DeafClient, url, n)
+    held = await gateway_sessions_become(url, before + 1)
+    dropped_at = await asyncio.to_thread(deaf.stream, clip, seconds, talk_s)
+    after = await gateway_sessions_become(url, before)  # freed once the session has ended
+    deaf.close()
+    return before, held, after, dropped_at
+
+
+async def started(c: ChatClient) -> bool:
+    """Handshake received (True) or closed without one (False)."""
+    await c.wait_for(lambda: c.of_kind(P.Kind.HANDSHAKE) or c.closed.is_set(), 30)
+    return bool(c.of_kind(P.Kind.HANDSHAKE))
+
+
+def settle(url: str, sessions: int = 0, timeout: float = 20) -> dict:
+    """Wait until the model holds at most ``sessions`` conversations (earlier tests' sessions
+    end asynchronously)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        h = healthz(url)
+        if h["lm"]["sessions"] <= sessions or time.monotonic() > deadline:
+            return h
+        time.sleep(0.2)
+
+
+def errors_of(c: ChatClient) -> list[str]:
+    return [m.payload.decode() for m in c.of_kind(P.Kind.ERROR)]

@@ -1,11 +1,13 @@
 """Full-duplex serving of a 2-stream model: the engine fills the user's slots from the
 microphone and samples only the model's; the engine thread is clocked by the user's audio,
-sends every group out, and drops (and reports) what it cannot keep up with."""
+sends every group out, and drops (and reports) what it cannot keep up with. At the end,
+hostile clients on the full-duplex endpoint beside a polite session (as test_hostile.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import time
 
 import numpy as np
@@ -14,7 +16,7 @@ import serve_client as C  # tests/ helper: one module (one shared server) with t
 import torch
 
 from serve_app import protocol as P
-from serve_app.audio_io import Pcm16Wire
+from serve_app.audio_io import Pcm16Wire, float_to_pcm16
 from serve_app.scheduler import LocalLM
 from voxtral.generation import SpeechEngine
 from voxtral.sampling import Sampling
@@ -345,3 +347,129 @@ def test_bench_duplex_measures_the_full_duplex_endpoint(duplex_url):
     assert out["model_audio_s"] > 0.05 * out["stimulus_s"], out  # speed: Known limits
     assert out["rtf"] is not None and 0 < out["rtf"] < 20, out
     assert out["server_turns"] == 0 and out["server_interrupts"] == 0, out  # no turns here
+
+
+# -- hostile clients beside a polite full-duplex session --------------------------------------
+# As tests/test_hostile.py does for the half-duplex server: each case runs while a polite
+# session streams speech at real time on the same endpoint. The model's audio must keep
+# coming to it (no gap over C.GAP_S between audio messages), /healthz must answer within
+# C.HEALTH_S, and the polite session gets no error and is not closed.
+GROUP_S = 0.08  # the local profile's tokenizer.group_ms (one Mimi frame)
+POLITE_LAG_S = 2 * GROUP_S  # what the polite session may lose to a cold replica's first batch
+
+
+def _lag_of(c: C.ChatClient) -> float:
+    return sum(e["dropped_s"] for e in c.events("lag"))
+
+
+def _all_ended(url: str) -> None:
+    """Every session of the case ends and leaves nothing behind (in the model replica, the
+    Gateway and the router)."""
+    deadline = time.monotonic() + 20
+    while True:
+        h = C.healthz(url)
+        held = h["lm"]["sessions"], h["gateway_sessions"], h["pinned_sessions"]
+        if held == (0, 0, 0) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert held == (0, 0, 0), h
+
+
+def test_full_duplex_audio_flood_is_cut_with_1008(duplex_url, speech, tmp_path):
+    """Audio as fast as a client can send it: the first ``serve.max_audio_ahead_s`` pass
+    the audio budget, then 0x05 and close 1008; the polite session does not notice."""
+    from websockets.exceptions import ConnectionClosed
+
+    s = C.full_duplex_config(tmp_path).serve
+    second = float_to_pcm16(np.resize(speech, RATE))
+
+    async def hostile():
+        c = await C.hostile_client(duplex_url, 21)
+        assert await C.started(c)
+        t0 = time.monotonic()
+        try:
+            for _ in range(600):  # 10 minutes of audio, in 1 s messages
+                if c.closed.is_set():
+                    break
+                await c.ws.send(P.audio(second))
+                await asyncio.sleep(0)
+        except ConnectionClosed:
+            pass
+        assert await c.wait_for(lambda: c.closed.is_set(), 20)
+        return c, time.monotonic() - t0
+
+    (c, took), w = asyncio.run(asyncio.wait_for(C.alongside(duplex_url, hostile, speech), 120))
+    print(f"flood cut after {took:.2f} s; polite: gaps max {max(w.gaps):.3f} s, lag {w.lag_s} s")
+    w.check()
+    assert w.lag_s <= POLITE_LAG_S, w.lag_s
+    errors = C.errors_of(c)
+    assert c.close_code == 1008, (c.close_code, errors)
+    assert any(f"{s.max_audio_ahead_s:g} s ahead of real time" in e for e in errors), errors
+    _all_ended(duplex_url)
+
+
+def test_full_duplex_burst_past_max_lag_is_dropped_not_queued(duplex_url, speech, tmp_path):
+    """A burst inside the audio budget but far past ``serve.max_lag_ms``: the model hears
+    at most ``max_lag_ms`` of it, the rest is dropped and told (``lag``, and
+    ``lm.unheard_audio_s`` in /healthz), never queued: the client's model audio never runs
+    more than ``max_lag_ms`` ahead of real time, and the session goes on."""
+    s = C.full_duplex_config(tmp_path).serve
+    burst_s, lag_s = s.max_audio_ahead_s - 2, s.max_lag_ms / 1000
+    clip = np.resize(speech, int(burst_s * RATE))
+    unheard_before = C.healthz(duplex_url)["lm"]["unheard_audio_s"]
+
+    async def hostile():
+        c = await C.hostile_client(duplex_url, 22)
+        assert await C.started(c)
+        t0 = time.monotonic()
+        for i in range(0, len(clip), RATE):  # all of it at once, in 1 s messages
+            await c.ws.send(P.audio(float_to_pcm16(clip[i : i + RATE])))
+        await c.send_audio(np.resize(speech, 3 * RATE))  # then 3 s at real time
+        await asyncio.sleep(1.0)  # the last groups' answers
+        open_after = not c.closed.is_set()
+        await c.ws.close()
+        return c, t0, open_after
+
+    (c, t0, open_after), w = asyncio.run(
+        asyncio.wait_for(C.alongside(duplex_url, hostile, speech), 120)
+    )
+    unheard = C.healthz(duplex_url)["lm"]["unheard_audio_s"] - unheard_before
+    audio = c.of_kind(P.Kind.AUDIO)
+    heard, dropped = sum(m.samples for m in audio) / RATE, _lag_of(c)
+    print(
+        f"burst: dropped {dropped:.2f} s, answered {heard:.2f} s, unheard {unheard:.2f} s; "
+        f"polite: gaps max {max(w.gaps):.3f} s, lag {w.lag_s} s"
+    )
+    w.check()
+    assert w.lag_s <= POLITE_LAG_S, w.lag_s
+    assert open_after and not C.errors_of(c), C.errors_of(c)
+    assert dropped >= burst_s - lag_s - 2 * GROUP_S, c.events("lag")  # heard ≤ max_lag_ms
+    assert heard + dropped == pytest.approx(burst_s + 3, abs=0.5)  # each group answered or told
+    assert unheard == pytest.approx(dropped + w.lag_s, abs=GROUP_S / 2)
+    for m in audio:  # never more of the model's audio than real time and the lag bound
+        got = sum(x.samples for x in audio if x.t <= m.t) / RATE
+        assert got <= (m.t - t0) + lag_s + 2 * GROUP_S, (got, m.t - t0)
+    _all_ended(duplex_url)
+
+
+def test_full_duplex_client_that_never_reads_loses_its_slot(duplex_url, speech):
+    """A client that never reads: it streams speech at real time for 10 s, so the model's
+    audio (which in full duplex never stops) piles up unread from the first group, then
+    stays active with a control message a second. Its connection is dropped (behind Ray
+    Serve's proxy, by the proxy's websocket keep-alive: see test_hostile.py), its slot is
+    freed, and the polite session does not notice. (Not speech all along: two sessions at
+    real time for the 40 s the proxy takes are more than the tiny model keeps up with on 2
+    CPU cores; two polite sessions then lose as much of their audio as a polite one beside
+    a deaf one.)"""
+    C.settle(duplex_url)
+    hostile = functools.partial(C.deaf_session, duplex_url, 23, speech, talk_s=10)
+    (before, held, after, dropped_at), w = asyncio.run(
+        asyncio.wait_for(C.alongside(duplex_url, hostile, speech), 180)
+    )
+    print(f"deaf dropped after {dropped_at} s; polite: gaps max {max(w.gaps):.3f} s, lag {w.lag_s}")
+    w.check()
+    assert w.lag_s <= POLITE_LAG_S, w.lag_s
+    assert held == before + 1, (before, held)
+    assert dropped_at is not None, "a client that never reads kept its connection for 60 s"
+    assert after == before, (before, after, dropped_at)
+    _all_ended(duplex_url)

@@ -14,13 +14,13 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pytest
 import serve_client as C  # tests/ helper shared with test_serve.py and test_browser.py
+from serve_client import alongside, deaf_session, errors_of, hostile_client, settle, started
 
 from serve_app import protocol as P
 from serve_app.audio_io import Pcm16Wire
@@ -29,9 +29,6 @@ from serve_app.limits import AudioBudget, SessionOverload, TokenBucket
 from serve_app.outbox import Outbox
 from serve_app.session import SessionSettings, keep_last
 from voxtral.config import ConfigError, ServeConfig
-
-GAP_S = 2.0  # the polite session may never go this long without a message
-HEALTH_S = 1.0  # /healthz must answer within this
 
 
 def silence(seconds: float) -> np.ndarray:
@@ -68,131 +65,6 @@ def tiny(serve_root):
 
 def run(coro, timeout: float = 120):
     return asyncio.run(asyncio.wait_for(coro, timeout))
-
-
-# -- the polite witness ------------------------------------------------------------------------
-@dataclass
-class Witness:
-    """What the polite session and the health probe saw while a hostile case ran."""
-
-    gaps: list[float] = field(default_factory=list)
-    health_s: list[float] = field(default_factory=list)
-    closed: bool = False
-    errors: list[str] = field(default_factory=list)
-
-    def check(self) -> None:
-        assert not self.closed, "the polite session was closed"
-        assert not self.errors, self.errors
-        assert self.gaps and max(self.gaps) <= GAP_S, f"polite session stalled: {self.gaps}"
-        assert self.health_s, "no /healthz answer"
-        assert max(self.health_s) <= HEALTH_S, f"/healthz too slow: {self.health_s}"
-
-
-async def _probe_health(url: str, stop: asyncio.Event, out: list[float]) -> None:
-    import requests
-
-    while not stop.is_set():
-        t = time.monotonic()
-        try:
-            ok = await asyncio.to_thread(requests.get, url + "/healthz", timeout=5)
-            out.append(time.monotonic() - t if ok.status_code == 200 else float("inf"))
-        except requests.RequestException:
-            out.append(float("inf"))
-        await asyncio.sleep(0.5)
-
-
-async def alongside(url: str, hostile: Callable[[], Awaitable[Any]]) -> tuple[Any, Witness]:
-    """Run ``hostile()`` while a polite session streams silence at real time (the server
-    pings it every second while it listens) and ``/healthz`` is probed twice a second."""
-    polite = await C.connect(url, "pcm16")
-    assert await polite.wait_for(lambda: polite.of_kind(P.Kind.HANDSHAKE), 30)
-    stop = asyncio.Event()
-    stream = asyncio.ensure_future(polite.send_audio(silence(600), until=stop.is_set))
-    health: list[float] = []
-    probe = asyncio.ensure_future(_probe_health(url, stop, health))
-    t0 = time.monotonic()
-    try:
-        result = await hostile()
-        await asyncio.sleep(1.5)  # and a little after it
-    finally:
-        stop.set()
-        t1 = time.monotonic()
-        await asyncio.gather(stream, probe, return_exceptions=True)
-    w = Witness(health_s=health, closed=polite.closed.is_set())
-    times = [t0, *(m.t for m in polite.messages if t0 <= m.t <= t1), t1]
-    w.gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
-    w.errors = [m.payload.decode() for m in polite.of_kind(P.Kind.ERROR)]
-    await polite.ws.close()
-    return result, w
-
-
-async def hostile_client(url: str, n: int = 2, codec: str = "pcm16", **kw) -> C.ChatClient:
-    """A session from loopback address 127.0.0.n (another client to the server)."""
-    return await C.connect(url, codec, local_addr=(f"127.0.0.{n}", 0), **kw)
-
-
-class DeafClient:
-    """A websocket client that never reads its socket after the handshake (a tiny receive
-    buffer, so the server's side fills up), but keeps sending: it is never idle."""
-
-    def __init__(self, url: str, n: int):
-        import socket
-
-        from websockets.client import ClientProtocol
-        from websockets.uri import parse_uri
-
-        host, port = url.split("//")[1].split(":")
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        self.sock.bind((f"127.0.0.{n}", 0))
-        self.sock.connect((host, int(port)))
-        query = f"/api/chat?codec=pcm16&token={C.TOKEN}"
-        self.proto = ClientProtocol(parse_uri(url.replace("http", "ws") + query))
-        self.proto.send_request(self.proto.connect())
-        self.sock.sendall(b"".join(self.proto.data_to_send()))
-        response = b""
-        while b"\r\n\r\n" not in response:  # the handshake, byte by byte: nothing more
-            response += self.sock.recv(1)
-        self.proto.receive_data(response)
-        assert b" 101 " in response.split(b"\r\n")[0], response
-
-    def stream(self, pcm: np.ndarray, seconds: float) -> float | None:
-        """Send ``pcm`` over and over at real time for ``seconds``; when the server drops
-        the connection, return when (else None)."""
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < seconds:
-            for i in range(0, len(pcm), 1920):
-                self.proto.send_binary(P.audio(Pcm16Wire().encode(pcm[i : i + 1920])))
-                try:
-                    self.sock.sendall(b"".join(self.proto.data_to_send()))
-                except OSError:
-                    return time.monotonic() - t0
-                time.sleep(0.08)
-        return None
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-async def started(c: C.ChatClient) -> bool:
-    """Handshake received (True) or closed without one (False)."""
-    await c.wait_for(lambda: c.of_kind(P.Kind.HANDSHAKE) or c.closed.is_set(), 30)
-    return bool(c.of_kind(P.Kind.HANDSHAKE))
-
-
-def settle(url: str, sessions: int = 0, timeout: float = 20) -> dict:
-    """Wait until the model holds at most ``sessions`` conversations (earlier tests' sessions
-    end asynchronously)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        h = C.healthz(url)
-        if h["lm"]["sessions"] <= sessions or time.monotonic() > deadline:
-            return h
-        time.sleep(0.2)
-
-
-def errors_of(c: C.ChatClient) -> list[str]:
-    return [m.payload.decode() for m in c.of_kind(P.Kind.ERROR)]
 
 
 # -- live cases ----------------------------------------------------------------------------------
@@ -380,26 +252,9 @@ def test_a_client_that_never_reads_loses_its_slot(server, speech):
     for the pong) drops the client; where the Gateway's own sends block, its outbox does
     (``serve.send_timeout_s``, tested in process below)."""
     settle(server)
-
-    async def sessions_become(n: int) -> int:
-        for _ in range(50):
-            now = (await asyncio.to_thread(C.healthz, server))["gateway_sessions"]
-            if now == n:
-                break
-            await asyncio.sleep(0.2)
-        return now
-
-    async def hostile():
-        before = (await asyncio.to_thread(C.healthz, server))["gateway_sessions"]
-        deaf = await asyncio.to_thread(DeafClient, server, 12)
-        held = await sessions_become(before + 1)
-        clip = np.concatenate([silence(0.3), speech, silence(2.0)])
-        dropped_at = await asyncio.to_thread(deaf.stream, clip, 60)
-        after = await sessions_become(before)  # the slot is freed once the session ended
-        deaf.close()
-        return before, held, after, dropped_at
-
-    (before, held, after, dropped_at), w = run(alongside(server, hostile), timeout=180)
+    clip = np.concatenate([silence(0.3), speech, silence(2.0)])
+    deaf = alongside(server, lambda: deaf_session(server, 12, clip))
+    (before, held, after, dropped_at), w = run(deaf, timeout=180)
     w.check()
     assert held == before + 1, (before, held)
     assert dropped_at is not None, "a client that never reads kept its connection for 60 s"
