@@ -229,6 +229,11 @@ async def ws_turns(url: str, token: str | None, n: int, clip: np.ndarray) -> lis
                 await asyncio.sleep(max(0.0, spoke_at[0] + k / RATE - time.perf_counter()))
             await asyncio.wait_for(task, 30)
             e = state["end"]
+            if e is None:  # the server ended the session (or never heard a turn) first
+                raise SystemExit(
+                    f"{url}: the session closed before its turn ended "
+                    f"(close code {ws.close_code}: {ws.close_reason or 'no reason'})"
+                )
             return {
                 "first_s": state["first"],
                 "wall_s": e["wall_s"],

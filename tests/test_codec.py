@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from _speech import codec, speech_clip
+from _speech import assert_same_codes, codec, speech_clip
 
 from voxtral import schema
 from voxtral.audio import prepare
@@ -112,8 +112,11 @@ def test_batch(any_codec, speech, speech_codes):
     batch = torch.stack([speech, speech.flip(0) * 0.5])[:, None]
     codes = any_codec.encode(batch)
     assert codes.shape == (2, *speech_codes.shape[1:])
-    if any_codec.name == "encodec":  # fully convolutional: batching changes nothing
-        assert torch.equal(codes[:1], speech_codes)
+    if any_codec.name == "encodec":  # causal: batching changes float rounding only
+        # (its LSTM's matrix products are blocked by batch size: on an AMD EPYC one code of
+        # 1,200 flipped, at a near tie)
+        got, want = codes[0].numpy(), speech_codes[0].numpy()
+        assert_same_codes(any_codec, speech.numpy(), got, want, "batched")
     assert not torch.equal(codes[0], codes[1])
     assert any_codec.decode(codes).shape == (2, 1, codes.shape[-1] * any_codec.info.hop)
 
