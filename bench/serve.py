@@ -37,7 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 
 from bench.shapes import SHAPES, mistral_config  # noqa: E402
 from voxtral.config import add_config_args, config_from_args  # noqa: E402
@@ -45,28 +46,24 @@ from voxtral.config import add_config_args, config_from_args  # noqa: E402
 RATE = 24_000
 
 
-def speech_like(seconds: float, seed: int = 0) -> np.ndarray:
-    """Voiced-sounding bursts (harmonics + noise, syllable-rate envelope) when no speech
-    synthesizer is at hand; the VAD accepts them and the random model does not care."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * RATE)) / RATE
-    f0 = 140 + 30 * np.sin(2 * np.pi * 0.7 * t)
-    phase = 2 * np.pi * np.cumsum(f0) / RATE
-    voiced = sum(np.sin(k * phase) / k for k in range(1, 12))
-    envelope = np.clip(np.sin(2 * np.pi * 3.5 * t), 0, None) ** 0.5
-    x = (voiced + 0.1 * rng.standard_normal(len(t))) * envelope
-    return (0.4 * x / np.abs(x).max()).astype(np.float32)
+SAMPLE_TURN = ("callin_de.wav", 0.6)  # a bundled sample dialogue, where its first turn starts
 
 
 def speech(seconds: float = 1.6) -> np.ndarray:
-    espeak = shutil.which("espeak-ng")
-    if espeak is None:
-        return speech_like(seconds)
-    import subprocess
-
+    """A spoken sentence at 24 kHz: espeak-ng's, else a bundled sample dialogue's first turn.
+    Real speech either way: the half-duplex server's VAD must hear a turn to answer it (it
+    hears nothing in a synthetic voiced-like signal)."""
     import soundfile as sf
 
     from voxtral.audio import prepare
+
+    espeak = shutil.which("espeak-ng")
+    if espeak is None:
+        name, start_s = SAMPLE_TURN
+        x, sr = sf.read(REPO / "data" / "sample" / name, dtype="float32", always_2d=True)
+        y = prepare(x[int(start_s * sr) :, 0], sr, RATE).numpy()[: int(seconds * RATE)]
+        return (0.5 * y / np.abs(y).max()).astype(np.float32)
+    import subprocess
 
     with tempfile.TemporaryDirectory() as d:
         wav = Path(d) / "s.wav"

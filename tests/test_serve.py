@@ -28,6 +28,7 @@ from serve_app.routing import pick, session_of
 from serve_app.vad import TurnDetector
 from voxtral.generation import SpeechEngine, TextStream
 from voxtral.sampling import Sampling, sample_tokens
+from voxtral.vad import LiveVAD
 
 
 # -- fixtures --------------------------------------------------------------------------------
@@ -630,6 +631,27 @@ def test_conversation(server, speech, codec):
     assert abs(received_s - end[0]["audio_s"]) < 0.1, (received_s, end[0])
     assert c.of_kind(P.Kind.TEXT)  # the model's transcript streams too
     assert not c.of_kind(P.Kind.ERROR)
+
+
+@pytest.mark.parametrize("espeak", [True, False])
+def test_bench_serve_clip_is_a_turn_the_server_hears(espeak, monkeypatch):
+    """bench/serve.py times turns, so its clip must be one the server's VAD hears start and
+    end, with espeak-ng or without it (its fallback was once a synthetic signal that silero
+    scored as silence: no turn, no figure)."""
+    import shutil
+
+    from bench import serve as bench_serve
+
+    if espeak and shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed")
+    if not espeak:
+        monkeypatch.setattr(bench_serve.shutil, "which", lambda name: None)
+    clip = bench_serve.speech()
+    assert len(clip) == round(1.6 * bench_serve.RATE)
+    vad, turns = LiveVAD(bench_serve.RATE), TurnDetector()
+    tail = np.zeros(bench_serve.RATE, np.float32)  # a second of silence ends the turn
+    events = [e.kind for x in (clip, tail) for e in turns.push(vad.push(x))]
+    assert events == ["start", "end"], events
 
 
 def test_bench_serve_measures_the_half_duplex_endpoint(server):
