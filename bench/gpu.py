@@ -96,8 +96,8 @@ def plan(dry_run: bool) -> list[Step]:
     models = ("tiny",) if dry_run else ("1b", "7b-pruned")
     # a round window: bench/train.py rounds it down to whole groups of the layout, and the
     # dry run passes one too, so the CPU rehearsal checks that a layout change still fits
-    size = ["--seq-len", "1000", *quick] if dry_run else ["--seq-len", "4096", "--micro-batch", "2"]
-    size += [] if dry_run else ["--steps", "8", "--warmup", "3"]
+    gpu_size = ["--seq-len", "4096", "--micro-batch", "2", "--steps", "8", "--warmup", "3"]
+    size = ["--seq-len", "1000", *quick] if dry_run else gpu_size
     plain = {"compile": False, "grad_checkpointing": False}
     for model in models:
         for zero in (2, 3):

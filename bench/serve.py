@@ -61,15 +61,15 @@ def speech(seconds: float = 1.6) -> np.ndarray:
     if espeak is None:
         name, start_s = SAMPLE_TURN
         x, sr = sf.read(REPO / "data" / "sample" / name, dtype="float32", always_2d=True)
-        y = prepare(x[int(start_s * sr) :, 0], sr, RATE).numpy()[: int(seconds * RATE)]
-        return (0.5 * y / np.abs(y).max()).astype(np.float32)
-    import subprocess
+        x = x[int(start_s * sr) :, 0]
+    else:
+        import subprocess
 
-    with tempfile.TemporaryDirectory() as d:
-        wav = Path(d) / "s.wav"
-        text = "Hello there. How are you doing today? Tell me a story about the sea."
-        subprocess.run([espeak, "-s", "170", "-w", str(wav), text], check=True)
-        x, sr = sf.read(wav, dtype="float32")
+        with tempfile.TemporaryDirectory() as d:
+            wav = Path(d) / "s.wav"
+            text = "Hello there. How are you doing today? Tell me a story about the sea."
+            subprocess.run([espeak, "-s", "170", "-w", str(wav), text], check=True)
+            x, sr = sf.read(wav, dtype="float32")
     y = prepare(x, sr, RATE).numpy()[: int(seconds * RATE)]
     return (0.5 * y / np.abs(y).max()).astype(np.float32)
 
