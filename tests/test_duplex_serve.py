@@ -453,16 +453,19 @@ def test_full_duplex_burst_past_max_lag_is_dropped_not_queued(duplex_url, speech
 
 
 def test_full_duplex_client_that_never_reads_loses_its_slot(duplex_url, speech):
-    """A client that never reads: it streams speech at real time for 10 s, so the model's
+    """A client that never reads: it streams speech at real time for 2 s, so the model's
     audio (which in full duplex never stops) piles up unread from the first group, then
     stays active with a control message a second. Its connection is dropped (behind Ray
     Serve's proxy, by the proxy's websocket keep-alive: see test_hostile.py), its slot is
-    freed, and the polite session does not notice. (Not speech all along: two sessions at
-    real time for the 40 s the proxy takes are more than the tiny model keeps up with on 2
-    CPU cores; two polite sessions then lose as much of their audio as a polite one beside
-    a deaf one.)"""
+    freed, and the polite session does not notice.
+
+    Not speech all along: two full-duplex sessions at real time are about all the tiny
+    model keeps up with on 2 CPU cores. With a busy loop taking 40 % of one core beside the
+    test (a slower CI machine), talking for 10 s made the polite session lose 0.08–1.28 s
+    in 2 of 4 runs, from about 5 s in, as a second polite session would; 2 s lost nothing
+    in 2 of 2. The keep-alive drop does not depend on how long it talked."""
     C.settle(duplex_url)
-    hostile = functools.partial(C.deaf_session, duplex_url, 23, speech, talk_s=10)
+    hostile = functools.partial(C.deaf_session, duplex_url, 23, speech, talk_s=2)
     (before, held, after, dropped_at), w = asyncio.run(
         asyncio.wait_for(C.alongside(duplex_url, hostile, speech), 180)
     )
