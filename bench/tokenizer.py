@@ -28,7 +28,8 @@ import torch  # noqa: E402
 
 from voxtral.codec import load_codec  # noqa: E402
 from voxtral.config import CodecConfig, TokenizerConfig  # noqa: E402
-from voxtral.tokenizer import decode_ids, encode_ids, make_layout  # noqa: E402
+from voxtral.interleave import decode_ids, encode_ids  # noqa: E402
+from voxtral.layout import make_layout  # noqa: E402
 
 GROUP_MS = {"encodec": 40, "mimi": 80}  # the local profile's groups (Mimi: one frame)
 TEXT_SIZE = 32_768  # Mistral-7B-v0.3's vocabulary

@@ -60,8 +60,8 @@ def build(args, cfg, device):
     """(model, layout): the pipeline's tiny model, or a random Mistral of a bench shape with
     the speech vocabulary added the same way the pipeline adds it."""
     from voxtral.codec import codec_info
+    from voxtral.layout import make_layout
     from voxtral.model import add_speech_tokens, build_speech_lm, enable_gradient_checkpointing
-    from voxtral.tokenizer import make_layout
 
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     if args.model == "tiny":

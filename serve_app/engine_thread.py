@@ -44,7 +44,8 @@ from voxtral.codec.streaming import (
     encode_many,
 )
 from voxtral.generation import LMState, SpeechEngine, TextStream
-from voxtral.tokenizer import Layout, StreamDecoder, audio_slot_ids, encode_ids
+from voxtral.interleave import StreamDecoder, audio_slot_ids, encode_ids
+from voxtral.layout import Layout
 
 if TYPE_CHECKING:
     from serve_app.scheduler import SchedulerSettings

@@ -20,9 +20,9 @@ import pyarrow.fs as pafs
 
 from voxtral.codec import codec_info, model_codec
 from voxtral.config import CodecConfig, Config
+from voxtral.layout import Layout
 from voxtral.model import TINY, VOXTRAL_JSON, build_speech_lm, export_speech_lm
 from voxtral.storage import TMP_PREFIX, Storage, publish_folder
-from voxtral.tokenizer import Layout
 
 TINY_EXPORT = "tiny-random"
 

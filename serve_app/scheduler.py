@@ -18,8 +18,8 @@ import numpy as np
 from serve_app.engine_thread import Conversation, EngineThread
 from voxtral.codec import Codec
 from voxtral.generation import SpeechEngine
+from voxtral.layout import Layout
 from voxtral.sampling import Sampling
-from voxtral.tokenizer import Layout
 
 
 class Busy(RuntimeError):

@@ -25,9 +25,9 @@ from voxtral.codec import (
     read_codec_record,
 )
 from voxtral.config import CodecConfig, TokenizerConfig
+from voxtral.layout import make_layout
 from voxtral.model import read_voxtral_json, save_voxtral_json
 from voxtral.storage import Storage
-from voxtral.tokenizer import make_layout
 
 EXPECTED = {
     # name: (n_q, codebook_size, sample_rate, frame_rate, hop)

@@ -18,7 +18,7 @@ from voxtral.config import (
     parse_cli,
     token_digest,
 )
-from voxtral.tokenizer import make_layout
+from voxtral.layout import make_layout
 
 YOUTUBE = REPO_ROOT / "configs" / "youtube-mistral7b.yaml"
 
@@ -244,7 +244,7 @@ def test_two_stream_layout_from_config():
 
 def test_profile_with_override_still_validates():
     """Switching the local profile to 40 ms groups keeps its Mimi: half a Mimi frame."""
-    from voxtral.tokenizer import LayoutError
+    from voxtral.layout import LayoutError
 
     cfg = load_config(DEFAULT_CONFIG, ["tokenizer.group_ms=40"], env={})
     with pytest.raises(LayoutError, match="group_ms"):

@@ -19,8 +19,8 @@ from serve_app import protocol as P
 from serve_app.audio_io import Pcm16Wire, float_to_pcm16
 from serve_app.scheduler import LocalLM
 from voxtral.generation import SpeechEngine
+from voxtral.interleave import audio_slot_ids, decode_duplex_ids
 from voxtral.sampling import Sampling
-from voxtral.tokenizer import audio_slot_ids, decode_duplex_ids
 
 RATE = 24_000
 

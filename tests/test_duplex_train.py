@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from voxtral.config import DEFAULT_CONFIG, ConfigError, load_config
+from voxtral.interleave import decode_duplex_ids, decode_ids, encode_ids
+from voxtral.layout import Layout, Vocab
 from voxtral.schema import codes_to_bytes
 from voxtral.stages.train.data import (
     AUDIO_Q0,
@@ -28,7 +30,6 @@ from voxtral.stages.train.data import (
 from voxtral.stages.train.loss import stats_metrics, stream_loss, stream_weights
 from voxtral.stages.train.sample import generate_ids, user_continuation
 from voxtral.stages.train.token_check import TokenMismatchError
-from voxtral.tokenizer import Layout, Vocab, decode_duplex_ids, decode_ids, encode_ids
 
 N_Q, K, FPG = 2, 16, 3
 

@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from voxtral.config import DEFAULT_CONFIG, Config, ModelConfig, load_config
+from voxtral.layout import Layout
 from voxtral.model import (
     VOXTRAL_JSON,
     add_speech_tokens,
@@ -22,7 +23,6 @@ from voxtral.model import (
     tiny_mistral_dir,
     write_tiny_mistral,
 )
-from voxtral.tokenizer import Layout
 
 TEXT_SIZE = 512  # the tiny model's vocabulary
 LAYERS = 4

@@ -38,6 +38,7 @@ from voxtral.codec.batching import (
     plan_batches,
 )
 from voxtral.config import DEFAULT_CONFIG, REPO_ROOT, Config, load_config
+from voxtral.interleave import encode_ids
 from voxtral.model import base_text_size, layout_for, load_text_tokenizer, resolve_base
 from voxtral.schema import CODEC_RECORD, LEGACY_CODEC_RECORD, codes_from_bytes, codes_to_bytes
 from voxtral.stages.index import run_index
@@ -50,7 +51,6 @@ from voxtral.stages.preprocess import (
 )
 from voxtral.stages.scrape import run_scrape
 from voxtral.storage import Storage
-from voxtral.tokenizer import encode_ids
 
 CORRUPT_ID = "corrupt-chunk"
 WORDS = "so what do you think about that well we talked about this last week".split()

@@ -17,7 +17,8 @@ from voxtral.config import (
     TokenizerConfig,
     load_config,
 )
-from voxtral.tokenizer import Layout, decode_duplex_ids, encode_ids, make_layout
+from voxtral.interleave import decode_duplex_ids, encode_ids
+from voxtral.layout import Layout, make_layout
 
 REAL = REPO_ROOT / "configs" / "youtube-mistral7b.yaml"
 MISTRAL_TEXT = 32_768  # Mistral-7B-v0.3's text vocabulary (it changes no figure here)

@@ -26,8 +26,8 @@ from tests.commands import (
 )
 from voxtral.codec import codec_info
 from voxtral.config import DEFAULT_CONFIG, REPO_ROOT, load_config
+from voxtral.layout import make_layout
 from voxtral.storage import Storage
-from voxtral.tokenizer import make_layout
 
 pytestmark = pytest.mark.slow
 

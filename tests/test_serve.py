@@ -336,7 +336,7 @@ def _engine(tiny, temperature=0.0):
 def test_batched_generation_equals_one_at_a_time(tiny):
     import copy
 
-    from voxtral.tokenizer import encode_ids
+    from voxtral.interleave import encode_ids
 
     eng = _engine(tiny)
     layout = eng.layout
@@ -382,7 +382,7 @@ def test_context_limit_keeps_groups_whole(tiny):
 def test_context_cap_holds_whatever_arrives_at_once(tiny):
     """More ids in one append than the context holds: the newest whole groups are kept,
     the rest reported as dropped, and the stream stays well formed."""
-    from voxtral.tokenizer import encode_ids
+    from voxtral.interleave import encode_ids
 
     sched, _ = tiny
     s = Sampling(1.0)
@@ -482,7 +482,7 @@ def test_model_source_prefers_configured_then_newest_export(tmp_path):
     import os
 
     from serve_app.model_source import codec_config_for, materialize, resolve_model
-    from voxtral.tokenizer import Layout, Vocab
+    from voxtral.layout import Layout, Vocab
 
     cfg = C.local_serve_config(tmp_path / "run")
     models = tmp_path / "run" / "models"

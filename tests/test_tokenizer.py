@@ -1,5 +1,7 @@
-"""The multimodal tokenizer: vocabulary, group layout, ids ⇄ codes + text, allowed tokens,
-best-effort decoding of anything, and encoding real audio through both codecs."""
+"""The token contract, one test file for its three modules (their Hypothesis strategies are
+shared): the vocabulary, group layout and allowed tokens (``voxtral/layout.py``), ids ⇄
+codes + text and best-effort decoding of anything (``voxtral/interleave.py``), and encoding
+real audio through both codecs (``voxtral/tokenizer.py``)."""
 
 from __future__ import annotations
 
@@ -17,23 +19,18 @@ from hypothesis import strategies as st
 from voxtral.audio import AudioError
 from voxtral.codec import CodecInfo, codec_info
 from voxtral.config import CodecConfig, ModelConfig, TokenizerConfig
-from voxtral.model import load_text_tokenizer, resolve_base
-from voxtral.tokenizer import (
+from voxtral.interleave import StreamDecoder, decode_duplex_ids, decode_ids, encode_ids, place_text
+from voxtral.layout import (
     EMBED_MULTIPLE,
     Layout,
     LayoutError,
-    MultimodalTokenizer,
-    StreamDecoder,
     Track,
     Vocab,
-    decode_duplex_ids,
-    decode_ids,
-    encode_ids,
     make_layout,
-    place_text,
     position_tracks,
-    timed_text_ids,
 )
+from voxtral.model import load_text_tokenizer, resolve_base
+from voxtral.tokenizer import MultimodalTokenizer, timed_text_ids
 
 HYP = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 INFO = {name: codec_info(CodecConfig(name=name)) for name in ("encodec", "mimi")}

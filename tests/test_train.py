@@ -281,11 +281,12 @@ def test_export_loads_and_generates_well_formed_streams(zero2):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from voxtral.interleave import StreamDecoder
+    from voxtral.layout import Layout
     from voxtral.model import read_voxtral_json
     from voxtral.stages.train.export import SAMPLE_JSON, SAMPLE_WAV
     from voxtral.stages.train.run import validate
     from voxtral.stages.train.sample import generate_ids, user_continuation
-    from voxtral.tokenizer import Layout, StreamDecoder
 
     cfg, summary, _ = zero2
     folder = Path(summary["export"])

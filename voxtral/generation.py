@@ -20,8 +20,8 @@ from functools import cached_property
 import numpy as np
 import torch
 
+from voxtral.layout import Layout
 from voxtral.sampling import Sampling, sample_tokens
-from voxtral.tokenizer import Layout
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: [1, heads, length, head_dim]
 

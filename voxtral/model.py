@@ -17,8 +17,8 @@ import torch
 
 from voxtral.codec import CodecInfo, codec_info
 from voxtral.config import Config, ModelConfig
+from voxtral.layout import Layout, make_layout
 from voxtral.storage import publish_pretrained
-from voxtral.tokenizer import Layout, make_layout
 
 TINY = "tiny"
 TINY_VERSION = 1

@@ -6,7 +6,7 @@ written at export time is drawn the way the server would draw it.
 
 The mask comes first: a position of the multimodal stream may only hold ids of its slot's
 kind (a text id in the text slot, codebook ``q``'s ids in its audio slot; see
-:meth:`voxtral.tokenizer.Layout.allowed_mask`). Applying top-k and top-p after it makes them
+:meth:`voxtral.layout.Layout.allowed_mask`). Applying top-k and top-p after it makes them
 choose among the ids that can actually appear, so any model, even a random one, yields a
 well-formed stream. Pure torch, no Ray: the caller owns the device and the generator.
 """

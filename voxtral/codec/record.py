@@ -13,8 +13,8 @@ from voxtral import schema
 from voxtral.config import ENCODEC_BANDWIDTH_NQ, CodecConfig
 
 if TYPE_CHECKING:
+    from voxtral.layout import Layout
     from voxtral.storage import Storage
-    from voxtral.tokenizer import Layout
 
 SAMPLE_RATE = 24_000
 MIMI_DEFAULT_NQ = 8

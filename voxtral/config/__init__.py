@@ -1,6 +1,8 @@
-"""One typed config for every stage (:mod:`voxtral.config.sections`), built from defaults,
+"""One typed config for every stage (:mod:`voxtral.config.sections`, the serving section in
+:mod:`voxtral.config.serve`), built from defaults,
 a YAML file, the environment and ``--set`` overrides (:mod:`voxtral.config.load`)."""
 
+from voxtral.config.base import ConfigError, Section
 from voxtral.config.load import (
     DEFAULT_CONFIG,
     ENV_PREFIX,
@@ -12,25 +14,20 @@ from voxtral.config.load import (
 )
 from voxtral.config.sections import (
     ENCODEC_BANDWIDTH_NQ,
-    LOOPBACK_HOSTS,
     MIMI_MAX_NQ,
     CodecConfig,
     Config,
-    ConfigError,
     DiarizeConfig,
     IndexConfig,
     ModelConfig,
     PreprocessConfig,
     ScrapeConfig,
-    Section,
-    ServeConfig,
     StorageConfig,
     TextConfig,
     TokenizerConfig,
     TrainConfig,
-    is_loopback,
-    token_digest,
 )
+from voxtral.config.serve import LOOPBACK_HOSTS, ServeConfig, is_loopback, token_digest
 
 __all__ = [
     "CodecConfig",

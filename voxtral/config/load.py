@@ -14,7 +14,8 @@ from typing import Any, Union, get_args, get_origin
 import yaml
 from pydantic import ValidationError
 
-from voxtral.config.sections import Config, ConfigError
+from voxtral.config.base import ConfigError
+from voxtral.config.sections import Config
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "local.yaml"

@@ -1,6 +1,6 @@
 """Token rows → packed training sequences: pure functions, no Ray, no torch.
 
-**Windows.** A chunk's id stream (``<bos>`` + groups, from :func:`voxtral.tokenizer.encode_ids`)
+**Windows.** A chunk's id stream (``<bos>`` + groups, from :func:`voxtral.interleave.encode_ids`)
 is cut into *windows* of at most ``(seq_len - 1) / group_len`` whole groups, each starting
 with its own ``<bos>``. Every window is therefore a stream the model could meet at
 generation time: slot positions (``Layout.slot_at``) stay valid and no window has to be
@@ -43,9 +43,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from voxtral.interleave import encode_ids
+from voxtral.layout import Layout
 from voxtral.schema import codes_from_bytes
 from voxtral.stages.train.token_check import check_row_codec, check_row_streams
-from voxtral.tokenizer import Layout, encode_ids
 
 IGNORE = -100
 """Label of positions that are not trained (the value torch's cross-entropy skips)."""

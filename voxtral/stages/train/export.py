@@ -20,6 +20,8 @@ import torch
 
 from voxtral.codec import codec_info, load_codec
 from voxtral.config import Config
+from voxtral.interleave import decode_duplex_ids
+from voxtral.layout import Layout
 from voxtral.model import VOXTRAL_JSON, build_speech_lm, export_speech_lm
 from voxtral.stages.train.sample import (
     generate_ids,
@@ -28,7 +30,6 @@ from voxtral.stages.train.sample import (
     user_continuation,
 )
 from voxtral.storage import TMP_PREFIX, Storage
-from voxtral.tokenizer import Layout, decode_duplex_ids
 
 SAMPLE_WAV = "sample.wav"
 SAMPLE_JSON = "sample.json"

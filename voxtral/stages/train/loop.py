@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from voxtral.config import Config
+from voxtral.layout import Layout
 from voxtral.metrics import Metric, Metrics
 from voxtral.model import build_speech_lm
 from voxtral.stages.train.attention import packed_kwargs, use_attention
@@ -55,7 +56,6 @@ from voxtral.stages.train.perf import (
     peak_flops,
 )
 from voxtral.stages.train.stream import Position, TrainStream, eval_rows
-from voxtral.tokenizer import Layout
 
 log = logging.getLogger("voxtral.stages.train")
 

@@ -35,6 +35,7 @@ from ray.train import (
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from voxtral.config import Config, ConfigError
+from voxtral.layout import Layout
 from voxtral.model import layout_for
 from voxtral.ray_utils import read_parquet
 from voxtral.stages import report
@@ -52,7 +53,6 @@ from voxtral.stages.train.export import export_run
 from voxtral.stages.train.loop import train_loop
 from voxtral.stages.train.token_check import check_tokens
 from voxtral.storage import Storage
-from voxtral.tokenizer import Layout
 
 log = logging.getLogger("voxtral.stages.train")
 

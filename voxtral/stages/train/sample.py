@@ -16,8 +16,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from voxtral.layout import Layout
 from voxtral.sampling import Sampling, sample_tokens
-from voxtral.tokenizer import Layout
 
 
 @torch.no_grad()

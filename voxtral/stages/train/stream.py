@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from voxtral.layout import Layout
 from voxtral.stages.train.data import Packed, collate, pack, rank_slice, shuffled, window_from_bytes
-from voxtral.tokenizer import Layout
 
 READ_BATCH = 64
 

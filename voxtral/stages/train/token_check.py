@@ -15,9 +15,9 @@ import pyarrow.parquet as pq
 
 from voxtral.codec import CodecInfo, check_codec_compatible, codec_info
 from voxtral.config import CodecConfig
+from voxtral.layout import Layout
 from voxtral.schema import TOKENS_DIR, token_file_streams
 from voxtral.storage import Storage
-from voxtral.tokenizer import Layout
 
 
 class TokenMismatchError(ValueError):
