@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import serve_client as C  # tests/ helper shared with test_serve.py and test_browser.py
 from serve_client import alongside, deaf_session, errors_of, hostile_client, settle, started
+from websockets.exceptions import ConnectionClosed
 
 from serve_app import protocol as P
 from serve_app.audio_io import Pcm16Wire
@@ -146,8 +147,12 @@ def test_pings_do_not_keep_an_idle_session(server, serve_root):
         assert await started(c)
         t0 = time.monotonic()
         while not c.closed.is_set() and time.monotonic() - t0 < idle_s + 6:
-            await c.ws.send(P.ping())
+            try:
+                await c.ws.send(P.ping())
+            except ConnectionClosed:  # the server's close, before our reader saw it
+                break
             await asyncio.sleep(0.5)
+        await c.wait_for(c.closed.is_set, 5)
         return c, time.monotonic() - t0
 
     (c, lasted), w = run(alongside(server, hostile))

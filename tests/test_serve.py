@@ -601,11 +601,17 @@ def run(coro, timeout: float = 240):
 
 
 async def _conversation(url: str, codec: str, speech: np.ndarray) -> C.ChatClient:
-    """Speech, then silence until the model's turn has ended."""
+    """Speech, then silence until the model's turn has ended and the session listens again
+    (``turn_end`` and the ``listening`` state are two messages: closing on the first raced
+    the second under load)."""
     c = await C.connect(url, codec)
     assert await c.wait_for(lambda: c.messages, 30)
     await c.send_audio(np.concatenate([silence(0.3), speech]))
-    await c.send_audio(silence(60), until=lambda: c.events("turn_end"))
+
+    def listening_again() -> bool:
+        return bool(c.events("turn_end")) and c.events("state")[-1]["state"] == "listening"
+
+    await c.send_audio(silence(60), until=listening_again)
     await c.ws.close()
     return c
 
