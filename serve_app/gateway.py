@@ -35,7 +35,7 @@ from serve_app.limits import SessionOverload, TokenBucket
 from serve_app.routing import pinned_sessions
 from serve_app.scheduler import Busy
 from serve_app.session import Session, SessionSettings
-from serve_app.speech_lm import HandleLM
+from serve_app.speech_lm import HandleLM, call
 from voxtral.config import Config, ServeConfig, is_loopback
 
 log = logging.getLogger("ray.serve.voxtral")
@@ -139,7 +139,7 @@ class Gateway:
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
-        lm = await self.lm.stats.remote()
+        lm = await call(self.lm, "stats")
         return {
             "ok": True,
             **self.source,
@@ -179,7 +179,7 @@ class Gateway:
         sid = uuid.uuid4().hex
         session: Session | None = None
         try:
-            info = await self.lm.describe.remote()
+            info = await call(self.lm, "describe")
             session = self._new_session(sid, info.get("mode"), ws, wire_format)
             await session.start({k: info[k] for k in ("model", "model_source", "device")})
         except Busy as exc:

@@ -76,6 +76,10 @@ class SessionAffinityRouter(RequestRouter):
         sid = None
         if pending_request is not None:
             sid = session_of(pending_request.args, pending_request.kwargs)
+            # Every rank returned here is final, so a call no replica can take now must
+            # back off between tries. Serve's own policies set this flag; left unset, its
+            # routing loop retries without ever yielding, starving every other call.
+            pending_request.routing_context.should_backoff = True
         ranks = pick(list(by_id), getattr(self, "_pins", {}), sid)
         return [[by_id[r] for r in rank] for rank in ranks]
 

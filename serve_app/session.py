@@ -81,6 +81,7 @@ class SessionSettings:
     max_audio_rate: float = 1.5  # seconds of client audio per second of wall time …
     max_audio_ahead_s: float = 10.0  # … in bursts of at most this much; past it 1008
     send_timeout_s: float = 10.0  # a message the client has not taken by then: closed
+    close_timeout_s: float = 10.0  # the model not freeing a conversation by then: given up
 
 
 class Session:
@@ -170,8 +171,10 @@ class Session:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        try:
-            await self.lm.close()
+        try:  # bounded: a model call that never returns must not hold the websocket
+            await asyncio.wait_for(self.lm.close(), self.s.close_timeout_s)
+        except TimeoutError:
+            log.warning("the model did not close the conversation in %g s", self.s.close_timeout_s)
         except Exception:  # the model replica may be gone; nothing left to free then
             log.debug("close failed", exc_info=True)
         await self.outbox.flush()

@@ -3,13 +3,17 @@ through the scheduler) and ``HandleLM``, the Gateway's client for one conversati
 
 from __future__ import annotations
 
+import contextvars
+import dataclasses
 import logging
+import uuid
 from collections.abc import AsyncGenerator
 from typing import Any
 
 import numpy as np
 from ray import serve
-from ray.serve.handle import DeploymentHandle
+from ray.serve import context as serve_context
+from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
 
 from serve_app import metrics
 from serve_app.scheduler import Busy, build_scheduler
@@ -88,6 +92,30 @@ class SpeechLM:
             sched.shutdown()
 
 
+def call(
+    handle: DeploymentHandle, method: str, *args: Any, stream: bool = False
+) -> DeploymentResponse | DeploymentResponseGenerator:
+    """``handle.<method>.remote(*args)`` as a call of its own to Serve's router.
+
+    Serve (2.60) gives every handle call made while serving a request the internal id of
+    that request, and its router indexes the calls waiting for a replica by that id. Two
+    calls of one websocket waiting at once (an operation being cancelled and the ``close``
+    after it) then leave one that no replica is ever assigned to, and its routing task
+    spins on the router's event loop, which every SpeechLM call of the Gateway shares
+    (seen: every session stalled for 150 s after a control flood). So each call gets a
+    fresh internal id; the request id, which ties the logs of a session together, stays.
+    """
+
+    def issue() -> DeploymentResponse | DeploymentResponseGenerator:
+        ctx = serve_context._get_serve_request_context()
+        fresh = dataclasses.replace(ctx, _internal_request_id=str(uuid.uuid4()))
+        serve_context._serve_request_context.set(fresh)
+        h = handle.options(stream=True) if stream else handle
+        return getattr(h, method).remote(*args)
+
+    return contextvars.copy_context().run(issue)
+
+
 class HandleLM:
     """``session.LMClient`` over a SpeechLM handle: one conversation's calls, by session id."""
 
@@ -95,17 +123,17 @@ class HandleLM:
         self.h, self.sid = handle, sid
 
     async def open(self) -> dict[str, Any]:
-        out = await self.h.open.remote(self.sid)
+        out = await call(self.h, "open", self.sid)
         if "error" in out:
             await self.close()  # routing pinned the session at ``open``: unpin it
             raise Busy(out["error"])
         return out
 
     async def feed(self, pcm: np.ndarray) -> int:
-        return await self.h.feed.remote(self.sid, pcm)
+        return await call(self.h, "feed", self.sid, pcm)
 
     async def end_turn(self) -> int:
-        return await self.h.end_turn.remote(self.sid)
+        return await call(self.h, "end_turn", self.sid)
 
     def respond(self) -> AsyncGenerator[dict[str, Any], None]:
         return self._streamed("respond")
@@ -114,7 +142,7 @@ class HandleLM:
         return self._streamed("stream")
 
     async def _streamed(self, method: str) -> AsyncGenerator[dict[str, Any], None]:
-        gen = getattr(self.h.options(stream=True), method).remote(self.sid)
+        gen = call(self.h, method, self.sid, stream=True)
         try:
             async for item in gen:
                 yield item
@@ -122,10 +150,10 @@ class HandleLM:
             gen.cancel()
 
     async def interrupt(self, heard_s: float) -> dict[str, Any]:
-        return await self.h.interrupt.remote(self.sid, heard_s)
+        return await call(self.h, "interrupt", self.sid, heard_s)
 
     async def restart(self) -> None:
-        await self.h.restart.remote(self.sid)
+        await call(self.h, "restart", self.sid)
 
     async def close(self) -> None:
-        await self.h.close.remote(self.sid)
+        await call(self.h, "close", self.sid)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -247,6 +248,90 @@ def test_opus_bomb_is_refused_with_1008(server):
     assert open_after_empty and "empty Opus packet" in errors[0], errors
     assert c.close_code == 1008, (c.close_code, errors)
     assert any("ahead of real time" in e for e in errors[1:]), errors
+
+
+def one_websocket_context(name: str) -> None:
+    """Make this task's SpeechLM calls look like the Gateway's calls for one websocket:
+    Serve gives them all the internal request id of that websocket's request."""
+    from ray.serve.context import _set_request_context
+
+    _set_request_context(request_id=name, _internal_request_id=name)
+
+
+def hold_router_loop(seconds: float) -> None:
+    """Block this process's Serve router loop (one thread routes every handle call of a
+    process) for ``seconds``, so that the calls issued meanwhile all wait for a replica at
+    once, as they do under load. A call must have been routed already (the loop exists)."""
+    from ray.serve._private.router import SingletonThreadRouter
+
+    loop = SingletonThreadRouter._asyncio_loop
+    assert loop is not None, "no handle call was routed in this process yet"
+    held = threading.Event()
+
+    def hold() -> None:
+        held.set()
+        time.sleep(seconds)
+
+    loop.call_soon_threadsafe(hold)
+    assert held.wait(5)
+
+
+def test_calls_of_one_websocket_at_once_are_all_routed(server):
+    """Serve's router indexes the calls waiting for a replica by internal request id, which
+    every call made for one websocket shares. Several at once (a cancelled operation and the
+    close after it, under a control flood) left one never routed, and its routing task spun
+    on the Gateway's router loop: every session stalled. ``HandleLM`` gives each call its
+    own id; here eight at once from one websocket's context all complete."""
+    from ray import serve
+
+    from serve_app.speech_lm import HandleLM, call
+
+    async def main() -> list:
+        handle = serve.get_deployment_handle("SpeechLM", app_name="voxtral")
+        await call(handle, "stats")
+        one_websocket_context("one-websocket")
+        lm = HandleLM(handle, "many")
+        await lm.open()
+        try:
+            calls = [lm.restart() for _ in range(4)] + [lm.feed(silence(0.08)) for _ in range(4)]
+            hold_router_loop(0.3)
+            return await asyncio.wait_for(asyncio.gather(*calls), 20)
+        finally:
+            await lm.close()
+
+    assert len(run(main())) == 8
+    assert settle(server)["pinned_sessions"] == 0
+
+
+def test_a_call_no_replica_takes_does_not_starve_the_router(server):
+    """The router's side of the same fault: two calls that share an internal id (the raw
+    handle, in one websocket's context) leave the second never routed; it must back off
+    between tries, so that a call of another session is still routed at once."""
+    from ray import serve
+
+    from serve_app.speech_lm import call
+
+    async def result(response):
+        return await response
+
+    async def main() -> tuple[float, int]:
+        handle = serve.get_deployment_handle("SpeechLM", app_name="voxtral")
+        await call(handle, "stats")
+        one_websocket_context("shared-id")
+        hold_router_loop(0.3)
+        raw = [asyncio.ensure_future(result(handle.stats.remote())) for _ in range(2)]
+        _, stuck = await asyncio.wait(raw, timeout=1.5)
+        t0 = time.monotonic()
+        await asyncio.wait_for(call(handle, "stats"), 10)
+        took = time.monotonic() - t0
+        for task in stuck:
+            task.cancel()
+        await asyncio.gather(*stuck, return_exceptions=True)
+        return took, len(stuck)
+
+    took, stuck = run(main())
+    assert stuck == 1, "the second call was routed: the case did not arise"
+    assert took < 2.0, took
 
 
 def test_a_client_that_never_reads_loses_its_slot(server, speech):
@@ -714,3 +799,26 @@ def test_check_health_sees_a_dead_engine_thread(serve_root):
     sched.shutdown()  # again (Serve's hook and garbage collection may both call it): a no-op
     with pytest.raises(RuntimeError, match="engine thread"):
         lm.check_health()
+
+
+def test_close_gives_up_on_a_model_that_never_frees_the_conversation(tiny, caplog):
+    """A ``close`` that never returns (a replica or router fault) must not hold the
+    websocket's handler, and with it a slot of the Gateway, for ever."""
+    from serve_app.scheduler import LocalLM
+
+    class HungLM(LocalLM):
+        async def close(self):
+            await asyncio.Event().wait()
+
+    async def main() -> float:
+        settings = SessionSettings(close_timeout_s=0.3)
+        s = HalfDuplexSession(HungLM(tiny, "hung-close"), Recorder(), Pcm16Wire(), settings)
+        await s.start({})
+        t0 = time.monotonic()
+        await s.close()
+        return time.monotonic() - t0
+
+    took = run(main(), timeout=20)
+    assert 0.3 <= took < 3.0, took
+    assert "did not close the conversation" in caplog.text
+    run(tiny.close("hung-close"))
