@@ -132,46 +132,18 @@ def write_tiny_whisper(path: str | os.PathLike, bpe_size: int = 400) -> Path:
     The generation config carries what ``generate`` needs for language detection and word
     times: ``lang_to_id``, ``task_to_id``, ``no_timestamps_token_id``, ``alignment_heads``.
     """
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import (
         GenerationConfig,
         WhisperConfig,
         WhisperFeatureExtractor,
         WhisperForConditionalGeneration,
         WhisperProcessor,
-        WhisperTokenizer,
     )
 
     path = Path(path)
     if (path / "config.json").exists():
         return path
-    bpe = Tokenizer(models.BPE(unk_token=None))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=bpe_size,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator(_TINY_TEXT.split("\n"), trainer)
-    vocab = bpe.get_vocab()
-    merges = [tuple(m) for m in _bpe_merges(bpe)]
-    tok = WhisperTokenizer(vocab=vocab, merges=merges)
-    # Whisper's order: <|endoftext|> right after the BPE vocabulary, then the special
-    # tokens, <|notimestamps|> last of them, then the timestamp tokens (not special).
-    specials = [
-        "<|endoftext|>",
-        "<|startoftranscript|>",
-        *(f"<|{code}|>" for code in _TINY_LANGUAGES),
-        "<|translate|>",
-        "<|transcribe|>",
-        "<|startoflm|>",
-        "<|startofprev|>",
-        "<|nocaptions|>",
-        "<|notimestamps|>",
-    ]
-    tok.add_special_tokens({"additional_special_tokens": specials})
-    tok.add_tokens([f"<|{i * TIME_PRECISION:.2f}|>" for i in range(1501)])
-    ids = {t: tok.convert_tokens_to_ids(t) for t in specials}
+    tok, ids = _tiny_whisper_tokenizer(bpe_size)
     eot = ids["<|endoftext|>"]
     config = WhisperConfig(
         vocab_size=len(tok),
@@ -215,6 +187,42 @@ def write_tiny_whisper(path: str | os.PathLike, bpe_size: int = 400) -> Path:
     model.generation_config = gen
     processor = WhisperProcessor(WhisperFeatureExtractor(feature_size=80), tok)
     return publish_pretrained(path, model, processor)
+
+
+def _tiny_whisper_tokenizer(bpe_size: int):
+    """A byte-level BPE Whisper tokenizer trained on a few lines, with Whisper's special and
+    timestamp tokens in Whisper's order; and the ids of the special tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import WhisperTokenizer
+
+    bpe = Tokenizer(models.BPE(unk_token=None))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=bpe_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(_TINY_TEXT.split("\n"), trainer)
+    vocab = bpe.get_vocab()
+    merges = [tuple(m) for m in _bpe_merges(bpe)]
+    tok = WhisperTokenizer(vocab=vocab, merges=merges)
+    # Whisper's order: <|endoftext|> right after the BPE vocabulary, then the special
+    # tokens, <|notimestamps|> last of them, then the timestamp tokens (not special).
+    specials = [
+        "<|endoftext|>",
+        "<|startoftranscript|>",
+        *(f"<|{code}|>" for code in _TINY_LANGUAGES),
+        "<|translate|>",
+        "<|transcribe|>",
+        "<|startoflm|>",
+        "<|startofprev|>",
+        "<|nocaptions|>",
+        "<|notimestamps|>",
+    ]
+    tok.add_special_tokens({"additional_special_tokens": specials})
+    tok.add_tokens([f"<|{i * TIME_PRECISION:.2f}|>" for i in range(1501)])
+    ids = {t: tok.convert_tokens_to_ids(t) for t in specials}
+    return tok, ids
 
 
 def _bpe_merges(bpe) -> list[list[str]]:

@@ -164,17 +164,8 @@ def decode_stream(
     ``NotAudioError`` for files that are not audio, ``CorruptAudioError`` for media that
     cannot be decoded; isolated bad packets are skipped and counted in ``stats``.
     """
-    import av
-
     stats = stats if stats is not None else DecodeStats()
-    if os.path.getsize(path) == 0:
-        raise AudioError("file is empty (0 bytes)")
-    try:
-        container = av.open(path, mode="r")
-    except av.error.FFmpegError as exc:
-        kind = NotAudioError if _looks_like_text(path) else CorruptAudioError
-        raise kind(f"cannot open media: {exc}") from exc
-    with container:
+    with _open_media(path) as container:
         if not container.streams.audio:
             raise NotAudioError("the file has no audio stream")
         stream = container.streams.audio[0]
@@ -184,44 +175,28 @@ def decode_stream(
         key: tuple | None = None
         mixer: _MonoMixer | None = None
         resampler: _Out | None = None
-        packets = container.demux(stream)
-        while True:
-            try:
-                packet = next(packets)
-            except StopIteration:
-                break
-            except av.error.FFmpegError:
-                # The container ends here (often trailing garbage): keep what was decoded;
-                # the caller's length check against the header says if that was too little.
-                break
-            stats.packets += 1
-            try:
-                frames = packet.decode()
-            except av.error.FFmpegError:
-                stats.bad_packets += 1
-                continue
-            for frame in frames:
-                rate = frame.sample_rate
-                fmt = frame.format.name
-                if (rate, fmt) != key:
-                    channels = len(frame.layout.channels)
-                    if resampler is not None and rate == key[0]:
-                        yield resampler.push(mixer)  # same rate, new sample format
-                    elif resampler is not None:
-                        yield resampler.push(mixer)
-                        yield resampler.flush()
-                        resampler = None
-                    key = (rate, fmt)
-                    mixer = _MonoMixer(fmt, channels)
-                    if resampler is None:
-                        two = stereo and (stats.channels or channels) == 2
-                        resampler = _Out(rate, target_sr, two)
-                    if not stats.source_rate:
-                        stats.source_rate, stats.channels = rate, channels
-                mixer.add(frame)
-                stats.decoded_s += frame.samples / rate
-                if mixer.samples >= block_s * rate:
+        for frame in _frames(container, stream, stats):
+            rate = frame.sample_rate
+            fmt = frame.format.name
+            if (rate, fmt) != key:
+                channels = len(frame.layout.channels)
+                if resampler is not None and rate == key[0]:
+                    yield resampler.push(mixer)  # same rate, new sample format
+                elif resampler is not None:
                     yield resampler.push(mixer)
+                    yield resampler.flush()
+                    resampler = None
+                key = (rate, fmt)
+                mixer = _MonoMixer(fmt, channels)
+                if resampler is None:
+                    two = stereo and (stats.channels or channels) == 2
+                    resampler = _Out(rate, target_sr, two)
+                if not stats.source_rate:
+                    stats.source_rate, stats.channels = rate, channels
+            mixer.add(frame)
+            stats.decoded_s += frame.samples / rate
+            if mixer.samples >= block_s * rate:
+                yield resampler.push(mixer)
         if resampler is None:
             if _looks_like_text(path):
                 raise NotAudioError("the file is text, not audio")
@@ -234,6 +209,41 @@ def decode_stream(
             raise CorruptAudioError(
                 f"{stats.bad_packets} of {stats.packets} audio packets failed to decode"
             )
+
+
+def _open_media(path: str):
+    """The file opened with PyAV; ``AudioError`` when it is empty, ``NotAudioError`` when it
+    is text, ``CorruptAudioError`` when no demuxer takes it."""
+    import av
+
+    if os.path.getsize(path) == 0:
+        raise AudioError("file is empty (0 bytes)")
+    try:
+        return av.open(path, mode="r")
+    except av.error.FFmpegError as exc:
+        kind = NotAudioError if _looks_like_text(path) else CorruptAudioError
+        raise kind(f"cannot open media: {exc}") from exc
+
+
+def _frames(container, stream, stats: DecodeStats) -> Iterator:
+    """The stream's decoded frames. A packet that fails to decode is skipped and counted; a
+    demuxing error ends the stream (often trailing garbage: the caller's length check
+    against the header says whether what was decoded is too little)."""
+    import av
+
+    packets = container.demux(stream)
+    while True:
+        try:
+            packet = next(packets)
+        except (StopIteration, av.error.FFmpegError):
+            return
+        stats.packets += 1
+        try:
+            frames = packet.decode()
+        except av.error.FFmpegError:
+            stats.bad_packets += 1
+            continue
+        yield from frames
 
 
 def probe_duration(path: str) -> float | None:

@@ -146,80 +146,88 @@ def run_preprocess(cfg: Config) -> dict[str, Any]:
     failed = failures.read_failures(storage, STAGE)
     exhausted = failures.given_up(failed, pre.max_attempts, PERMANENT_REASONS) - done
     pending = pending_chunks(storage, done | exhausted, cfg.text.source)
-    files = pending.files
-
     stats: list[pa.Table] = []
-    if files:
-        _warn_if_no_gpus(pre, cfg.text, pending.asr > 0)
-        pools = {"codec": (pre.num_cpus, pre.min_actors)}
-        if pending.asr:
-            pools["text"] = (cfg.text.num_cpus, cfg.text.min_actors)
-        cpus = fit_actor_cpus(ray.cluster_resources().get("CPU", 0.0), pools)
-        if cpus != {name: c for name, (c, _) in pools.items()}:
-            log.warning("a small cluster: actor CPUs scaled to %s so the tasks can run", cpus)
-        columns = ["chunk_id", "video_id", "audio", "captions"]
-        # chunks scraped with speakers (chunk files from before diarisation have no turns;
-        # two streams then make no rows: each chunk fails with no_speakers)
-        names = [set(storage.parquet_schema(f).names) for f in files]
-        columns += [c for c in ("turns", "channels") if all(c in n for n in names)]
-        ds = read_parquet(files, storage.fs, columns)
-        window = decode_window(pre.sort_window, cfg.tokenizer.streams)
-        ds = ds.map_batches(
-            decode_batch,
-            batch_size=window,
-            batch_format="pyarrow",
-            fn_kwargs={
-                "sample_rate": info.sample_rate,
-                "hop": info.hop,
-                "batch_size": pre.batch_size,
-                "max_pad": pre.max_pad,
-                "skip": pending.inner_skip,
-                "streams": cfg.tokenizer.streams,
-            },
-            num_cpus=1,
-            # Declared so Ray packs no more decode tasks on a node than its memory holds.
-            # It also keeps decoding in CPU tasks: Ray Data would otherwise fuse it into the
-            # codec actors, where it would stall the GPU.
-            memory=decode_task_memory(
-                window, cfg.scrape.max_chunk_s, info.sample_rate, cfg.tokenizer.streams
-            ),
-        )
-        if pending.asr:  # else no Whisper actor: every pending chunk has caption words
-            ds = ds.map_batches(
-                ChunkTranscriber,
-                fn_constructor_kwargs={"text": cfg.text, "sample_rate": info.sample_rate},
-                batch_size=1,  # one packed batch per call, as the codec actors take them
-                batch_format="pyarrow",
-                compute=ray.data.ActorPoolStrategy(
-                    min_size=cfg.text.min_actors, max_size=cfg.text.max_actors
-                ),
-                num_gpus=cfg.text.num_gpus,
-                num_cpus=cpus["text"],
-            )
-        ds = ds.map_batches(
-            ChunkEncoder,
-            fn_constructor_kwargs={"codec_cfg": cfg.codec, "pre": pre},
-            batch_size=1,  # one packed codec batch per call
-            batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(min_size=pre.min_actors, max_size=pre.max_actors),
-            num_gpus=pre.num_gpus,
-            num_cpus=cpus["codec"],
-        )
-        ds = ds.map_batches(
-            write_batch,
-            batch_size=pre.write_rows,
-            batch_format="pyarrow",
-            fn_kwargs={
-                "root": storage.root_uri,
-                "base": cfg.model.base,
-                "failed_before": frozenset(r["item_id"] for r in failed),
-            },
-        )
-        stats = list(ds.iter_batches(batch_format="pyarrow", batch_size=None))
+    if pending.files:
+        plan = _plan(cfg, storage, pending, info, frozenset(r["item_id"] for r in failed))
+        stats = list(plan.iter_batches(batch_format="pyarrow", batch_size=None))
 
     summary = summarize(stats, time.perf_counter() - t0, t0_unix, info)
     summary.update(already_done=len(done), skipped_failed=len(exhausted), pending=pending.count)
     return summary
+
+
+def _plan(
+    cfg: Config, storage: Storage, pending: Pending, info: CodecInfo, failed_before: frozenset[str]
+) -> ray.data.Dataset:
+    """The Ray Data plan over the pending chunk files: decode and pack (CPU tasks), Whisper
+    where a chunk has no caption words (actors), the codec (actors), then the writer."""
+    pre = cfg.preprocess
+    _warn_if_no_gpus(pre, cfg.text, pending.asr > 0)
+    pools = {"codec": (pre.num_cpus, pre.min_actors)}
+    if pending.asr:
+        pools["text"] = (cfg.text.num_cpus, cfg.text.min_actors)
+    cpus = fit_actor_cpus(ray.cluster_resources().get("CPU", 0.0), pools)
+    if cpus != {name: c for name, (c, _) in pools.items()}:
+        log.warning("a small cluster: actor CPUs scaled to %s so the tasks can run", cpus)
+    columns = ["chunk_id", "video_id", "audio", "captions"]
+    # chunks scraped with speakers (chunk files from before diarisation have no turns;
+    # two streams then make no rows: each chunk fails with no_speakers)
+    names = [set(storage.parquet_schema(f).names) for f in pending.files]
+    columns += [c for c in ("turns", "channels") if all(c in n for n in names)]
+    ds = read_parquet(pending.files, storage.fs, columns)
+    window = decode_window(pre.sort_window, cfg.tokenizer.streams)
+    ds = ds.map_batches(
+        decode_batch,
+        batch_size=window,
+        batch_format="pyarrow",
+        fn_kwargs={
+            "sample_rate": info.sample_rate,
+            "hop": info.hop,
+            "batch_size": pre.batch_size,
+            "max_pad": pre.max_pad,
+            "skip": pending.inner_skip,
+            "streams": cfg.tokenizer.streams,
+        },
+        num_cpus=1,
+        # Declared so Ray packs no more decode tasks on a node than its memory holds.
+        # It also keeps decoding in CPU tasks: Ray Data would otherwise fuse it into the
+        # codec actors, where it would stall the GPU.
+        memory=decode_task_memory(
+            window, cfg.scrape.max_chunk_s, info.sample_rate, cfg.tokenizer.streams
+        ),
+    )
+    if pending.asr:  # else no Whisper actor: every pending chunk has caption words
+        ds = ds.map_batches(
+            ChunkTranscriber,
+            fn_constructor_kwargs={"text": cfg.text, "sample_rate": info.sample_rate},
+            batch_size=1,  # one packed batch per call, as the codec actors take them
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(
+                min_size=cfg.text.min_actors, max_size=cfg.text.max_actors
+            ),
+            num_gpus=cfg.text.num_gpus,
+            num_cpus=cpus["text"],
+        )
+    ds = ds.map_batches(
+        ChunkEncoder,
+        fn_constructor_kwargs={"codec_cfg": cfg.codec, "pre": pre},
+        batch_size=1,  # one packed codec batch per call
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(min_size=pre.min_actors, max_size=pre.max_actors),
+        num_gpus=pre.num_gpus,
+        num_cpus=cpus["codec"],
+    )
+    ds = ds.map_batches(
+        write_batch,
+        batch_size=pre.write_rows,
+        batch_format="pyarrow",
+        fn_kwargs={
+            "root": storage.root_uri,
+            "base": cfg.model.base,
+            "failed_before": failed_before,
+        },
+    )
+    return ds
 
 
 def _warn_if_no_gpus(pre: PreprocessConfig, text: TextConfig, asr: bool) -> None:
