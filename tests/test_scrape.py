@@ -31,6 +31,7 @@ from voxtral.audio import StreamResampler, flac_decode, resample
 from voxtral.captions import CaptionIndex, parse_vtt
 from voxtral.chunking import ChunkPlanner
 from voxtral.config import REPO_ROOT, Config, load_config
+from voxtral.cut import cut_audio, target_sample_rate
 from voxtral.download import (
     ScrapeFailure,
     base_ydl_params,
@@ -42,14 +43,7 @@ from voxtral.download import (
 )
 from voxtral.media import CorruptAudioError, NotAudioError, decode_stream
 from voxtral.stages.index import index_local, write_rows
-from voxtral.stages.scrape import (
-    chunks_rel,
-    cut_audio,
-    format_summary,
-    run_scrape,
-    scrape_video,
-    target_sample_rate,
-)
+from voxtral.stages.scrape import chunks_rel, format_summary, run_scrape, scrape_video
 from voxtral.storage import Storage
 from voxtral.vad import FRAME_S, hysteresis
 

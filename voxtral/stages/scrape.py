@@ -1,24 +1,16 @@
 """Stage 2, scrape: index rows → ``chunks/<video_id>.parquet``.
 
-One video per task. The task downloads the best audio stream (``voxtral.download``),
-decodes it as a stream at the codec rate (``voxtral.media.decode_stream``), finds speech
-with silero-vad (``voxtral.vad``) and cuts chunks at pauses (``voxtral.chunking``), encodes
-each chunk as FLAC with the caption words inside it, and streams the rows into a temporary
-Parquet file that is moved into place only when the whole video succeeded. So memory is
-bounded by a few minutes of audio whatever the video's length, and a task killed halfway
-leaves nothing.
-
-The same stream is diarised on the way (``voxtral.diarize``, reusing the VAD's decisions):
-each chunk row gets its speaker turns and each caption word its speaker, with ids that hold
-across the video's chunks. The clustering can only run once the whole video has been
-heard, so the rows are streamed out first and the temporary file is then rewritten a row
-group at a time with the turns (:func:`attach_speakers`). A stereo source whose channels
-carry different speakers is split by channel and keeps both channels in its chunks.
+One video per task. The task downloads the best audio stream (``voxtral.download``) and
+cuts it into chunk rows (``voxtral.cut``: decoded as a stream, VAD, chunks cut at pauses,
+FLAC, caption words, speaker turns) in a temporary Parquet file that is moved into place
+only when the whole video succeeded. So memory is bounded by a few minutes of audio
+whatever the video's length, and a task killed halfway leaves nothing.
 
 A failure is a ``failures/scrape`` row with a reason, never a crashed job; a rerun skips
 finished videos and retries failed ones until ``scrape.max_attempts``. The attempt is
 counted before the work starts, so a task killed on the way (out of memory, a lost node)
-still uses one: its row says ``interrupted``.
+still uses one: its row says ``interrupted``. A video whose diarisation failed keeps its
+chunks, and a ``failures/diarize`` row says why.
 
 Hostile media are bounded too: any sample rate resamples in a few MB
 (``voxtral.audio.resample``), downloads stop at ``scrape.max_download_mb`` and audio past
@@ -27,53 +19,36 @@ Hostile media are bounded too: any sample rate resamples in a few MB
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import ray
 import torch
 
 from voxtral import failures, schema
-from voxtral.audio import AudioError, StreamResampler, flac_encode
+from voxtral.audio import AudioError
 from voxtral.captions import CaptionIndex, parse_vtt
-from voxtral.chunking import ChunkPlanner, SampleWindow
-from voxtral.codec import codec_info
 from voxtral.config import Config
-from voxtral.diarize.chunks import Speakers, attach_speakers
+from voxtral.cut import cut_audio
 from voxtral.download import (
-    ScrapeFailure,
-    check_duration,
     check_url,
     classify,
     download,
     local_file,
     resolve_path,
 )
-from voxtral.media import CorruptAudioError, DecodeStats, NotAudioError, decode_stream
+from voxtral.media import CorruptAudioError, NotAudioError
 from voxtral.metrics import Metric, Metrics
 from voxtral.stages import report
-from voxtral.storage import ParquetRowWriter, Storage
-from voxtral.vad import FRAME_S, BatchedVAD
+from voxtral.storage import Storage
 
 STAGE = "scrape"
 DIARIZE_FAILURES = "diarize"
 """``failures/diarize/``: videos scraped whole whose diarisation failed (chunks kept)."""
-PAD_S = 0.25
-"""Silence kept before a chunk's first and after its last speech."""
-ROW_GROUP = 32
 TMP_PREFIX = "voxtral-scrape-"
-TRUNCATION_SLACK = 0.9
-"""A decode that yields less than this share of the announced duration is truncated."""
-
-
-def target_sample_rate(cfg: Config) -> int:
-    """The rate chunks are stored at: the configured codec's (24 kHz for EnCodec and Mimi)."""
-    return codec_info(cfg.codec).sample_rate
 
 
 def chunks_rel(video_id: str) -> str:
@@ -81,132 +56,6 @@ def chunks_rel(video_id: str) -> str:
 
 
 # -- per video -----------------------------------------------------------------------------
-
-
-class _ChunkCutter:
-    """Turns the planner's chunks into chunk rows: slices their samples out of the window,
-    drops the too short and the too quiet, encodes FLAC and streams the rows out."""
-
-    def __init__(self, video_id: str, cfg: Config, out_path: str, captions: CaptionIndex | None):
-        self.video_id, self.sc, self.captions = video_id, cfg.scrape, captions
-        self.sr = target_sample_rate(cfg)
-        self.hop = round(self.sr * FRAME_S)
-        self.min_samples = round((self.sc.min_chunk_s - FRAME_S) * self.sr)
-        self.samples = SampleWindow()
-        self.writer = ParquetRowWriter(out_path, schema.CHUNKS, ROW_GROUP, {"audio": "NONE"})
-        self.speech_s = self.audio_s = 0.0
-        self.low_speech = 0
-
-    def emit(self, chunks) -> None:
-        for ch in chunks:
-            a, b = ch.start * self.hop, min(ch.end * self.hop, self.samples.end)
-            if b - a < self.min_samples:
-                continue
-            if ch.speech_ratio < self.sc.min_speech_ratio:
-                self.low_speech += 1
-                continue
-            start_s, dur_s = a / self.sr, (b - a) / self.sr
-            audio = self.samples.slice(a, b)
-            self.writer.add(
-                {
-                    "chunk_id": f"{self.video_id}-{self.writer.count:05d}",
-                    "video_id": self.video_id,
-                    "start_s": start_s,
-                    "duration_s": dur_s,
-                    "sample_rate": self.sr,
-                    "audio": flac_encode(audio, self.sr),
-                    "speech_ratio": ch.speech_ratio,
-                    "captions": self.captions.within(start_s, start_s + dur_s)
-                    if self.captions
-                    else [],
-                    "channels": audio.shape[0] if audio.ndim == 2 else 1,
-                    "turns": [],
-                    "diarization": "off",
-                }
-            )
-            self.speech_s += ch.speech * FRAME_S
-            self.audio_s += dur_s
-
-
-def cut_audio(
-    path: str,
-    video_id: str,
-    cfg: Config,
-    out_path: str,
-    captions: CaptionIndex | None = None,
-    expected_s: float | None = None,
-) -> dict:
-    """Decode ``path`` as a stream, cut it into chunks and write their rows to ``out_path``.
-
-    Returns figures about the audio; raises ``AudioError`` subclasses or ``ScrapeFailure``
-    (``truncated``, ``empty``, ``no_speech``) when the file gives no usable chunks.
-    """
-    sc = cfg.scrape
-    dc = cfg.diarize
-    cut = _ChunkCutter(video_id, cfg, out_path, captions)
-    sr, hop, samples = cut.sr, cut.hop, cut.samples
-    vad = BatchedVAD(sc.vad_rate)
-    to_vad = StreamResampler(sr, sc.vad_rate)
-    planner = ChunkPlanner(
-        min_frames=math.ceil(sc.min_chunk_s / FRAME_S - 1e-6),
-        max_frames=math.floor(sc.max_chunk_s / FRAME_S + 1e-6),
-        pad_frames=round(PAD_S / FRAME_S),
-        threshold=sc.vad_threshold,
-    )
-    stats = DecodeStats()
-    max_samples = cfg.index.max_duration_s * sr
-    diarizer = Speakers(dc, sr, sc.vad_threshold)
-    try:
-        stereo = dc.enabled and dc.method == "resemblyzer" and dc.channel_split
-        for block in decode_stream(path, sr, stats=stats, stereo=stereo):
-            n = block.shape[-1]
-            if not n:
-                continue
-            check_duration(stats.header_duration_s, cfg.index.max_duration_s)
-            if samples.end + n > max_samples:  # the header may lie or say nothing
-                check_duration((samples.end + n) / sr, cfg.index.max_duration_s)
-            samples.append(block)
-            diarizer.push_audio(block)
-            probs = vad.push(to_vad.push(block.mean(axis=0) if block.ndim == 2 else block))
-            diarizer.push_vad(probs)
-            cut.emit(planner.push(probs))
-            samples.drop_before(planner.pos * hop)
-        tail = np.concatenate([vad.push(to_vad.flush()), vad.flush()])
-        diarizer.push_vad(tail)
-        cut.emit(planner.finish(tail))
-    finally:
-        cut.writer.close()
-    audio_s = samples.end / sr
-    if audio_s <= 0:
-        raise ScrapeFailure("empty", "the file decodes to no audio")
-    expected = expected_s if expected_s and expected_s > 0 else stats.header_duration_s
-    if expected and audio_s < TRUNCATION_SLACK * expected - 1.0:
-        raise ScrapeFailure(
-            "truncated", f"decoded {audio_s:.1f} s of an announced {expected or 0:.1f} s"
-        )
-    if cut.writer.count == 0:
-        if audio_s < sc.min_chunk_s:
-            raise ScrapeFailure("too_short", f"{audio_s:.1f} s is under scrape.min_chunk_s")
-        raise ScrapeFailure(
-            "no_speech",
-            f"no chunk with speech_ratio >= {sc.min_speech_ratio} in {audio_s:.1f} s "
-            f"(speech found: {planner.speech_frames * FRAME_S:.1f} s)",
-        )
-    speakers = diarizer.finish(path)
-    per_chunk = attach_speakers(out_path, speakers)
-    return {
-        "audio_s": audio_s,
-        "chunks": cut.writer.count,
-        "chunk_s": cut.audio_s,
-        "speech_s": cut.speech_s,
-        "dropped_low_speech": cut.low_speech,
-        "vad_model_s": vad.model_frames * FRAME_S,
-        "source_rate": stats.source_rate,
-        "channels": stats.channels,
-        "codec": stats.codec,
-        **speakers.figures(),
-        "speakers_per_chunk": {str(k): v for k, v in sorted(per_chunk.items())},
-    }
 
 
 def _load_captions(row: dict, fetched_vtt: str | None, local_root: Path | None) -> CaptionIndex:
@@ -254,8 +103,7 @@ def scrape_video(row: dict, cfg: Config, storage: Storage | None = None) -> dict
     if storage.exists(rel):
         result["status"] = "skipped"
         return result
-    local = row.get("source") == "local"
-    local_root = resolve_path(cfg.index.local_dir) if local else None
+    local_root = resolve_path(cfg.index.local_dir) if row.get("source") == "local" else None
     before = failures.read_failure(storage, STAGE, video_id)
     if before and before["attempts"] >= cfg.scrape.max_attempts:
         # Only a retry of a task that died mid-way (Ray retries killed tasks) gets here:
@@ -270,25 +118,7 @@ def scrape_video(row: dict, cfg: Config, storage: Storage | None = None) -> dict
             os.makedirs(cfg.scrape.tmp_dir, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=TMP_PREFIX, dir=cfg.scrape.tmp_dir) as tmp:
             try:
-                check_url(
-                    row["url"], row.get("source", ""), local_root, cfg.scrape.allow_private_hosts
-                )
-                got = download(
-                    row["url"],
-                    tmp,
-                    cfg.scrape,
-                    allow_file=local,
-                    max_duration_s=cfg.index.max_duration_s,
-                )
-                captions = (
-                    _load_captions(row, got.captions_vtt, local_root)
-                    if cfg.scrape.captions
-                    else None
-                )
-                out_path = os.path.join(tmp, "chunks.parquet")
-                figures = cut_audio(
-                    got.path, video_id, cfg, out_path, captions, row.get("duration_s") or None
-                )
+                out_path, figures = _fetch_and_cut(row, cfg, tmp, local_root)
                 storage.put_file(rel, out_path)
             except Exception as exc:  # every failure becomes a row, whatever raised it
                 result.update(status="failed", reason=_reason(exc))
@@ -315,6 +145,25 @@ def scrape_video(row: dict, cfg: Config, storage: Storage | None = None) -> dict
     finally:
         result["wall_s"] = time.perf_counter() - t0
     return result
+
+
+def _fetch_and_cut(row: dict, cfg: Config, tmp: str, local_root: Path | None) -> tuple[str, dict]:
+    """Download the row's audio (and captions) into ``tmp`` and cut it into a chunk file
+    there; that file's path and the figures of ``cut_audio``. Raises on any failure."""
+    check_url(row["url"], row.get("source", ""), local_root, cfg.scrape.allow_private_hosts)
+    got = download(
+        row["url"],
+        tmp,
+        cfg.scrape,
+        allow_file=local_root is not None,
+        max_duration_s=cfg.index.max_duration_s,
+    )
+    captions = _load_captions(row, got.captions_vtt, local_root) if cfg.scrape.captions else None
+    out_path = os.path.join(tmp, "chunks.parquet")
+    figures = cut_audio(
+        got.path, row["video_id"], cfg, out_path, captions, row.get("duration_s") or None
+    )
+    return out_path, figures
 
 
 # -- on Ray ----------------------------------------------------------------------------------
