@@ -18,6 +18,11 @@ Two modes, by the model's layout:
   its own slots, and the model's group goes out at once, silence included (Moshi's loop).
   The microphone is the clock; a conversation the model cannot keep up with loses its oldest
   waiting user audio past ``max_lag_s`` (reported), so nothing queues without bound.
+
+It is one class (and this module a little over 400 lines) on purpose: everything in
+:class:`EngineThread` runs on its thread over state nothing else touches, and that is what
+lets the hot path go without locks. Turns, feeds and steps split into other modules would
+all reach into the same conversations.
 """
 
 from __future__ import annotations
