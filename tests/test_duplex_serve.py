@@ -452,6 +452,7 @@ def test_full_duplex_burst_past_max_lag_is_dropped_not_queued(duplex_url, speech
     _all_ended(duplex_url)
 
 
+@pytest.mark.slow
 def test_full_duplex_client_that_never_reads_loses_its_slot(duplex_url, speech):
     """A client that never reads: it streams speech at real time for 2 s, so the model's
     audio (which in full duplex never stops) piles up unread from the first group, then

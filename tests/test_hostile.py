@@ -334,6 +334,7 @@ def test_a_call_no_replica_takes_does_not_starve_the_router(server):
     assert took < 2.0, took
 
 
+@pytest.mark.slow
 def test_a_client_that_never_reads_loses_its_slot(server, speech):
     """A client that never reads its socket but keeps streaming speech (never idle; the
     model answers into its full buffers) loses its slot, and the polite session does not

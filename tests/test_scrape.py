@@ -677,6 +677,7 @@ def test_cut_audio_writes_nothing_visible_when_the_file_is_too_short(tmp_path):
 # -- a node leaves in the middle of a scrape -----------------------------------------------------
 
 
+@pytest.mark.slow
 def test_node_removed_mid_scrape_every_chunk_exactly_once(tmp_path, server, media):
     """Two nodes; the worker node is removed while its tasks run. Ray Data reruns them on the
     head node; each video's file is written atomically under its id, so the result holds

@@ -660,6 +660,7 @@ def test_bench_serve_clip_is_a_turn_the_server_hears(espeak, monkeypatch):
     assert events == ["start", "end"], events
 
 
+@pytest.mark.slow
 def test_bench_serve_measures_the_half_duplex_endpoint(server):
     """``uv run bench/serve.py --quick --url URL`` (the README's command for an endpoint
     that is up), the token in the environment as the README says."""

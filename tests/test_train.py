@@ -139,6 +139,7 @@ SIGINT_HANDLERS: dict[str, tuple] = {}
 """SIGINT's handler before and after the ZeRO-2 run (the fixture above records them)."""
 
 
+@pytest.mark.slow
 def test_ctrl_c_is_given_back_once_training_returns(zero2):
     """Ray Train installs a SIGINT handler that aborts the run and leaves it after the run
     is over: ``jobs/everything.py``'s serve phase could then not be stopped with Ctrl-C."""
@@ -234,6 +235,7 @@ def assert_trained(cfg: Config, summary: dict, history: list[dict]) -> None:
     assert last["lr"] < max(m["lr"] for m in history)  # warmup, then cosine decay
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_stage_trains_and_loss_falls(stage, request):
     cfg, summary, history, *_ = request.getfixturevalue(f"zero{stage}")
@@ -247,6 +249,7 @@ def test_zero_stage_trains_and_loss_falls(stage, request):
     assert 0.5 <= built < 0.95 if stage == 3 else built == 1.0
 
 
+@pytest.mark.slow
 def test_stopped_run_resumes_to_the_same_result(zero2, zero3):
     _, _, reference, *_ = zero2
     _, _, history, stopped, _ = zero3
@@ -262,6 +265,7 @@ def test_stopped_run_resumes_to_the_same_result(zero2, zero3):
     assert history[-1]["eval_loss"] == pytest.approx(reference[-1]["eval_loss"], rel=0.01)
 
 
+@pytest.mark.slow
 def test_killed_worker_is_restarted_and_the_run_completes(zero3):
     cfg, summary, history, _, killed = zero3
     assert killed is not None, "no training worker was killed"
@@ -276,6 +280,7 @@ def test_killed_worker_is_restarted_and_the_run_completes(zero3):
     load_trained(cfg, state)
 
 
+@pytest.mark.slow
 def test_export_loads_and_generates_well_formed_streams(zero2):
     import soundfile as sf
     import torch

@@ -271,6 +271,7 @@ def scripted_partner(plan: list[tuple[float, float, bool]], speech: np.ndarray):
         thread.join(30)
 
 
+@pytest.mark.slow
 def test_bench_duplex_scores_a_scripted_partner():
     """bench/duplex.py's ``--quick --url URL`` (in this process) against a partner whose
     behaviour is known: a 0.4 s backchannel in the pause (no takeover), an answer 0.5 s
@@ -309,6 +310,7 @@ def server(ray_session, tmp_path_factory) -> str:
     return C.server_url(C.shared_root(tmp_path_factory))
 
 
+@pytest.mark.slow
 def test_bench_duplex_quick_prints_its_json_line(server):
     """``uv run bench/duplex.py --quick --url URL``, the token in the environment as the
     README's production checklist says: one JSON line with every key in range. The tiny
