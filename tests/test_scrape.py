@@ -128,7 +128,7 @@ def make_cfg(root: Path, *overrides: str) -> Config:
             "scrape.timeout_s=1.5",
             "scrape.retries=0",
             "scrape.max_attempts=3",
-            "scrape.concurrency=4",
+            "scrape.concurrency=2",
             # The media server is on 127.0.0.1 and its rows are "youtube" rows (the HTTP
             # path), which a real index must not point at loopback: allowed for tests only.
             "scrape.allow_private_hosts=true",
