@@ -96,7 +96,12 @@ def test_serve_job_after_the_head_died(tmp_path):
     log_path = tmp_path / "serve.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            cmd, cwd=REPO_ROOT, env=head.env, stdout=log, stderr=subprocess.STDOUT
+            cmd,
+            cwd=REPO_ROOT,
+            env=head.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=ctrl_c_as_in_a_terminal,
         )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -126,6 +131,13 @@ def test_serve_job_after_the_head_died(tmp_path):
             kill_head(head)  # the local Ray that jobs/serve.py started kept its files there too
             shutil.rmtree(head.tmp, ignore_errors=True)
     assert code in (0, -signal.SIGINT, 130), (code, log_path.read_text()[-3000:])
+
+
+def ctrl_c_as_in_a_terminal() -> None:
+    """SIGINT back to its default in the child, as a shell gives it to a command it runs in
+    the foreground: a test session started in the background (``uv run pytest &``) ignores
+    SIGINT, every child inherits that, and Python then never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 async def handshake(url: str) -> bool:
