@@ -376,6 +376,29 @@ def test_bad_configs_fail_before_any_work(root):
     assert not storage.exists("train", "bad1") and not storage.exists("train", "bad2")
 
 
+def test_windows_cut_in_the_driver_are_those_of_the_ray_data_plan(root, ray_session):
+    """A corpus of a few MB is cut into windows in the driver (no read and map tasks to
+    start); the training split holds the same windows, in the same order, as from the
+    Ray Data plan that a larger corpus streams through."""
+    from voxtral.stages.train.data import eval_videos
+    from voxtral.stages.train.run import validate, window_dataset
+
+    cfg = make_cfg(root)
+    layout, storage = validate(cfg), Storage(root)
+    videos = [f"vid{v}" for v in range(6)]
+    held_out = frozenset(eval_videos(videos, cfg.train.eval_fraction, cfg.train.seed))
+    rows = {
+        in_driver: window_dataset(
+            storage, layout, cfg.train.seq_len, held_out, False, True, in_driver
+        ).take_all()
+        for in_driver in (False, True)
+    }
+    assert rows[True] and not {str(r["chunk_id"])[:4] for r in rows[True]} & held_out
+    assert [(r["chunk_id"], r["window"]) for r in rows[True]] == [
+        (r["chunk_id"], r["window"]) for r in rows[False]
+    ]
+
+
 def test_two_stream_run_refuses_single_stream_tokens_before_any_work(tmp_path):
     """Tokens from before full duplex (no user_codes column) or with single-stream rows
     mixed in are refused up front under ``tokenizer.streams=2``, from the file footers."""
