@@ -236,9 +236,11 @@ def test_browser_client_full_duplex(duplex_url, tmp_path):
     quiet = np.zeros(24_000, np.float32)
     mic = np.concatenate([quiet[:7200], speech, speech, speech, quiet])  # ~5 s of talk, looped
 
-    def done(state):
+    def done(state):  # every counter asserted below: the model may answer within 10 frames
         return (
             state["mode"] == "full_duplex"
+            and state["sent"] > 10
+            and state["micLevel"] > 0
             and state["audioWhileUserSpeaks"] > 2
             and state["userSpeaking"] > 0
             and state["modelLevel"] > 0
