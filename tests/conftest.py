@@ -14,13 +14,22 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from voxtral.config import DEFAULT_CONFIG, Config, load_config  # noqa: E402
 
+SERVING_MODULES = ("test_browser", "test_duplex_serve", "test_hostile", "test_serve")
+SERVING_MODULES += ("test_turn_taking",)
+"""The modules that talk to the Serve applications of ``tests/serve_client.py``, deployed
+once per test process. They run last and together: a module between them that ends Serve
+(``test_pipeline`` serves its own model) or Ray (``test_scrape``'s cluster of two nodes)
+would make the next one deploy both again, 20-30 s each."""
+
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark every test that needs the session's Ray (through the fixture below) as ``ray``,
-    so ``-m "not ray"`` selects the tests that run without a cluster."""
+    so ``-m "not ray"`` selects the tests that run without a cluster; move the serving
+    modules to the end, in their order."""
     for item in items:
         if "ray_session" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.ray)
+    items.sort(key=lambda item: item.path.stem in SERVING_MODULES)
 
 
 @pytest.fixture(scope="session")

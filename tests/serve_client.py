@@ -313,26 +313,25 @@ def full_duplex_config(root: Path, port: int = 8000, extra: list[str] = ()):
     return load_config(DEFAULT_CONFIG, [*_limits(root, port), *extra], env={})
 
 
-def full_duplex_url(shared: Path, root: Path, prefix: str = "/duplex") -> str:
-    """A second application beside the shared one (``server_url(shared)``), on the same
-    Serve port under ``prefix``: the local profile's tiny random 2-stream model in its own
-    storage ``root``, served full duplex. ``delete_full_duplex()`` gives its CPUs back."""
+def full_duplex_url(tmp_path_factory, prefix: str = "/duplex") -> str:
+    """A second application beside the shared one (``server_url``), on the same Serve port
+    under ``prefix``: the local profile's tiny random 2-stream model in its own storage
+    root, served full duplex. Deployed once per test process, as the shared one
+    is (again if Serve went away since); the serving modules run last, together (see
+    conftest), so both stay up until the session ends."""
     from ray import serve
 
     from serve_app.app import build_app
 
-    base = server_url(shared)
+    url = server_url(shared_root(tmp_path_factory)) + prefix
+    if _SERVER.get("duplex") == url and _is_up(url):
+        return url
     port = _SERVER["cfg"].serve.port  # type: ignore[attr-defined]
-    cfg = full_duplex_config(root, port)
+    cfg = full_duplex_config(tmp_path_factory.mktemp("fd-app"), port)
     serve.run(build_app(cfg), name=DUPLEX_APP, route_prefix=prefix, blocking=False)
-    wait_healthy(base + prefix)
-    return base + prefix
-
-
-def delete_full_duplex() -> None:
-    from ray import serve
-
-    serve.delete(DUPLEX_APP)
+    wait_healthy(url)
+    _SERVER["duplex"] = url
+    return url
 
 
 def _is_up(url: str) -> bool:

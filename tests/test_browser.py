@@ -38,10 +38,8 @@ def server(ray_session, tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def duplex_url(ray_session, tmp_path_factory):
     """A tiny random 2-stream model served full duplex under ``/duplex`` (beside
-    ``server``), deleted at the end of the module."""
-    url = C.full_duplex_url(C.shared_root(tmp_path_factory), tmp_path_factory.mktemp("fd-app"))
-    yield url
-    C.delete_full_duplex()  # its CPUs back, before the next module's Ray work
+    ``server``)."""
+    return C.full_duplex_url(tmp_path_factory)
 
 
 class DevTools:

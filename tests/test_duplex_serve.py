@@ -273,9 +273,7 @@ def test_full_duplex_session_answers_while_the_user_speaks(duplex, speech):
 # -- over Ray Serve and websockets ------------------------------------------------------------
 @pytest.fixture(scope="module")
 def duplex_url(ray_session, tmp_path_factory):
-    url = C.full_duplex_url(C.shared_root(tmp_path_factory), tmp_path_factory.mktemp("fd-app"))
-    yield url
-    C.delete_full_duplex()  # its CPUs back, before the next module's Ray work
+    return C.full_duplex_url(tmp_path_factory)
 
 
 @pytest.mark.slow
