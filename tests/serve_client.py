@@ -272,8 +272,8 @@ def _limits(root: Path, port: int) -> list[str]:
 
 def serve_overrides(root: Path, port: int) -> list[str]:
     """The shared server's config over the local profile: half duplex (a 1-stream model),
-    as the local profile was, with ``_limits``."""
-    return [*ONE_STREAM_ENCODEC, *_limits(root, port)]
+    as the local profile was (the full random EnCodec), with ``_limits``."""
+    return [*ONE_STREAM_ENCODEC, "codec.size=full", *_limits(root, port)]
 
 
 def shared_root(tmp_path_factory) -> Path:
