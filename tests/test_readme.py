@@ -254,3 +254,17 @@ def test_quick_inner_loop_leaves_out_the_slow_tests():
     ids = [line for line in out.splitlines() if "::" in line]
     assert len(ids) > 100, out[-2000:]
     assert not [i for i in ids if i.startswith(("tests/test_readme.py", "tests/test_pipeline.py"))]
+
+
+def test_compile_bytecode_once_where_python_caches_none():
+    """``uv sync --compile-bytecode``, the README's step for machines that set
+    PYTHONDONTWRITEBYTECODE (this project's CI): afterwards a process there loads torch, Ray,
+    DeepSpeed and transformers from cached bytecode instead of compiling them as it starts."""
+    run_command([UV, "sync", "--compile-bytecode"], env=user_env(), timeout=600)
+    check = (
+        "import importlib.util, os, torch, ray, deepspeed, transformers; "
+        "print('uncached:', sorted(m.__name__ for m in (torch, ray, deepspeed, transformers) "
+        "if not os.path.exists(importlib.util.cache_from_source(m.__file__))))"
+    )
+    out = uv_run("python", "-c", check, env=user_env(PYTHONDONTWRITEBYTECODE="1"), timeout=300)
+    assert "uncached: []" in out.splitlines(), out[-2000:]
