@@ -14,8 +14,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from voxtral.config import DEFAULT_CONFIG, Config, load_config  # noqa: E402
 
-SERVING_MODULES = ("test_browser", "test_duplex_serve", "test_hostile", "test_serve")
-SERVING_MODULES += ("test_turn_taking",)
+SERVING_MODULES = (
+    "test_browser",
+    "test_duplex_serve",
+    "test_hostile",
+    "test_serve",
+    "test_turn_taking",
+)
 """The modules that talk to the Serve applications of ``tests/serve_client.py``, deployed
 once per test process. They run last and together: a module between them that ends Serve
 (``test_pipeline`` serves its own model) or Ray (``test_scrape``'s cluster of two nodes)

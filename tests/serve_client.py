@@ -316,9 +316,9 @@ def full_duplex_config(root: Path, port: int = 8000, extra: list[str] = ()):
 def full_duplex_url(tmp_path_factory, prefix: str = "/duplex") -> str:
     """A second application beside the shared one (``server_url``), on the same Serve port
     under ``prefix``: the local profile's tiny random 2-stream model in its own storage
-    root, served full duplex. Deployed once per test process, as the shared one
-    is (again if Serve went away since); the serving modules run last, together (see
-    conftest), so both stay up until the session ends."""
+    root, served full duplex. Deployed once per test process, as the shared one is (again
+    if Serve went away since); the serving modules run last and together (see conftest),
+    so both stay up until the session ends."""
     from ray import serve
 
     from serve_app.app import build_app
