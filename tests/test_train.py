@@ -116,6 +116,14 @@ def write_tokens(
     st.write_json(CODEC_RECORD, codec_info(cfg.codec).to_dict())
 
 
+def held_out_videos(cfg: Config) -> frozenset[str]:
+    """The videos of ``write_tokens``' corpus that ``run_train`` holds out for eval."""
+    from voxtral.stages.train.data import eval_videos
+
+    videos = [f"vid{v}" for v in range(6)]
+    return frozenset(eval_videos(videos, cfg.train.eval_fraction, cfg.train.seed))
+
+
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("train") / "run"
@@ -380,13 +388,10 @@ def test_windows_cut_in_the_driver_are_those_of_the_ray_data_plan(root, ray_sess
     """A corpus of a few MB is cut into windows in the driver (no read and map tasks to
     start); the training split holds the same windows, in the same order, as from the
     Ray Data plan that a larger corpus streams through."""
-    from voxtral.stages.train.data import eval_videos
     from voxtral.stages.train.run import validate, window_dataset
 
     cfg = make_cfg(root)
-    layout, storage = validate(cfg), Storage(root)
-    videos = [f"vid{v}" for v in range(6)]
-    held_out = frozenset(eval_videos(videos, cfg.train.eval_fraction, cfg.train.seed))
+    layout, storage, held_out = validate(cfg), Storage(root), held_out_videos(cfg)
     rows = {
         in_driver: window_dataset(
             storage, layout, cfg.train.seq_len, held_out, False, True, in_driver
@@ -468,14 +473,12 @@ def run_local(cfg: Config, monkeypatch, reported: Reported) -> Reported:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from voxtral.stages.train.data import eval_videos
     from voxtral.stages.train.loop import train_loop
     from voxtral.stages.train.run import validate, window_dataset
 
     layout = validate(cfg)
     storage = Storage(cfg.storage.root)
-    videos = [f"vid{v}" for v in range(6)]
-    held_out = frozenset(eval_videos(videos, cfg.train.eval_fraction, cfg.train.seed))
+    held_out = held_out_videos(cfg)
     datasets = {
         split: window_dataset(storage, layout, cfg.train.seq_len, held_out, split == "eval", True)
         for split in ("train", "eval")
