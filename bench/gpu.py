@@ -21,8 +21,8 @@ way its figure keys are there, null, and the run goes on.
 
 ``--logs DIR`` keeps each step's log and ``figures.jsonl`` (every line printed) there.
 ``--dry-run`` runs the same steps on CPU with the tiny shapes and the scripts' ``--quick``
-sizes, two at a time (``--jobs``: most of a tiny step is process start-up): minutes, the
-same keys, figures that mean nothing.
+sizes, two at a time (``--jobs``: most of a tiny step is process start-up), each with its
+share of the cores' threads: a minute or two, the same keys, figures that mean nothing.
 """
 
 from __future__ import annotations
@@ -124,14 +124,24 @@ def blank(step: Step, **why) -> dict:
     return {"figure": step.figure, **keys, **step.known, **why, "command": " ".join(step.command)}
 
 
-def run_step(step: Step, limit_s: float, log_dir: Path, index: int) -> list[dict]:
-    """Run one bench script; its JSON lines, labelled, or one line saying what went wrong.
-    Its whole process group is killed at the limit (preprocess starts Ray)."""
+def run_step(
+    step: Step, limit_s: float, log_dir: Path, index: int, threads: int | None = None
+) -> list[dict]:
+    """Run one bench script (with ``threads`` CPU threads, if given); its JSON lines,
+    labelled, or one line saying what went wrong. Its whole process group is killed at the
+    limit (preprocess starts Ray)."""
     log = log_dir / f"{index:02d}-{step.figure}.log"
     argv = [sys.executable, *step.command[1:]]
+    env = os.environ if threads is None else {**os.environ, "OMP_NUM_THREADS": str(threads)}
     with open(log, "w") as err:
         proc = subprocess.Popen(
-            argv, cwd=REPO, stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True
+            argv,
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            start_new_session=True,
         )
         try:
             out, _ = proc.communicate(timeout=limit_s)
@@ -165,6 +175,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     only = set(args.only.split(",")) if args.only else None
 
     jobs = args.jobs or (2 if args.dry_run else 1)
+    # CPU steps side by side share the cores: torch's default of a thread per core in each
+    # made them spin against each other (the dry run: 96 s, 150 s of CPU; with a share of
+    # the cores each, 76 s and 101 s)
+    cores = len(os.sched_getaffinity(0))
+    threads = max(1, cores // jobs) if args.dry_run and jobs > 1 else None
     start = time.monotonic()
     results: list[dict] = []
 
@@ -178,7 +193,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 return [blank(step, skipped=f"time budget of {budget:g} s spent")]
             limit = min(limit, left)
         print(f"== {' '.join(step.command)}", file=sys.stderr, flush=True)
-        return run_step(step, limit, log_dir, index)
+        return run_step(step, limit, log_dir, index, threads)
 
     with open(log_dir / "figures.jsonl", "w") as figures:  # the lines again, beside the logs
 
