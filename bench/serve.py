@@ -149,12 +149,11 @@ async def most_sessions(measure, target: float, most: int) -> tuple[int, dict[in
     return lo, seen
 
 
-def run_engine(
-    cfg, source: dict, n: int, rounds: int, sweep: int = 0, target: float = 0.5
-) -> tuple[dict, dict]:
+def run_engine(cfg, n: int, rounds: int, sweep: int = 0, target: float = 0.5) -> tuple[dict, dict]:
+    from serve_app.model_source import resolve_model
     from serve_app.scheduler import build_scheduler
 
-    sched, info = build_scheduler(cfg, source)
+    sched, info = build_scheduler(cfg, resolve_model(cfg).describe())
     clip = speech()
     eot = cfg.serve.end_of_turn_ms
 
@@ -277,9 +276,8 @@ def endpoint(cfg, url: str | None = None) -> Iterator[tuple[str, dict]]:
 def run_stack(cfg, n: int, rounds: int, url: str | None = None) -> tuple[dict, dict]:
     """The full stack: websocket sessions against ``url`` (an endpoint already running),
     or against the app this function starts on a local Ray and deletes afterwards."""
-    clip = speech()
 
-    async def main(url: str):
+    async def main(url: str, clip: np.ndarray):
         await ws_turns(url, cfg.serve.token, 1, clip)
         single = [r for _ in range(rounds) for r in await ws_turns(url, cfg.serve.token, 1, clip)]
         many = [r for _ in range(rounds) for r in await ws_turns(url, cfg.serve.token, n, clip)]
@@ -291,7 +289,7 @@ def run_stack(cfg, n: int, rounds: int, url: str | None = None) -> tuple[dict, d
                 f"{url} serves full duplex, which has no turns to time: measure it with "
                 f"uv run bench/duplex.py --url {url}"
             )
-        single, many = asyncio.run(main(url))
+        single, many = asyncio.run(main(url, speech()))
     firsts = [r["first_s"] * 1000 for r in many if r["first_s"] is not None]
     server = [r["server_ms"] for r in many if r["server_ms"] is not None]
     out = {
@@ -344,13 +342,8 @@ def main(argv=None) -> dict:
             codec=codec_info(cfg.codec),
         )
         cfg = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"model": str(folder)})})
-    from serve_app.model_source import resolve_model
-
-    source = resolve_model(cfg).describe()
     if args.engine:
-        figures, info = run_engine(
-            cfg, source, args.sessions, args.rounds, args.sweep, args.rtf_target
-        )
+        figures, info = run_engine(cfg, args.sessions, args.rounds, args.sweep, args.rtf_target)
         device = info["device"]
     else:
         figures, info = run_stack(cfg, args.sessions, args.rounds, args.url)
