@@ -421,11 +421,29 @@ async def alongside(
             await polite.send_audio(clip, until=stop.is_set)
 
     talk = asyncio.ensure_future(stream())
+    kinds = None if speech is None else (P.Kind.AUDIO,)
+    try:
+        if kinds is not None:
+            assert await polite.wait_for(lambda: polite.of_kind(P.Kind.AUDIO), 30)
+        return await witnessed(url, hostile, polite, kinds)
+    finally:
+        stop.set()
+        await asyncio.gather(talk, return_exceptions=True)
+        await polite.ws.close()
+
+
+async def witnessed(
+    url: str,
+    hostile: Callable[[], Awaitable[Any]],
+    polite: ChatClient,
+    kinds: tuple[int, ...] | None,
+) -> tuple[Any, Witness]:
+    """Run ``hostile()`` (and 1.5 s more) beside ``polite``, a session already streaming at
+    real time, while ``/healthz`` is probed twice a second: its result, and what the polite
+    session and the probe saw meanwhile (gaps between its messages of ``kinds``, None: any)."""
+    stop = asyncio.Event()
     health: list[float] = []
     probe = asyncio.ensure_future(_probe_health(url, stop, health))
-    kinds = None if speech is None else (P.Kind.AUDIO,)
-    if kinds is not None:
-        assert await polite.wait_for(lambda: polite.of_kind(P.Kind.AUDIO), 30)
     t0 = time.monotonic()
     try:
         result = await hostile()
@@ -433,14 +451,13 @@ async def alongside(
     finally:
         stop.set()
         t1 = time.monotonic()
-        await asyncio.gather(talk, probe, return_exceptions=True)
+        await asyncio.gather(probe, return_exceptions=True)
     w = Witness(health_s=health, closed=polite.closed.is_set())
     seen = [m.t for m in polite.messages if kinds is None or m.kind in kinds]
     times = [t0, *(t for t in seen if t0 <= t <= t1), t1]
     w.gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
     w.errors = [m.payload.decode() for m in polite.of_kind(P.Kind.ERROR)]
     w.lag_s = sum(e["dropped_s"] for e in polite.events("lag") if t0 <= e["_t"] <= t1)
-    await polite.ws.close()
     return result, w
 
 

@@ -297,29 +297,50 @@ def test_moshi_protocol_client_in_full_duplex(duplex_url, speech):
     assert not c.events("error")
 
 
-@pytest.mark.slow
-def test_full_duplex_keeps_real_time_for_a_minute(duplex_url, speech):
-    """60 s streamed at real time: the model's audio keeps pace (what it could not keep up
-    with is dropped and reported, never queued), and the session ends cleanly."""
-    seconds = 60.0
+MINUTE_S = 60.0
+
+
+@pytest.fixture(scope="module")
+def a_minute_beside_a_deaf_client(duplex_url, speech):
+    """One run for two tests: a session streams a minute at real time (speech, then a
+    second's pause, over and over) and, from its first audio on, a client that never reads
+    runs beside it (see the never-reads test below). Its drop by the proxy's keep-alive
+    (about 41 s) falls inside the minute, so the minute's session is also the polite one
+    that must not notice. ``(client, start, end of sending, the deaf case's result, the
+    witness)``."""
+    C.settle(duplex_url)
 
     async def main():
         c = await C.connect(duplex_url, "pcm16")
         assert await c.wait_for(lambda: c.messages, 30)
         gap = np.zeros(RATE, np.float32)
-        talk = np.tile(np.concatenate([speech, gap]), int(seconds / (len(speech) / RATE + 1)) + 1)
+        repeats = int(MINUTE_S / (len(speech) / RATE + 1)) + 1
+        talk = np.tile(np.concatenate([speech, gap]), repeats)
         t0 = time.monotonic()
-        await c.send_audio(talk[: int(seconds * RATE)])
+        sending = asyncio.ensure_future(c.send_audio(talk[: int(MINUTE_S * RATE)]))
+        assert await c.wait_for(lambda: c.of_kind(P.Kind.AUDIO), 30)
+        hostile = functools.partial(C.deaf_session, duplex_url, 23, speech, talk_s=2)
+        deaf, w = await C.witnessed(duplex_url, hostile, c, (P.Kind.AUDIO,))
+        await sending
         sent_at = time.monotonic()
         await asyncio.sleep(1.5)
         await c.ws.close()
-        return c, t0, sent_at
+        return c, t0, sent_at, deaf, w
 
-    c, t0, sent_at = asyncio.run(asyncio.wait_for(main(), 180))
+    return asyncio.run(asyncio.wait_for(main(), 180))
+
+
+@pytest.mark.slow
+def test_full_duplex_keeps_real_time_for_a_minute(a_minute_beside_a_deaf_client):
+    """60 s streamed at real time: the model's audio keeps pace (what it could not keep up
+    with is dropped and reported, never queued), and the session ends cleanly."""
+    c, t0, sent_at, *_ = a_minute_beside_a_deaf_client
+    seconds = MINUTE_S
     out = c.of_kind(P.Kind.AUDIO)
     out_s = sum(m.samples for m in out) / RATE
     lags = c.events("lag")
     dropped = sum(e["dropped_s"] for e in lags)
+    print(f"minute: out {out_s:.2f} s, dropped {dropped:.2f} s")
     assert sent_at - t0 == pytest.approx(seconds, abs=2.0)
     assert out_s + dropped == pytest.approx(seconds, abs=1.0)  # every group answered or told
     # how much of it the model keeps up with is a speed figure (bench/duplex.py, README
@@ -451,23 +472,21 @@ def test_full_duplex_burst_past_max_lag_is_dropped_not_queued(duplex_url, speech
 
 
 @pytest.mark.slow
-def test_full_duplex_client_that_never_reads_loses_its_slot(duplex_url, speech):
+def test_full_duplex_client_that_never_reads_loses_its_slot(
+    duplex_url, a_minute_beside_a_deaf_client
+):
     """A client that never reads: it streams speech at real time for 2 s, so the model's
     audio (which in full duplex never stops) piles up unread from the first group, then
     stays active with a control message a second. Its connection is dropped (behind Ray
     Serve's proxy, by the proxy's websocket keep-alive: see test_hostile.py), its slot is
-    freed, and the polite session does not notice.
+    freed, and the polite session (the minute's, run by the fixture) does not notice.
 
     Not speech all along: two full-duplex sessions at real time are about all the tiny
     model keeps up with on 2 CPU cores. With a busy loop taking 40 % of one core beside the
     test (a slower CI machine), talking for 10 s made the polite session lose 0.08–1.28 s
     in 2 of 4 runs, from about 5 s in, as a second polite session would; 2 s lost nothing
     in 2 of 2. The keep-alive drop does not depend on how long it talked."""
-    C.settle(duplex_url)
-    hostile = functools.partial(C.deaf_session, duplex_url, 23, speech, talk_s=2)
-    (before, held, after, dropped_at), w = asyncio.run(
-        asyncio.wait_for(C.alongside(duplex_url, hostile, speech), 180)
-    )
+    *_, (before, held, after, dropped_at), w = a_minute_beside_a_deaf_client
     print(f"deaf dropped after {dropped_at} s; polite: gaps max {max(w.gaps):.3f} s, lag {w.lag_s}")
     w.check()
     assert w.lag_s <= POLITE_LAG_S, w.lag_s
