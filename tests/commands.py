@@ -10,6 +10,7 @@ neither joins nor clobbers a cluster of the machine's own (this test session's i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+import psutil
 import pytest
 
 from voxtral.config import REPO_ROOT
@@ -153,8 +155,37 @@ def kill_head(head: Head) -> None:
     """Every process of that head, at once, as a crash would (not ``ray stop``: it would stop
     every Ray of this machine, this test session's included). Its RAY_TMPDIR stays, with
     Ray's record of the dead head in it, as after a crash."""
-    subprocess.run(["pkill", "-9", "-f", head.tmp], timeout=60)
+    procs = head_processes(head.tmp)
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
     deadline = time.monotonic() + 30
-    while subprocess.run(["pgrep", "-f", head.tmp], capture_output=True).returncode == 0:
+    while any(_running(p) for p in procs):
         assert time.monotonic() < deadline, "the head's processes outlived SIGKILL"
-        time.sleep(0.5)
+        time.sleep(0.2)
+
+
+def head_processes(tmp: str) -> list[psutil.Process]:
+    """The processes of the Ray whose RAY_TMPDIR is ``tmp``: those that name it in their
+    command line (the GCS, the raylet, the dashboard) or their environment (Ray's client
+    server), and all their descendants. The raylet's agents rename themselves
+    (``ray::DashboardAgent``) and keep nothing of it: matching command lines alone left
+    them and the client server running, retrying the dead head, for the rest of the session
+    and after it (three processes per head)."""
+    found: dict[int, psutil.Process] = {}
+    for p in psutil.process_iter(["cmdline", "environ"]):
+        named = tmp in " ".join(p.info["cmdline"] or ())
+        if p.pid != os.getpid() and (named or (p.info["environ"] or {}).get("RAY_TMPDIR") == tmp):
+            found[p.pid] = p
+    for p in list(found.values()):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            found.update({c.pid: c for c in p.children(recursive=True)})
+    return list(found.values())
+
+
+def _running(p: psutil.Process) -> bool:
+    """Alive and not a zombie (a killed orphan may wait a while to be reaped)."""
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
