@@ -332,8 +332,9 @@ def a_minute_beside_a_deaf_client(duplex_url, speech):
 
 @pytest.mark.slow
 def test_full_duplex_keeps_real_time_for_a_minute(a_minute_beside_a_deaf_client):
-    """60 s streamed at real time: the model's audio keeps pace (what it could not keep up
-    with is dropped and reported, never queued), and the session ends cleanly."""
+    """60 s streamed at real time (beside a client that never reads, see the fixture): the
+    model's audio keeps pace (what it could not keep up with is dropped and reported, never
+    queued), and the session ends cleanly."""
     c, t0, sent_at, *_ = a_minute_beside_a_deaf_client
     seconds = MINUTE_S
     out = c.of_kind(P.Kind.AUDIO)
