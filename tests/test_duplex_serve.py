@@ -336,17 +336,16 @@ def test_full_duplex_keeps_real_time_for_a_minute(a_minute_beside_a_deaf_client)
     model's audio keeps pace (what it could not keep up with is dropped and reported, never
     queued), and the session ends cleanly."""
     c, t0, sent_at, *_ = a_minute_beside_a_deaf_client
-    seconds = MINUTE_S
     out = c.of_kind(P.Kind.AUDIO)
     out_s = sum(m.samples for m in out) / RATE
     lags = c.events("lag")
     dropped = sum(e["dropped_s"] for e in lags)
     print(f"minute: out {out_s:.2f} s, dropped {dropped:.2f} s")
-    assert sent_at - t0 == pytest.approx(seconds, abs=2.0)
-    assert out_s + dropped == pytest.approx(seconds, abs=1.0)  # every group answered or told
+    assert sent_at - t0 == pytest.approx(MINUTE_S, abs=2.0)
+    assert out_s + dropped == pytest.approx(MINUTE_S, abs=1.0)  # every group answered or told
     # how much of it the model keeps up with is a speed figure (bench/duplex.py, README
     # Known limits: about 20 % on 2 CPU cores); here only that it answered all along
-    assert out_s > 0.05 * seconds
+    assert out_s > 0.05 * MINUTE_S
     # real time: at every moment the model's audio is at most a bounded lag behind
     for m in out[len(out) // 10 :]:
         produced = sum(x.samples for x in out if x.t <= m.t) / RATE

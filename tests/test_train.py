@@ -54,9 +54,13 @@ def make_cfg(root: Path, *overrides: str) -> Config:
     return load_config(DEFAULT_CONFIG, [f"storage.root={root}", *TRAIN, *overrides], env={})
 
 
+CORPUS_VIDEOS = 6
+"""Videos in ``write_tokens``' corpus (``vid0``…), unless a test asks for fewer."""
+
+
 def write_tokens(
     cfg: Config,
-    videos: int = 6,
+    videos: int = CORPUS_VIDEOS,
     chunks: int = 2,
     seconds: float = 3.0,
     user: bool = True,
@@ -120,7 +124,7 @@ def held_out_videos(cfg: Config) -> frozenset[str]:
     """The videos of ``write_tokens``' corpus that ``run_train`` holds out for eval."""
     from voxtral.stages.train.data import eval_videos
 
-    videos = [f"vid{v}" for v in range(6)]
+    videos = [f"vid{v}" for v in range(CORPUS_VIDEOS)]
     return frozenset(eval_videos(videos, cfg.train.eval_fraction, cfg.train.seed))
 
 
